@@ -1,0 +1,35 @@
+"""python -m convert HF_DIR OUT_DIR [--layers 3,5] [--dtype bfloat16] [--overwrite]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from convert.mla_checkpoint import convert_mla
+from convert.safetensors_io import CheckpointError
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m convert", description="Convert an HF DeepSeek checkpoint's MLA "
+                                 "attention weights (safetensors; fp32, bf16 or FP8 with block scales) to jaxlm/orbax.")
+    ap.add_argument("hf_dir")
+    ap.add_argument("out_dir")
+    ap.add_argument("--layers", help="comma-separated decoder layers (default: all)")
+    ap.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 (default) or float16")
+    ap.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    args = ap.parse_args(argv)
+    try:
+        layers = None if args.layers is None else [int(s) for s in args.layers.split(",") if s.strip()]
+    except ValueError:
+        ap.error(f"--layers must be comma-separated integers, got {args.layers!r}")
+    try:
+        out = convert_mla(args.hf_dir, args.out_dir, layers=layers, dtype=args.dtype, overwrite=args.overwrite)
+    except (CheckpointError, ValueError, FileExistsError) as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

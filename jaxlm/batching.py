@@ -1,0 +1,126 @@
+"""Ragged-batch metadata: packed new tokens of many requests, each on top of its own cached history.
+
+A step packs the new tokens of B requests as `[sum(seq_lens), D]` in request order; request i owns cache slot i
+and its new tokens sit at positions `past_lens[i] ...`. Attention groups the packed tokens into query blocks of
+`block_q` tokens that never straddle two requests, so each block reads one slot's cache; requests are padded to a
+multiple of `block_q` (not to the longest request). `ragged_metadata` derives every index once per step, in jnp, so
+it works on concrete and traced lengths alike; `plan` picks the static sizes (bucketed, so a serving loop compiles
+a handful of programs) and checks the lengths against the cache on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def bucket(n: int, minimum: int = 8) -> int:
+    """Smallest m * 2**k >= n with m in {4, 5, 6, 7}: at most 25% padding, four sizes per octave."""
+    n = max(int(n), minimum)
+    k = max(n.bit_length() - 3, 0)
+    while True:
+        for m in (4, 5, 6, 7):
+            if m << k >= n:
+                return m << k
+        k += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSizes:
+    """Static shapes of one step (hashable: a jit static argument)."""
+
+    num_tokens: int  # padded T
+    num_blocks: int  # padded number of query blocks
+    block_q: int  # tokens per query block
+    kv_len: int  # cached positions attended (bucketed max(past + seq))
+
+
+class RaggedMeta(NamedTuple):
+    """Per-step indices; every array is int32 or bool and static in shape."""
+
+    tok_slot: jax.Array  # [T] cache slot (= request index) of each packed token
+    tok_pos: jax.Array  # [T] absolute position; `max_len` (out of bounds, so writes drop) for padding tokens
+    tok_block: jax.Array  # [T] flat index of the token in the [num_blocks * block_q] block layout
+    blk_slot: jax.Array  # [NB] slot each query block reads
+    blk_tok: jax.Array  # [NB, Qb] packed-token index of each block row (0 for padding rows)
+    blk_pos: jax.Array  # [NB, Qb] absolute position of each block row (causal limit)
+    blk_valid: jax.Array  # [NB, Qb] row holds a real token
+
+
+def ragged_metadata(seq_lens: jax.Array, past_lens: jax.Array, sizes: StepSizes, max_len: int) -> RaggedMeta:
+    """Indices for packed tokens and request-aligned query blocks (see module docstring)."""
+    seq_lens = jnp.asarray(seq_lens, jnp.int32)
+    past_lens = jnp.asarray(past_lens, jnp.int32)
+    num_req = seq_lens.shape[0]
+    qb = sizes.block_q
+    cu_tok = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(seq_lens)])
+    t = jnp.arange(sizes.num_tokens, dtype=jnp.int32)
+    # side="right" skips zero-length requests, whose start equals the next request's start.
+    tok_slot = jnp.clip(jnp.searchsorted(cu_tok, t, side="right") - 1, 0, num_req - 1).astype(jnp.int32)
+    tok_off = t - cu_tok[tok_slot]
+    tok_valid = t < cu_tok[-1]
+    tok_pos = jnp.where(tok_valid, past_lens[tok_slot] + tok_off, max_len)
+
+    blocks = (seq_lens + qb - 1) // qb
+    cu_blk = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks)])
+    j = jnp.arange(sizes.num_blocks, dtype=jnp.int32)
+    blk_slot = jnp.clip(jnp.searchsorted(cu_blk, j, side="right") - 1, 0, num_req - 1).astype(jnp.int32)
+    row_off = (j - cu_blk[blk_slot])[:, None] * qb + jnp.arange(qb, dtype=jnp.int32)[None, :]
+    blk_valid = (j < cu_blk[-1])[:, None] & (row_off < seq_lens[blk_slot][:, None])
+    blk_tok = jnp.where(blk_valid, cu_tok[blk_slot][:, None] + row_off, 0)
+    blk_pos = jnp.where(blk_valid, past_lens[blk_slot][:, None] + row_off, 0)
+    tok_block = (cu_blk[tok_slot] + tok_off // qb) * qb + tok_off % qb
+    tok_block = jnp.where(tok_valid, tok_block, 0)
+    return RaggedMeta(tok_slot, tok_pos, tok_block, blk_slot, blk_tok, blk_pos, blk_valid)
+
+
+def _as_lengths(name: str, values) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of lengths, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if (arr < 0).any():
+        raise ValueError(f"{name} must be >= 0, got {arr.tolist()}")
+    return arr.astype(np.int64)
+
+
+def plan(seq_lens, past_lens, *, num_tokens: int, num_slots: int, max_len: int) -> tuple[np.ndarray, np.ndarray, StepSizes]:
+    """Validate a ragged step on the host and choose its static sizes.
+
+    Returns seq_lens and past_lens padded with zero-length requests to `num_slots` (so the request count never
+    changes the compiled shape) and the bucketed `StepSizes`.
+    """
+    seq = _as_lengths("seq_lens", seq_lens)
+    past = _as_lengths("past_lens", past_lens)
+    if seq.shape != past.shape:
+        raise ValueError(f"seq_lens ({seq.size}) and past_lens ({past.size}) must have one entry per request")
+    if seq.size == 0:
+        raise ValueError("empty batch: pass at least one request (zero-length requests are fine)")
+    if seq.size > num_slots:
+        raise ValueError(
+            f"{seq.size} requests but the cache has {num_slots} slots: build it with init_cache(cfg, num_requests>={seq.size}, ...)"
+        )
+    if int(seq.sum()) != num_tokens:
+        raise ValueError(f"x has {num_tokens} tokens but sum(seq_lens) = {int(seq.sum())}: pack the new tokens of every request in order")
+    total = seq + past
+    if (total > max_len).any():
+        i = int(np.argmax(total > max_len))
+        raise ValueError(
+            f"request {i} needs {int(total[i])} cache positions (past {int(past[i])} + new {int(seq[i])}) "
+            f"but the cache holds {max_len}: build it with a larger max_len"
+        )
+    block_q = 1 if seq.max() <= 1 else 16
+    blocks = int(((seq + block_q - 1) // block_q).sum())
+    sizes = StepSizes(
+        num_tokens=bucket(max(num_tokens, 1)),
+        num_blocks=bucket(max(blocks, 1)),
+        block_q=block_q,
+        kv_len=min(bucket(int(total.max()) if total.size else 1, 16), max_len),
+    )
+    pad = num_slots - seq.size
+    return np.pad(seq, (0, pad)).astype(np.int32), np.pad(past, (0, pad)).astype(np.int32), sizes

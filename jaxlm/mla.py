@@ -1,0 +1,332 @@
+"""DeepSeek-V2/V3/R1 multi-head latent attention (MLA) with a compressed `kv_cache` and a decoupled-RoPE `pe_cache`.
+
+Math follows HF transformers 5.x `DeepseekV3Attention` (and `DeepseekV2Attention`); the absorbed form follows
+DeepSeek-V3 `inference/model.py` (`attn_impl="absorb"`): W_UK is folded into the query, attention runs over
+[latent | pe] (one shared KV head, L + R wide), W_UV maps the L-wide result to each head, then `o_proj`.
+The naive mode up-projects the cached latent to per-head K/V; it is the internal reference for the tests.
+
+Params (our layout, written by `convert`; rope rows already in half-split order):
+  q_a_proj [D, Q], q_a_layernorm [Q], q_b_proj [Q, N, P+R]   (or q_proj [D, N, P+R] when q_lora_rank is None)
+  kv_a_proj_with_mqa [D, L+R], kv_a_layernorm [L], w_uk [N, P, L], w_uv [N, L, V], o_proj [N, V, D]
+  optional: q_a_proj_bias [Q], kv_a_proj_with_mqa_bias [L+R], o_proj_bias [D], gate_proj [D, N, V] (gated attention)
+Cache: `MLACache(kv_cache [slots, S, L], pe_cache [slots, S, R])`, request i in slot i.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import batching
+from jaxlm.layers import apply_rope, rms_norm, rope_cos_sin, rope_frequencies, yarn_get_mscale
+
+Params = dict[str, jax.Array]
+MODES = ("absorbed", "naive")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    hidden_size: int
+    num_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    max_position_embeddings: int = 4096
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    rope_truncate: bool = True
+    attention_bias: bool = False
+    rope_interleave: bool = True  # checkpoint rope rows are interleaved pairs (permuted at conversion)
+    norm_eps: float = 1e-6  # HF builds q_a/kv_a layernorms with the default eps, not rms_norm_eps
+    model_type: str = "deepseek_v3"
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """qk_head_dim**-0.5, times mscale(factor, mscale_all_dim)**2 for scaled RoPE (HF `yarn_apply_mscale`)."""
+        scale = self.qk_head_dim**-0.5
+        if self.rope_type != "default" and self.mscale_all_dim:
+            m = yarn_get_mscale(self._factor, self.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    @property
+    def _factor(self) -> float:
+        if self.rope_factor is not None:
+            return self.rope_factor
+        return self.max_position_embeddings / self.original_max_position_embeddings
+
+    def rope(self) -> tuple[np.ndarray, float]:
+        return rope_frequencies(
+            self.qk_rope_head_dim, self.rope_theta, self.rope_type, factor=self.rope_factor,
+            original_max_position_embeddings=self.original_max_position_embeddings,
+            max_position_embeddings=self.max_position_embeddings, beta_fast=self.beta_fast,
+            beta_slow=self.beta_slow, mscale=self.mscale, mscale_all_dim=self.mscale_all_dim,
+            attention_factor=self.attention_factor, truncate=self.rope_truncate,
+        )
+
+    def cache_bytes_per_token(self, dtype=jnp.bfloat16) -> int:
+        return (self.kv_lora_rank + self.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "MLAConfig":
+        """From an HF `config.json` dict (`deepseek_v3` or `deepseek_v2`; `rope_scaling` or `rope_parameters`)."""
+        model_type = hf.get("model_type")
+        if model_type not in ("deepseek_v3", "deepseek_v2"):
+            raise ValueError(
+                f"unknown model_type {model_type!r} for the MLA layer: expected 'deepseek_v3' (V3/R1) or 'deepseek_v2' (V2/V2-Lite)"
+            )
+        missing = [k for k in ("hidden_size", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+                               "qk_rope_head_dim", "v_head_dim") if hf.get(k) is None]
+        if missing:
+            raise ValueError(f"config.json lacks the MLA field(s) {missing}")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        if rope_type not in ("default", "yarn"):
+            raise ValueError(f"unsupported rope type {rope_type!r} in config.json: jaxlm implements 'default' and 'yarn'")
+        yarn = rope_type == "yarn"
+        if yarn and rope.get("original_max_position_embeddings") is None:
+            raise ValueError("yarn rope needs 'original_max_position_embeddings' in config.json")
+        return cls(
+            hidden_size=hf["hidden_size"],
+            num_heads=hf["num_attention_heads"],
+            q_lora_rank=hf.get("q_lora_rank"),
+            kv_lora_rank=hf["kv_lora_rank"],
+            qk_nope_head_dim=hf["qk_nope_head_dim"],
+            qk_rope_head_dim=hf["qk_rope_head_dim"],
+            v_head_dim=hf["v_head_dim"],
+            rope_theta=float(theta),
+            rope_type=rope_type,
+            rope_factor=rope.get("factor") if yarn else None,
+            original_max_position_embeddings=rope.get("original_max_position_embeddings") if yarn else None,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            beta_fast=rope.get("beta_fast") if yarn else None,
+            beta_slow=rope.get("beta_slow") if yarn else None,
+            mscale=rope.get("mscale") if yarn else None,
+            mscale_all_dim=rope.get("mscale_all_dim") if yarn else None,
+            attention_factor=rope.get("attention_factor") if yarn else None,
+            rope_truncate=rope.get("truncate", True),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            rope_interleave=bool(hf.get("rope_interleave", True)) if model_type == "deepseek_v3" else True,
+            model_type=model_type,
+        )
+
+    @classmethod
+    def r1(cls) -> "MLAConfig":
+        """DeepSeek-R1 / V3 attention sizes with R1's YaRN settings."""
+        return cls(hidden_size=7168, num_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                   qk_rope_head_dim=64, v_head_dim=128, rope_type="yarn", rope_factor=40.0,
+                   original_max_position_embeddings=4096, max_position_embeddings=163840, beta_fast=32,
+                   beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
+
+    @classmethod
+    def tiny(cls, q_lora: bool = True) -> "MLAConfig":
+        return cls(hidden_size=64, num_heads=4, q_lora_rank=32 if q_lora else None, kv_lora_rank=32,
+                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, rope_type="yarn", rope_factor=8.0,
+                   original_max_position_embeddings=64, max_position_embeddings=512, mscale=0.7,
+                   mscale_all_dim=0.7)
+
+
+class MLACache(NamedTuple):
+    kv_cache: jax.Array  # [slots, S, L]: kv_a_layernorm(latent)
+    pe_cache: jax.Array  # [slots, S, R]: k_pe after RoPE (half-split layout)
+
+
+def init_cache(cfg: MLAConfig, num_requests: int, max_len: int, dtype=jnp.bfloat16) -> MLACache:
+    """Zeroed caches for `num_requests` slots of `max_len` positions."""
+    if num_requests < 1 or max_len < 1:
+        raise ValueError(f"init_cache needs num_requests >= 1 and max_len >= 1, got {num_requests}, {max_len}")
+    return MLACache(jnp.zeros((num_requests, max_len, cfg.kv_lora_rank), dtype),
+                    jnp.zeros((num_requests, max_len, cfg.qk_rope_head_dim), dtype))
+
+
+def init_params(cfg: MLAConfig, key: jax.Array, dtype=jnp.bfloat16, *, gate: bool = False) -> Params:
+    """Random weights (std 1/sqrt(fan_in)) in our layout, for benchmarks and the demo."""
+    n, p, r, v, l, d = (cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
+                        cfg.kv_lora_rank, cfg.hidden_size)
+    shapes = {"kv_a_proj_with_mqa": ((d, l + r), d), "w_uk": ((n, p, l), l), "w_uv": ((n, l, v), l),
+              "o_proj": ((n, v, d), n * v)}
+    if cfg.q_lora_rank is None:
+        shapes["q_proj"] = ((d, n, p + r), d)
+    else:
+        shapes["q_a_proj"] = ((d, cfg.q_lora_rank), d)
+        shapes["q_b_proj"] = ((cfg.q_lora_rank, n, p + r), cfg.q_lora_rank)
+    if gate:
+        shapes["gate_proj"] = ((d, n, v), d)
+    keys = jax.random.split(key, len(shapes))
+    params = {name: (jax.random.normal(k, shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
+              for k, (name, (shape, fan_in)) in zip(keys, sorted(shapes.items()))}
+    params["kv_a_layernorm"] = jnp.ones((l,), dtype)
+    if cfg.q_lora_rank is not None:
+        params["q_a_layernorm"] = jnp.ones((cfg.q_lora_rank,), dtype)
+    return params
+
+
+def _linear(x, params, name, spec):
+    y = jnp.einsum(spec, x, params[name])
+    bias = params.get(name + "_bias")
+    return y if bias is None else y + bias
+
+
+def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array):
+    """x [T, D] -> q_nope [T, N, P], q_pe [T, N, R] (roped), latent [T, L] (normed), k_pe [T, R] (roped)."""
+    if cfg.q_lora_rank is None:
+        q = jnp.einsum("td,dnh->tnh", x, params["q_proj"])
+    else:
+        c = rms_norm(_linear(x, params, "q_a_proj", "td,dq->tq"), params["q_a_layernorm"], cfg.norm_eps)
+        q = jnp.einsum("tq,qnh->tnh", c, params["q_b_proj"])
+    q_nope, q_pe = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
+    ckv = _linear(x, params, "kv_a_proj_with_mqa", "td,de->te")
+    latent = rms_norm(ckv[:, : cfg.kv_lora_rank], params["kv_a_layernorm"], cfg.norm_eps)
+    k_pe = ckv[:, cfg.kv_lora_rank :]
+    inv_freq, attention_factor = cfg.rope()
+    cos, sin = rope_cos_sin(positions, inv_freq, attention_factor, x.dtype)  # [T, R]
+    return q_nope, apply_rope(q_pe, cos[:, None], sin[:, None]), latent, apply_rope(k_pe, cos, sin)
+
+
+def _write_cache(cache: MLACache, meta: batching.RaggedMeta, latent, k_pe) -> MLACache:
+    # Padding tokens carry position max_len: out of bounds, so mode="drop" discards their writes.
+    kv = cache.kv_cache.at[meta.tok_slot, meta.tok_pos].set(latent.astype(cache.kv_cache.dtype), mode="drop")
+    pe = cache.pe_cache.at[meta.tok_slot, meta.tok_pos].set(k_pe.astype(cache.pe_cache.dtype), mode="drop")
+    return MLACache(kv, pe)
+
+
+def _softmax(scores: jax.Array, meta: batching.RaggedMeta, kv_len: int) -> jax.Array:
+    """Bottom-right causal softmax over [NB, N, Qb, S] float32 scores: row at position p sees keys 0..p."""
+    keys = jnp.arange(kv_len, dtype=jnp.int32)
+    mask = (keys[None, None, :] <= meta.blk_pos[:, :, None]) & meta.blk_valid[:, :, None]  # [NB, Qb, S]
+    scores = jnp.where(mask[:, None], scores, -jnp.inf)
+    scores = jnp.where(meta.blk_valid[:, None, :, None], scores, 0.0)  # padding rows: finite, ignored later
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def _to_blocks(x: jax.Array, meta: batching.RaggedMeta) -> jax.Array:
+    return x[meta.blk_tok]  # [T, ...] -> [NB, Qb, ...]
+
+
+def _from_blocks(o: jax.Array, meta: batching.RaggedMeta) -> jax.Array:
+    return o.reshape(-1, *o.shape[2:])[meta.tok_block]  # [NB, Qb, ...] -> [T, ...]
+
+
+def _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, kv_len):
+    """MQA over [latent | pe] with W_UK folded into q and W_UV applied after: returns [T, N, V]."""
+    q_lat = jnp.einsum("tnp,npl->tnl", q_nope, params["w_uk"])
+    kv = cache.kv_cache[meta.blk_slot, :kv_len]  # [NB, S, L]
+    pe = cache.pe_cache[meta.blk_slot, :kv_len]  # [NB, S, R]
+    f32 = jnp.float32
+    scores = (jnp.einsum("bqnl,bsl->bnqs", _to_blocks(q_lat, meta).astype(kv.dtype), kv, preferred_element_type=f32)
+              + jnp.einsum("bqnr,bsr->bnqs", _to_blocks(q_pe, meta).astype(pe.dtype), pe, preferred_element_type=f32))
+    probs = _softmax(scores * cfg.softmax_scale, meta, kv_len).astype(kv.dtype)
+    o_lat = jnp.einsum("bnqs,bsl->bqnl", probs, kv, preferred_element_type=f32).astype(q_nope.dtype)
+    return jnp.einsum("tnl,nlv->tnv", _from_blocks(o_lat, meta), params["w_uv"])
+
+
+def _attend_naive(params, cfg, q_nope, q_pe, cache, meta, kv_len):
+    """Reference: up-project the cached latent to per-head K_nope and V, then ordinary attention: [T, N, V]."""
+    kv = cache.kv_cache[meta.blk_slot, :kv_len].astype(q_nope.dtype)
+    pe = cache.pe_cache[meta.blk_slot, :kv_len].astype(q_nope.dtype)
+    k_nope = jnp.einsum("bsl,npl->bsnp", kv, params["w_uk"])
+    v = jnp.einsum("bsl,nlv->bsnv", kv, params["w_uv"])
+    f32 = jnp.float32
+    scores = (jnp.einsum("bqnp,bsnp->bnqs", _to_blocks(q_nope, meta), k_nope, preferred_element_type=f32)
+              + jnp.einsum("bqnr,bsr->bnqs", _to_blocks(q_pe, meta), pe, preferred_element_type=f32))
+    probs = _softmax(scores * cfg.softmax_scale, meta, kv_len).astype(v.dtype)
+    return _from_blocks(jnp.einsum("bnqs,bsnv->bqnv", probs, v), meta)
+
+
+def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes, mode: str):
+    """One ragged step on padded shapes: x [sizes.num_tokens, D] -> (y [num_tokens, D], cache)."""
+    meta = batching.ragged_metadata(seq_lens, past_lens, sizes, cache.kv_cache.shape[1])
+    q_nope, q_pe, latent, k_pe = _project(params, cfg, x, meta.tok_pos)
+    cache = _write_cache(cache, meta, latent, k_pe)
+    attend = _attend_absorbed if mode == "absorbed" else _attend_naive
+    o = attend(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len)  # [T, N, V]
+    if "gate_proj" in params:  # gated attention: o * sigmoid(x W_g), per head and channel
+        o = o * jax.nn.sigmoid(jnp.einsum("td,dnv->tnv", x, params["gate_proj"]))
+    return _linear(o, params, "o_proj", "tnv,nvd->td"), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sizes", "mode"), donate_argnames=("cache",))
+def _step_jit(params, cfg, x, cache, seq_lens, past_lens, sizes, mode):
+    return _step(params, cfg, x, cache, seq_lens, past_lens, sizes, mode)
+
+
+def forward(params: Params, cfg: MLAConfig, x: jax.Array, cache: MLACache, seq_lens, past_lens, *,
+            mode: str = "absorbed") -> tuple[jax.Array, MLACache]:
+    """One ragged MLA step.
+
+    x: [sum(seq_lens), D] new tokens in request order; request i uses cache slot i, its tokens at positions
+    past_lens[i] ... past_lens[i] + seq_lens[i] - 1, seeing its whole history plus its own earlier new tokens.
+    Returns (y [sum(seq_lens), D], cache); `cache` is donated (do not reuse the one passed in). Lengths are
+    concrete (host) values; shapes are bucketed so that varying lengths reuse a handful of compiled programs.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    x = jnp.asarray(x)
+    if x.ndim != 2 or x.shape[1] != cfg.hidden_size:
+        raise ValueError(f"x must be [sum(seq_lens), {cfg.hidden_size}], got {tuple(x.shape)}")
+    slots, max_len = cache.kv_cache.shape[:2]
+    seq, past, sizes = batching.plan(seq_lens, past_lens, num_tokens=x.shape[0], num_slots=slots, max_len=max_len)
+    x_pad = jnp.pad(x, ((0, sizes.num_tokens - x.shape[0]), (0, 0)))
+    y, cache = _step_jit(params, cfg, x_pad, cache, seq, past, sizes, mode)
+    return y[: x.shape[0]], cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "kv_len", "mode"), donate_argnames=("cache",))
+def _decode_steps_jit(params, cfg, xs, cache, past_lens, kv_len, mode):
+    num_req = xs.shape[1]
+    sizes = batching.StepSizes(num_tokens=num_req, num_blocks=num_req, block_q=1, kv_len=kv_len)
+    ones = jnp.ones((num_req,), jnp.int32)
+
+    def body(carry, x):
+        cache, past = carry
+        y, cache = _step(params, cfg, x, cache, ones, past, sizes, mode)
+        return (cache, past + 1), y
+
+    (cache, _), ys = jax.lax.scan(body, (cache, jnp.asarray(past_lens, jnp.int32)), xs)
+    return ys, cache
+
+
+def decode_steps(params: Params, cfg: MLAConfig, xs: jax.Array, cache: MLACache, past_lens, *,
+                 mode: str = "absorbed") -> tuple[jax.Array, MLACache]:
+    """`steps` one-token decode steps for B requests inside one jitted call (a `lax.scan`).
+
+    xs: [steps, B, D], the new token of each request at each step; request i (slot i) starts at past_lens[i].
+    Returns (ys [steps, B, D], cache). Equal to `steps` calls of `forward` with seq_lens = 1.
+    """
+    xs = jnp.asarray(xs)
+    steps, num_req = xs.shape[:2]
+    slots, max_len = cache.kv_cache.shape[:2]
+    batching.plan([1] * num_req, past_lens, num_tokens=num_req, num_slots=slots, max_len=max_len - steps + 1)
+    kv_len = min(batching.bucket(int(np.max(past_lens)) + steps, 16), max_len)
+    return _decode_steps_jit(params, cfg, xs, cache, jnp.asarray(past_lens, jnp.int32), kv_len, mode)
+
+
+def load_layer(hf_dir, layer: int, *, dtype=None) -> tuple[MLAConfig, Params]:
+    """The attention weights of decoder layer `layer` of an HF checkpoint directory, in our layout.
+
+    Single or sharded safetensors; float32, bfloat16, or FP8 e4m3 with `weight_scale_inv` (dequantised).
+    `dtype` defaults to the checkpoint's float dtype (bfloat16 for FP8 checkpoints).
+    """
+    from convert import deepseek  # the layout mapping lives in one place, the converter
+
+    return deepseek.load_layer(hf_dir, layer, dtype=dtype)
