@@ -233,10 +233,10 @@ def _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, kv_len):
     kv = cache.kv_cache[meta.blk_slot, :kv_len]  # [NB, S, L]
     pe = cache.pe_cache[meta.blk_slot, :kv_len]  # [NB, S, R]
     f32 = jnp.float32
-    scores = (jnp.einsum("bqnl,bsl->bnqs", _to_blocks(q_lat, meta).astype(kv.dtype), kv, preferred_element_type=f32)
-              + jnp.einsum("bqnr,bsr->bnqs", _to_blocks(q_pe, meta).astype(pe.dtype), pe, preferred_element_type=f32))
+    scores = (jnp.einsum("bqnl,bsl->bnqs", _to_blocks(q_lat, meta).astype(kv.dtype), kv).astype(f32)
+              + jnp.einsum("bqnr,bsr->bnqs", _to_blocks(q_pe, meta).astype(pe.dtype), pe).astype(f32))
     probs = _softmax(scores * cfg.softmax_scale, meta, kv_len).astype(kv.dtype)
-    o_lat = jnp.einsum("bnqs,bsl->bqnl", probs, kv, preferred_element_type=f32).astype(q_nope.dtype)
+    o_lat = jnp.einsum("bnqs,bsl->bqnl", probs, kv).astype(q_nope.dtype)
     return jnp.einsum("tnl,nlv->tnv", _from_blocks(o_lat, meta), params["w_uv"])
 
 
@@ -247,8 +247,8 @@ def _attend_naive(params, cfg, q_nope, q_pe, cache, meta, kv_len):
     k_nope = jnp.einsum("bsl,npl->bsnp", kv, params["w_uk"])
     v = jnp.einsum("bsl,nlv->bsnv", kv, params["w_uv"])
     f32 = jnp.float32
-    scores = (jnp.einsum("bqnp,bsnp->bnqs", _to_blocks(q_nope, meta), k_nope, preferred_element_type=f32)
-              + jnp.einsum("bqnr,bsr->bnqs", _to_blocks(q_pe, meta), pe, preferred_element_type=f32))
+    scores = (jnp.einsum("bqnp,bsnp->bnqs", _to_blocks(q_nope, meta), k_nope).astype(f32)
+              + jnp.einsum("bqnr,bsr->bnqs", _to_blocks(q_pe, meta), pe).astype(f32))
     probs = _softmax(scores * cfg.softmax_scale, meta, kv_len).astype(v.dtype)
     return _from_blocks(jnp.einsum("bnqs,bsnv->bqnv", probs, v), meta)
 

@@ -68,13 +68,9 @@ def hf_attention(model, layer: int, hidden: np.ndarray, past: int) -> np.ndarray
     x = torch.from_numpy(np.asarray(hidden, np.float32))[None]
     s = x.shape[1]
     pos = torch.arange(s)[None]
-    cos, sin = model.model.rotary_emb(x, pos)
     mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
-    with torch.no_grad():
-        if model.config.model_type == "deepseek_v2":
-            out = attn(x, attention_mask=mask, position_embeddings=model.model.rotary_emb(x, pos))[0]
-        else:
-            out = attn(x, position_embeddings=(cos, sin), attention_mask=mask)[0]
+    with torch.no_grad():  # V3 passes (cos, sin); V2 passes complex freqs_cis
+        out = attn(x, position_embeddings=model.model.rotary_emb(x, pos), attention_mask=mask)[0]
     return out[0, past:].numpy()
 
 
