@@ -115,12 +115,11 @@ def plan(seq_lens, past_lens, *, num_tokens: int, num_slots: int, max_len: int) 
             f"but the cache holds {max_len}: build it with a larger max_len"
         )
     block_q = 1 if seq.max() <= 1 else 16
-    blocks = int(((seq + block_q - 1) // block_q).sum())
-    sizes = StepSizes(
-        num_tokens=bucket(max(num_tokens, 1)),
-        num_blocks=bucket(max(blocks, 1)),
-        block_q=block_q,
-        kv_len=min(bucket(int(total.max()) if total.size else 1, 16), max_len),
-    )
+    num_tokens_pad = bucket(max(num_tokens, 1))
+    # Rounding each request up to whole blocks adds at most one block per request, so the block count is a
+    # function of the token bucket: one compiled program per (token bucket, block size, kv bucket).
+    num_blocks = num_tokens_pad if block_q == 1 else -(-num_tokens_pad // block_q) + num_slots
+    kv_len = 1 << max(int(total.max()) - 1, 15).bit_length()  # powers of two from 16
+    sizes = StepSizes(num_tokens=num_tokens_pad, num_blocks=num_blocks, block_q=block_q, kv_len=min(kv_len, max_len))
     pad = num_slots - seq.size
     return np.pad(seq, (0, pad)).astype(np.int32), np.pad(past, (0, pad)).astype(np.int32), sizes

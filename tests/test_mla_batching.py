@@ -1,0 +1,193 @@
+"""MLA layer invariants that need no HF model: ragged batching, decode loops, gating, bucketing, bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlm.mla as mla
+from jaxlm import batching
+
+
+@pytest.fixture(scope="module")
+def layer():
+    cfg = mla.MLAConfig.tiny()
+    return cfg, mla.init_params(cfg, jax.random.key(0), jnp.float32)
+
+
+def rand(rng, n, cfg):
+    return rng.standard_normal((n, cfg.hidden_size)).astype(np.float32)
+
+
+def test_prefill_equals_prefill_minus_one_plus_decode(layer):
+    cfg, params = layer
+    rng = np.random.default_rng(0)
+    seq, past = [7, 1, 13], [3, 9, 0]
+    hist = [rand(rng, p + s, cfg) for p, s in zip(past, seq)]
+    fill = np.concatenate([h[:p] for h, p in zip(hist, past)])
+
+    cache = mla.init_cache(cfg, 3, 64, jnp.float32)
+    _, cache = mla.forward(params, cfg, fill, cache, past, [0, 0, 0])
+    y_full, cache_full = mla.forward(params, cfg, np.concatenate([h[p:] for h, p in zip(hist, past)]), cache, seq, past)
+
+    cache = mla.init_cache(cfg, 3, 64, jnp.float32)
+    _, cache = mla.forward(params, cfg, fill, cache, past, [0, 0, 0])
+    head = [s - 1 for s in seq]
+    y_head, cache = mla.forward(params, cfg, np.concatenate([h[p:p + s - 1] for h, p, s in zip(hist, past, seq)]),
+                                cache, head, past)
+    y_last, cache = mla.forward(params, cfg, np.stack([h[-1] for h in hist]), cache, [1, 1, 1],
+                                [p + s for p, s in zip(past, head)])
+    last_rows = np.cumsum(seq) - 1
+    np.testing.assert_allclose(np.asarray(y_last), np.asarray(y_full)[last_rows], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(cache.kv_cache), np.asarray(cache_full.kv_cache), rtol=1e-6, atol=1e-6)
+
+
+def test_decode_steps_equals_repeated_forward(layer):
+    cfg, params = layer
+    rng = np.random.default_rng(1)
+    past = [4, 11, 0, 20]
+    xs = rng.standard_normal((5, 4, cfg.hidden_size)).astype(np.float32)
+    fill = rand(rng, sum(past), cfg)
+
+    def filled():
+        cache = mla.init_cache(cfg, 4, 40, jnp.float32)
+        return mla.forward(params, cfg, fill, cache, past, [0] * 4)[1]
+
+    ys, cache_loop = mla.decode_steps(params, cfg, xs, filled(), past)
+    cache = filled()
+    for i in range(5):
+        y, cache = mla.forward(params, cfg, xs[i], cache, [1] * 4, [p + i for p in past])
+        np.testing.assert_allclose(np.asarray(ys[i]), np.asarray(y), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(cache_loop.pe_cache), np.asarray(cache.pe_cache), rtol=1e-6, atol=1e-6)
+
+
+def test_zero_length_requests_leave_their_slot_untouched(layer):
+    cfg, params = layer
+    rng = np.random.default_rng(2)
+    cache = mla.init_cache(cfg, 4, 32, jnp.float32)
+    sentinel = rng.standard_normal(cache.kv_cache.shape).astype(np.float32)
+    cache = mla.MLACache(jnp.asarray(sentinel), cache.pe_cache)
+    seq, past = [5, 0, 0, 3], [0, 0, 0, 0]  # like pastlens [512, 0, 0, 256] when filling histories
+    y, cache = mla.forward(params, cfg, rand(rng, 8, cfg), cache, seq, past)
+    assert y.shape == (8, cfg.hidden_size) and np.isfinite(np.asarray(y)).all()
+    kv = np.asarray(cache.kv_cache)
+    np.testing.assert_array_equal(kv[1], sentinel[1])
+    np.testing.assert_array_equal(kv[2], sentinel[2])
+    np.testing.assert_array_equal(kv[0, 5:], sentinel[0, 5:])
+    assert not np.array_equal(kv[0, :5], sentinel[0, :5])
+
+
+def test_fewer_requests_than_slots_and_all_empty_step(layer):
+    cfg, params = layer
+    rng = np.random.default_rng(3)
+    cache = mla.init_cache(cfg, 8, 16, jnp.float32)
+    y, cache = mla.forward(params, cfg, rand(rng, 3, cfg), cache, [3], [0])
+    assert y.shape == (3, cfg.hidden_size)
+    y, cache = mla.forward(params, cfg, np.zeros((0, cfg.hidden_size), np.float32), cache, [0, 0], [3, 0])
+    assert y.shape == (0, cfg.hidden_size)
+
+
+def numpy_attention(params, cfg, x, pos):
+    """Plain numpy MLA for one request holding only new tokens (past 0), returning per-head outputs [T, N, V]."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    x = x.astype(np.float64)
+
+    def norm(v, w):
+        return v / np.sqrt((v * v).mean(-1, keepdims=True) + cfg.norm_eps) * w
+
+    c = norm(x @ p["q_a_proj"], p["q_a_layernorm"])
+    q = np.einsum("tq,qnh->tnh", c, p["q_b_proj"])
+    ckv = x @ p["kv_a_proj_with_mqa"]
+    lat = norm(ckv[:, : cfg.kv_lora_rank], p["kv_a_layernorm"])
+    inv_freq, factor = cfg.rope()
+    ang = pos[:, None] * inv_freq[None].astype(np.float64)
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)) * factor, np.sin(np.concatenate([ang, ang], -1)) * factor
+
+    def rope(v, c_, s_):
+        h = v.shape[-1] // 2
+        return v * c_ + np.concatenate([-v[..., h:], v[..., :h]], -1) * s_
+
+    q_pe = rope(q[..., cfg.qk_nope_head_dim :], cos[:, None], sin[:, None])
+    k_pe = rope(ckv[:, cfg.kv_lora_rank :], cos, sin)
+    k_nope = np.einsum("sl,npl->snp", lat, p["w_uk"])
+    v = np.einsum("sl,nlv->snv", lat, p["w_uv"])
+    s = (np.einsum("tnp,snp->nts", q[..., : cfg.qk_nope_head_dim], k_nope) + np.einsum("tnr,sr->nts", q_pe, k_pe))
+    s = s * cfg.softmax_scale + np.triu(np.full((len(x), len(x)), -np.inf), 1)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("nts,snv->tnv", w, v)
+
+
+def test_gated_attention_matches_numpy_formula():
+    cfg = mla.MLAConfig.tiny()
+    params = mla.init_params(cfg, jax.random.key(1), jnp.float32, gate=True)
+    rng = np.random.default_rng(4)
+    x = rand(rng, 9, cfg)
+    y, _ = mla.forward(params, cfg, x, mla.init_cache(cfg, 1, 16, jnp.float32), [9], [0])
+    attn = numpy_attention(params, cfg, x, np.arange(9.0))
+    gate = 1 / (1 + np.exp(-np.einsum("td,dnv->tnv", x.astype(np.float64), np.asarray(params["gate_proj"], np.float64))))
+    ref = np.einsum("tnv,nvd->td", attn * gate, np.asarray(params["o_proj"], np.float64))
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-5)
+    ungated = {k: v for k, v in params.items() if k != "gate_proj"}
+    y0, _ = mla.forward(ungated, cfg, x, mla.init_cache(cfg, 1, 16, jnp.float32), [9], [0])
+    np.testing.assert_allclose(np.asarray(y0), np.einsum("tnv,nvd->td", attn, np.asarray(params["o_proj"])),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_bucketing_compiles_a_handful_of_programs(layer):
+    """A serving loop: 6 requests decode for 48 steps with growing histories; a new prompt arrives every 8 steps."""
+    cfg, params = layer
+    rng = np.random.default_rng(5)
+    mla._step_jit.clear_cache()
+    cache = mla.init_cache(cfg, 7, 128, jnp.float32)
+    past = np.array([3, 9, 17, 1, 30, 12])
+    for step in range(48):
+        if step % 8 == 0:
+            n = int(rng.integers(2, 24))
+            _, cache = mla.forward(params, cfg, rand(rng, n, cfg), cache, [0] * 6 + [n], [0] * 7)
+        _, cache = mla.forward(params, cfg, rand(rng, 6, cfg), cache, [1] * 6, past)
+        past = past + 1
+    assert mla._step_jit._cache_size() <= 10, mla._step_jit._cache_size()
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 100, 704, 1000, 5000])
+def test_bucket_bounds_padding(n):
+    b = batching.bucket(n)
+    assert n <= b and (b <= 8 or b <= 1.25 * n + 1)
+
+
+@pytest.mark.parametrize(
+    "seq,past,slots,max_len,msg",
+    [
+        ([4], [30], 2, 32, "cache positions"),  # history longer than the cache
+        ([1, 1, 1], [0, 0, 0], 2, 32, "slots"),  # more requests than cache slots
+        ([-1, 2], [0, 0], 2, 32, ">= 0"),
+        ([1, 1], [0, -3], 2, 32, ">= 0"),
+        ([], [], 2, 32, "empty batch"),
+        ([1, 2], [0], 2, 32, "one entry per request"),
+    ],
+)
+def test_bad_lengths_raise_clear_errors(layer, seq, past, slots, max_len, msg):
+    cfg, params = layer
+    x = np.ones((max(sum(s for s in seq if s > 0), 0), cfg.hidden_size), np.float32)
+    with pytest.raises(ValueError, match=msg):
+        mla.forward(params, cfg, x, mla.init_cache(cfg, slots, max_len, jnp.float32), seq, past)
+
+
+def test_token_count_and_hidden_size_mismatch(layer):
+    cfg, params = layer
+    cache = mla.init_cache(cfg, 2, 16, jnp.float32)
+    with pytest.raises(ValueError, match="sum\\(seq_lens\\)"):
+        mla.forward(params, cfg, np.ones((5, cfg.hidden_size), np.float32), cache, [2, 2], [0, 0])
+    with pytest.raises(ValueError, match=str(cfg.hidden_size)):
+        mla.forward(params, cfg, np.ones((4, cfg.hidden_size + 1), np.float32), cache, [2, 2], [0, 0])
+
+
+def test_cache_is_1152_bytes_per_token_at_r1_sizes():
+    cfg = mla.MLAConfig.r1()
+    assert cfg.cache_bytes_per_token(jnp.bfloat16) == 1152
+    shapes = jax.eval_shape(lambda: mla.init_cache(cfg, 16, 4096, jnp.bfloat16))
+    assert shapes.kv_cache.shape == (16, 4096, 512) and shapes.pe_cache.shape == (16, 4096, 64)
+    assert abs(cfg.softmax_scale - 0.1352338) < 1e-6
