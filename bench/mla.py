@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -204,6 +205,8 @@ def main():
 
 
 def _commit() -> str:
+    if os.environ.get("JAXLM_COMMIT"):
+        return os.environ["JAXLM_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
