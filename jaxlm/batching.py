@@ -82,18 +82,18 @@ def _as_lengths(name: str, values) -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a 1-D sequence of lengths, got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+    if arr.size and arr.dtype.kind not in "iu":
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
-    if (arr < 0).any():
+    if arr.size and arr.min() < 0:
         raise ValueError(f"{name} must be >= 0, got {arr.tolist()}")
-    return arr.astype(np.int64)
+    return arr.astype(np.int32, copy=False)
 
 
-def plan(seq_lens, past_lens, *, num_tokens: int, num_slots: int, max_len: int) -> tuple[np.ndarray, np.ndarray, StepSizes]:
+def plan(seq_lens, past_lens, *, num_tokens: int, num_slots: int, max_len: int) -> tuple[np.ndarray, StepSizes]:
     """Validate a ragged step on the host and choose its static sizes.
 
-    Returns seq_lens and past_lens padded with zero-length requests to `num_slots` (so the request count never
-    changes the compiled shape) and the bucketed `StepSizes`.
+    Returns `lengths` [2, num_slots] int32 (seq_lens and past_lens, padded with zero-length requests so that the
+    request count never changes the compiled shape; one host-to-device copy) and the bucketed `StepSizes`.
     """
     seq = _as_lengths("seq_lens", seq_lens)
     past = _as_lengths("past_lens", past_lens)
@@ -108,7 +108,8 @@ def plan(seq_lens, past_lens, *, num_tokens: int, num_slots: int, max_len: int) 
     if int(seq.sum()) != num_tokens:
         raise ValueError(f"x has {num_tokens} tokens but sum(seq_lens) = {int(seq.sum())}: pack the new tokens of every request in order")
     total = seq + past
-    if (total > max_len).any():
+    longest = int(total.max())
+    if longest > max_len:
         i = int(np.argmax(total > max_len))
         raise ValueError(
             f"request {i} needs {int(total[i])} cache positions (past {int(past[i])} + new {int(seq[i])}) "
@@ -119,7 +120,9 @@ def plan(seq_lens, past_lens, *, num_tokens: int, num_slots: int, max_len: int) 
     # Rounding each request up to whole blocks adds at most one block per request, so the block count is a
     # function of the token bucket: one compiled program per (token bucket, block size, kv bucket).
     num_blocks = num_tokens_pad if block_q == 1 else -(-num_tokens_pad // block_q) + num_slots
-    kv_len = 1 << max(int(total.max()) - 1, 15).bit_length()  # powers of two from 16
-    sizes = StepSizes(num_tokens=num_tokens_pad, num_blocks=num_blocks, block_q=block_q, kv_len=min(kv_len, max_len))
-    pad = num_slots - seq.size
-    return np.pad(seq, (0, pad)).astype(np.int32), np.pad(past, (0, pad)).astype(np.int32), sizes
+    sizes = StepSizes(num_tokens=num_tokens_pad, num_blocks=num_blocks, block_q=block_q,
+                      kv_len=min(bucket(longest, 16), max_len))
+    lengths = np.zeros((2, num_slots), np.int32)
+    lengths[0, : seq.size] = seq
+    lengths[1, : past.size] = past
+    return lengths, sizes

@@ -266,8 +266,8 @@ def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sizes", "mode"), donate_argnames=("cache",))
-def _step_jit(params, cfg, x, cache, seq_lens, past_lens, sizes, mode):
-    return _step(params, cfg, x, cache, seq_lens, past_lens, sizes, mode)
+def _step_jit(params, cfg, x, cache, lengths, sizes, mode):
+    return _step(params, cfg, x, cache, lengths[0], lengths[1], sizes, mode)
 
 
 def forward(params: Params, cfg: MLAConfig, x: jax.Array, cache: MLACache, seq_lens, past_lens, *,
@@ -281,14 +281,18 @@ def forward(params: Params, cfg: MLAConfig, x: jax.Array, cache: MLACache, seq_l
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    x = jnp.asarray(x)
+    if not hasattr(x, "ndim"):
+        x = np.asarray(x)
     if x.ndim != 2 or x.shape[1] != cfg.hidden_size:
         raise ValueError(f"x must be [sum(seq_lens), {cfg.hidden_size}], got {tuple(x.shape)}")
     slots, max_len = cache.kv_cache.shape[:2]
-    seq, past, sizes = batching.plan(seq_lens, past_lens, num_tokens=x.shape[0], num_slots=slots, max_len=max_len)
-    x_pad = jnp.pad(x, ((0, sizes.num_tokens - x.shape[0]), (0, 0)))
-    y, cache = _step_jit(params, cfg, x_pad, cache, seq, past, sizes, mode)
-    return y[: x.shape[0]], cache
+    num_tokens = x.shape[0]
+    lengths, sizes = batching.plan(seq_lens, past_lens, num_tokens=num_tokens, num_slots=slots, max_len=max_len)
+    if sizes.num_tokens != num_tokens:  # pad on the host when we can: no extra device op per call
+        pad = ((0, sizes.num_tokens - num_tokens), (0, 0))
+        x = np.pad(x, pad) if isinstance(x, np.ndarray) else jnp.pad(x, pad)
+    y, cache = _step_jit(params, cfg, x, cache, lengths, sizes, mode)
+    return (y if sizes.num_tokens == num_tokens else y[:num_tokens]), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kv_len", "mode"), donate_argnames=("cache",))
@@ -316,8 +320,9 @@ def decode_steps(params: Params, cfg: MLAConfig, xs: jax.Array, cache: MLACache,
     xs = jnp.asarray(xs)
     steps, num_req = xs.shape[:2]
     slots, max_len = cache.kv_cache.shape[:2]
-    batching.plan([1] * num_req, past_lens, num_tokens=num_req, num_slots=slots, max_len=max_len - steps + 1)
-    kv_len = min(batching.bucket(int(np.max(past_lens)) + steps, 16), max_len)
+    past = np.asarray(past_lens)
+    batching.plan([steps] * num_req, past, num_tokens=steps * num_req, num_slots=slots, max_len=max_len)
+    kv_len = min(batching.bucket(int(past.max()) + steps, 16), max_len)
     return _decode_steps_jit(params, cfg, xs, cache, jnp.asarray(past_lens, jnp.int32), kv_len, mode)
 
 

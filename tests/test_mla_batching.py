@@ -149,7 +149,8 @@ def test_bucketing_compiles_a_handful_of_programs(layer):
             _, cache = mla.forward(params, cfg, rand(rng, n, cfg), cache, [0] * 6 + [n], [0] * 7)
         _, cache = mla.forward(params, cfg, rand(rng, 6, cfg), cache, [1] * 6, past)
         past = past + 1
-    assert mla._step_jit._cache_size() <= 10, mla._step_jit._cache_size()
+    # 54 calls; programs grow with log(history) (4 kv buckets per octave, 16..128) plus a few prefill shapes
+    assert mla._step_jit._cache_size() <= 14, mla._step_jit._cache_size()
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 100, 704, 1000, 5000])
