@@ -192,3 +192,34 @@ def test_cache_is_1152_bytes_per_token_at_r1_sizes():
     shapes = jax.eval_shape(lambda: mla.init_cache(cfg, 16, 4096, jnp.bfloat16))
     assert shapes.kv_cache.shape == (16, 4096, 512) and shapes.pe_cache.shape == (16, 4096, 64)
     assert abs(cfg.softmax_scale - 0.1352338) < 1e-6
+
+
+R1_HUB_CONFIG = {  # the layout of DeepSeek-R1's config.json on the hub (legacy rope_scaling + rope_theta)
+    "model_type": "deepseek_v3", "hidden_size": 7168, "num_attention_heads": 128, "q_lora_rank": 1536,
+    "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "max_position_embeddings": 163840, "rope_theta": 10000,
+    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+}
+
+
+def test_config_layouts_agree_and_match_hf():
+    """Hub `rope_scaling` and transformers-5 `rope_parameters` layouts give one config; rope as HF computes it."""
+    import torch
+    from transformers import DeepseekV3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hub = mla.MLAConfig.from_hf(R1_HUB_CONFIG)
+    assert hub == mla.MLAConfig.r1()
+    assert abs(hub.softmax_scale - 0.1352338) < 1e-7
+    hf = DeepseekV3Config(**{k: v for k, v in R1_HUB_CONFIG.items() if k != "model_type"})
+    v5 = mla.MLAConfig.from_hf(hf.to_dict())
+    assert v5.rope()[1] == hub.rope()[1]
+    np.testing.assert_array_equal(v5.rope()[0], hub.rope()[0])
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](hf, torch.device("cpu"))
+    np.testing.assert_allclose(hub.rope()[0], inv_freq.numpy(), rtol=1e-6)
+    assert factor == pytest.approx(hub.rope()[1])
+    with pytest.raises(ValueError, match="unknown model_type 'qwen3'"):
+        mla.MLAConfig.from_hf({**R1_HUB_CONFIG, "model_type": "qwen3"})
+    with pytest.raises(ValueError, match="unsupported rope type 'longrope'"):
+        mla.MLAConfig.from_hf({**R1_HUB_CONFIG, "rope_scaling": {"type": "longrope", "factor": 2}})

@@ -181,3 +181,22 @@ def test_failed_conversion_leaves_nothing(hf_dir, tmp_path):
     with pytest.raises(CheckpointError, match="o_proj.weight"):
         convert.convert_mla(broken, out, progress=False)
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_bf16_checkpoint_and_gate_proj_are_read(tmp_path):
+    import torch
+
+    path = tmp_path / "gated"
+    model = build_hf_model(path, q_lora_rank=None, rope="default", seed=13, gate=True)
+    from safetensors.torch import load_file
+
+    saved = load_file(next(path.glob("*.safetensors")))
+    cfg, params = mla.load_layer(path, 0, dtype="float32")
+    gate = saved["model.layers.0.self_attn.gate_proj.weight"].numpy()
+    np.testing.assert_array_equal(np.asarray(params["gate_proj"]),
+                                  gate.T.reshape(cfg.hidden_size, cfg.num_heads, cfg.v_head_dim))
+    bf16_dir = tmp_path / "bf16"
+    model.to(torch.bfloat16).save_pretrained(bf16_dir, safe_serialization=True)
+    cfg16, p16 = mla.load_layer(bf16_dir, 0)
+    assert str(p16["o_proj"].dtype) == "bfloat16" and "gate_proj" not in p16
+    np.testing.assert_allclose(np.asarray(p16["w_uk"], np.float32), np.asarray(params["w_uk"]), rtol=1e-2, atol=1e-2)
