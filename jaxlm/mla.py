@@ -23,11 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pallas_kernels
 from jaxlm import batching
 from jaxlm.layers import apply_rope, rms_norm, rope_cos_sin, rope_frequencies, yarn_get_mscale
 
 Params = dict[str, jax.Array]
 MODES = ("absorbed", "naive")
+ATTENTION_IMPLS = ("pallas", "xla")
+CACHE_ALIGN = 64  # cache positions are allocated in multiples of this, so kernels read whole blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,9 +155,10 @@ class MLACache(NamedTuple):
 
 
 def init_cache(cfg: MLAConfig, num_requests: int, max_len: int, dtype=jnp.bfloat16) -> MLACache:
-    """Zeroed caches for `num_requests` slots of `max_len` positions."""
+    """Zeroed caches for `num_requests` slots of at least `max_len` positions (rounded up to a multiple of 64)."""
     if num_requests < 1 or max_len < 1:
         raise ValueError(f"init_cache needs num_requests >= 1 and max_len >= 1, got {num_requests}, {max_len}")
+    max_len = -(-max_len // CACHE_ALIGN) * CACHE_ALIGN
     return MLACache(jnp.zeros((num_requests, max_len, cfg.kv_lora_rank), dtype),
                     jnp.zeros((num_requests, max_len, cfg.qk_rope_head_dim), dtype))
 
@@ -240,6 +244,19 @@ def _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, kv_len):
     return jnp.einsum("tnl,nlv->tnv", _from_blocks(o_lat, meta), params["w_uv"])
 
 
+def _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta, seq_lens, past_lens):
+    """One-token-per-request steps through the Pallas flash-decoding kernel: returns [T, N, V]."""
+    slots, max_len = cache.kv_cache.shape[:2]
+    q_lat = jnp.einsum("tnp,npl->tnl", q_nope, params["w_uk"]).astype(cache.kv_cache.dtype)
+    dest = jnp.where(meta.tok_pos < max_len, meta.tok_slot, slots)  # padding tokens: dropped
+    q_lat = jnp.zeros((slots, *q_lat.shape[1:]), q_lat.dtype).at[dest].set(q_lat, mode="drop")
+    q_pe = jnp.zeros((slots, *q_pe.shape[1:]), cache.pe_cache.dtype).at[dest].set(q_pe.astype(cache.pe_cache.dtype),
+                                                                               mode="drop")
+    lengths = jnp.zeros((slots,), jnp.int32).at[: seq_lens.shape[0]].set(jnp.where(seq_lens > 0, past_lens + seq_lens, 0))
+    o_lat = pallas_kernels.mla_decode(q_lat, q_pe, cache.kv_cache, cache.pe_cache, lengths, sm_scale=cfg.softmax_scale)
+    return jnp.einsum("tnl,nlv->tnv", o_lat[meta.tok_slot].astype(q_nope.dtype), params["w_uv"])
+
+
 def _attend_naive(params, cfg, q_nope, q_pe, cache, meta, kv_len):
     """Reference: up-project the cached latent to per-head K_nope and V, then ordinary attention: [T, N, V]."""
     kv = cache.kv_cache[meta.blk_slot, :kv_len].astype(q_nope.dtype)
@@ -253,34 +270,52 @@ def _attend_naive(params, cfg, q_nope, q_pe, cache, meta, kv_len):
     return _from_blocks(jnp.einsum("bnqs,bsnv->bqnv", probs, v), meta)
 
 
-def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes, mode: str):
-    """One ragged step on padded shapes: x [sizes.num_tokens, D] -> (y [num_tokens, D], cache)."""
+def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes, mode: str, impl: str):
+    """One ragged step on padded shapes: x [sizes.num_tokens, D] -> (y [num_tokens, D], cache).
+
+    The one place that picks the attention: the Pallas decode kernel for one-token steps when impl == "pallas"
+    (prefill stays on the XLA path until the varlen attention kernel lands), else the XLA absorbed/naive forms.
+    """
     meta = batching.ragged_metadata(seq_lens, past_lens, sizes, cache.kv_cache.shape[1])
     q_nope, q_pe, latent, k_pe = _project(params, cfg, x, meta.tok_pos)
     cache = _write_cache(cache, meta, latent, k_pe)
-    attend = _attend_absorbed if mode == "absorbed" else _attend_naive
-    o = attend(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len)  # [T, N, V]
+    if mode == "naive":
+        o = _attend_naive(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len)
+    elif impl == "pallas" and sizes.block_q == 1:
+        o = _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta, seq_lens, past_lens)
+    else:
+        o = _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len)  # [T, N, V]
     if "gate_proj" in params:  # gated attention: o * sigmoid(x W_g), per head and channel
         o = o * jax.nn.sigmoid(jnp.einsum("td,dnv->tnv", x, params["gate_proj"]))
     return _linear(o, params, "o_proj", "tnv,nvd->td"), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sizes", "mode"), donate_argnames=("cache",))
-def _step_jit(params, cfg, x, cache, lengths, sizes, mode):
-    return _step(params, cfg, x, cache, lengths[0], lengths[1], sizes, mode)
+@functools.partial(jax.jit, static_argnames=("cfg", "sizes", "mode", "impl"), donate_argnames=("cache",))
+def _step_jit(params, cfg, x, cache, lengths, sizes, mode, impl):
+    return _step(params, cfg, x, cache, lengths[0], lengths[1], sizes, mode, impl)
+
+
+def _check_options(mode: str, attention_impl: str | None) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if attention_impl is None:
+        return "pallas" if pallas_kernels.on_gpu() else "xla"
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+    return attention_impl
 
 
 def forward(params: Params, cfg: MLAConfig, x: jax.Array, cache: MLACache, seq_lens, past_lens, *,
-            mode: str = "absorbed") -> tuple[jax.Array, MLACache]:
+            mode: str = "absorbed", attention_impl: str | None = None) -> tuple[jax.Array, MLACache]:
     """One ragged MLA step.
 
     x: [sum(seq_lens), D] new tokens in request order; request i uses cache slot i, its tokens at positions
     past_lens[i] ... past_lens[i] + seq_lens[i] - 1, seeing its whole history plus its own earlier new tokens.
     Returns (y [sum(seq_lens), D], cache); `cache` is donated (do not reuse the one passed in). Lengths are
     concrete (host) values; shapes are bucketed so that varying lengths reuse a handful of compiled programs.
+    attention_impl: "pallas" (default on GPU; interpret mode on CPU) or "xla" (default on CPU).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    impl = _check_options(mode, attention_impl)
     if not hasattr(x, "ndim"):
         x = np.asarray(x)
     if x.ndim != 2 or x.shape[1] != cfg.hidden_size:
@@ -291,19 +326,19 @@ def forward(params: Params, cfg: MLAConfig, x: jax.Array, cache: MLACache, seq_l
     if sizes.num_tokens != num_tokens:  # pad on the host when we can: no extra device op per call
         pad = ((0, sizes.num_tokens - num_tokens), (0, 0))
         x = np.pad(x, pad) if isinstance(x, np.ndarray) else jnp.pad(x, pad)
-    y, cache = _step_jit(params, cfg, x, cache, lengths, sizes, mode)
+    y, cache = _step_jit(params, cfg, x, cache, lengths, sizes, mode, impl)
     return (y if sizes.num_tokens == num_tokens else y[:num_tokens]), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kv_len", "mode"), donate_argnames=("cache",))
-def _decode_steps_jit(params, cfg, xs, cache, past_lens, kv_len, mode):
+@functools.partial(jax.jit, static_argnames=("cfg", "kv_len", "mode", "impl"), donate_argnames=("cache",))
+def _decode_steps_jit(params, cfg, xs, cache, past_lens, kv_len, mode, impl):
     num_req = xs.shape[1]
     sizes = batching.StepSizes(num_tokens=num_req, num_blocks=num_req, block_q=1, kv_len=kv_len)
     ones = jnp.ones((num_req,), jnp.int32)
 
     def body(carry, x):
         cache, past = carry
-        y, cache = _step(params, cfg, x, cache, ones, past, sizes, mode)
+        y, cache = _step(params, cfg, x, cache, ones, past, sizes, mode, impl)
         return (cache, past + 1), y
 
     (cache, _), ys = jax.lax.scan(body, (cache, jnp.asarray(past_lens, jnp.int32)), xs)
@@ -311,19 +346,20 @@ def _decode_steps_jit(params, cfg, xs, cache, past_lens, kv_len, mode):
 
 
 def decode_steps(params: Params, cfg: MLAConfig, xs: jax.Array, cache: MLACache, past_lens, *,
-                 mode: str = "absorbed") -> tuple[jax.Array, MLACache]:
+                 mode: str = "absorbed", attention_impl: str | None = None) -> tuple[jax.Array, MLACache]:
     """`steps` one-token decode steps for B requests inside one jitted call (a `lax.scan`).
 
     xs: [steps, B, D], the new token of each request at each step; request i (slot i) starts at past_lens[i].
     Returns (ys [steps, B, D], cache). Equal to `steps` calls of `forward` with seq_lens = 1.
     """
+    impl = _check_options(mode, attention_impl)
     xs = jnp.asarray(xs)
     steps, num_req = xs.shape[:2]
     slots, max_len = cache.kv_cache.shape[:2]
     past = np.asarray(past_lens)
     batching.plan([steps] * num_req, past, num_tokens=steps * num_req, num_slots=slots, max_len=max_len)
     kv_len = min(batching.bucket(int(past.max()) + steps, 16), max_len)
-    return _decode_steps_jit(params, cfg, xs, cache, jnp.asarray(past_lens, jnp.int32), kv_len, mode)
+    return _decode_steps_jit(params, cfg, xs, cache, jnp.asarray(past_lens, jnp.int32), kv_len, mode, impl)
 
 
 def load_layer(hf_dir, layer: int, *, dtype=None) -> tuple[MLAConfig, Params]:

@@ -22,14 +22,14 @@ def cosine(a, b) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-def run_pattern(params, cfg, seq, past, rng, dtype=np.float32, mode="absorbed", max_len=128):
+def run_pattern(params, cfg, seq, past, rng, dtype=np.float32, mode="absorbed", max_len=128, impl="xla"):
     """Fill each request's history with one ragged call, then run the new tokens; returns (hists, y, cache)."""
     hist = [rng.standard_normal((p + s, cfg.hidden_size)).astype(np.float32) for p, s in zip(past, seq)]
     cache = mla.init_cache(cfg, len(seq), max_len, dtype)
     x_hist = np.concatenate([h[:p] for h, p in zip(hist, past)]).astype(dtype)
     _, cache = mla.forward(params, cfg, x_hist, cache, past, [0] * len(seq), mode=mode)
     x_new = np.concatenate([h[p:] for h, p in zip(hist, past)]).astype(dtype)
-    y, cache = mla.forward(params, cfg, x_new, cache, seq, past, mode=mode)
+    y, cache = mla.forward(params, cfg, x_new, cache, seq, past, mode=mode, attention_impl=impl)
     return hist, np.asarray(y, np.float32), cache
 
 
@@ -62,11 +62,12 @@ def test_prefill_matches_hf(hf_case):
     assert rel_err(y, ref) <= 1e-4, rel_err(y, ref)
 
 
-def test_decode_matches_hf(hf_case):
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_decode_matches_hf(hf_case, impl):
     model, cfg, params = hf_case
     rng = np.random.default_rng(2)
     seq = [1] * len(DECODE_PAST)
-    hist, y, _ = run_pattern(params, cfg, seq, DECODE_PAST, rng)
+    hist, y, _ = run_pattern(params, cfg, seq, DECODE_PAST, rng, impl=impl)
     ref = hf_pattern(model, 1, hist, DECODE_PAST)
     assert rel_err(y, ref) <= 1e-4, rel_err(y, ref)
 

@@ -44,7 +44,8 @@ def test_prefill_equals_prefill_minus_one_plus_decode(layer):
     np.testing.assert_allclose(np.asarray(cache.kv_cache), np.asarray(cache_full.kv_cache), rtol=1e-6, atol=1e-6)
 
 
-def test_decode_steps_equals_repeated_forward(layer):
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_decode_steps_equals_repeated_forward(layer, impl):
     cfg, params = layer
     rng = np.random.default_rng(1)
     past = [4, 11, 0, 20]
@@ -55,10 +56,10 @@ def test_decode_steps_equals_repeated_forward(layer):
         cache = mla.init_cache(cfg, 4, 40, jnp.float32)
         return mla.forward(params, cfg, fill, cache, past, [0] * 4)[1]
 
-    ys, cache_loop = mla.decode_steps(params, cfg, xs, filled(), past)
+    ys, cache_loop = mla.decode_steps(params, cfg, xs, filled(), past, attention_impl=impl)
     cache = filled()
     for i in range(5):
-        y, cache = mla.forward(params, cfg, xs[i], cache, [1] * 4, [p + i for p in past])
+        y, cache = mla.forward(params, cfg, xs[i], cache, [1] * 4, [p + i for p in past], attention_impl="xla")
         np.testing.assert_allclose(np.asarray(ys[i]), np.asarray(y), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(cache_loop.pe_cache), np.asarray(cache.pe_cache), rtol=1e-6, atol=1e-6)
 
@@ -162,7 +163,7 @@ def test_bucket_bounds_padding(n):
 @pytest.mark.parametrize(
     "seq,past,slots,max_len,msg",
     [
-        ([4], [30], 2, 32, "cache positions"),  # history longer than the cache
+        ([4], [62], 2, 32, "cache positions"),  # history longer than the cache (32 rounds up to 64 positions)
         ([1, 1, 1], [0, 0, 0], 2, 32, "slots"),  # more requests than cache slots
         ([-1, 2], [0, 0], 2, 32, ">= 0"),
         ([1, 1], [0, -3], 2, 32, ">= 0"),
@@ -223,3 +224,21 @@ def test_config_layouts_agree_and_match_hf():
         mla.MLAConfig.from_hf({**R1_HUB_CONFIG, "model_type": "qwen3"})
     with pytest.raises(ValueError, match="unsupported rope type 'longrope'"):
         mla.MLAConfig.from_hf({**R1_HUB_CONFIG, "rope_scaling": {"type": "longrope", "factor": 2}})
+
+
+def test_pallas_decode_with_idle_slots_matches_xla(layer):
+    """Decode through the kernel with zero-length requests mixed in (their slots idle) equals the XLA path."""
+    cfg, params = layer
+    rng = np.random.default_rng(6)
+    past = [5, 0, 17, 9, 0]
+    fill = rand(rng, sum(past), cfg)
+    x = rand(rng, 3, cfg)
+    out = {}
+    for impl in ("xla", "pallas"):
+        cache = mla.init_cache(cfg, 6, 32, jnp.float32)
+        _, cache = mla.forward(params, cfg, fill, cache, past, [0] * 5)
+        out[impl] = mla.forward(params, cfg, x, cache, [1, 0, 1, 0, 1], past, attention_impl=impl)
+    np.testing.assert_allclose(np.asarray(out["pallas"][0]), np.asarray(out["xla"][0]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out["pallas"][1].kv_cache), np.asarray(out["xla"][1].kv_cache))
+    with pytest.raises(ValueError, match="attention_impl"):
+        mla.forward(params, cfg, x, mla.init_cache(cfg, 6, 32), [1, 0, 1, 0, 1], past, attention_impl="cudnn")

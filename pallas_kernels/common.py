@@ -1,0 +1,24 @@
+"""Helpers shared by the kernels: the one place that decides compiled Pallas vs interpret mode."""
+
+from __future__ import annotations
+
+import jax
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """Compiled Pallas (Triton) on a GPU, the Pallas interpreter elsewhere; `interpret=True` forces the interpreter."""
+    if interpret is None:
+        return not on_gpu()
+    return bool(interpret)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
