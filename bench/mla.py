@@ -164,7 +164,8 @@ def main():
             cfg, params = mla.load_layer(tmp, 0, dtype="bfloat16")
     weight_bytes = sum(v.nbytes for v in params.values())
     pre = seed.prefill(params, cfg, warmup=args.warmup, runs=args.runs)
-    dec = seed.decode(params, cfg)
+    dec = seed.decode(params, cfg, attention_impl="pallas")
+    dec_xla = seed.decode(params, cfg, attention_impl="xla")
     naive = seed.prefill(params, cfg, warmup=1, runs=3, mode="naive")
     y = np.asarray(pre["y"], np.float32)
     cos = lambda a, b: float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
@@ -173,6 +174,8 @@ def main():
         "prefill_batch_ms": pre["batch_ms"], "prefill_ttft_ms": pre["ttft_ms"], "prefill_naive_ms": naive["batch_ms"],
         "decode_step_ms": dec["step_ms"], "decode_loop_step_ms": dec["loop_step_ms"],
         "decode_tokens_per_s": dec["tokens_per_s"], "decode_loop_tokens_per_s": dec["loop_tokens_per_s"],
+        "decode_step_ms_xla": dec_xla["step_ms"], "decode_loop_step_ms_xla": dec_xla["loop_step_ms"],
+        "decode_pallas_vs_xla_cos": cos(np.asarray(dec["ys"], np.float32), np.asarray(dec_xla["ys"], np.float32)),
         "weight_bytes": weight_bytes, "copy_TBps": bw / 1e12, "matmul_TFLOPs": rate / 1e12,
         "floor_decode_ms": 1e3 * (weight_bytes + 1152 * sum(seed.DECODE_PAST)) / bw,
         "floor_prefill_ms": 1e3 * 2 * (weight_bytes / 2) * sum(seed.PREFILL_SEQ) / rate,
@@ -194,14 +197,17 @@ def main():
     rows = [("prefill batch [64,128,256,256]/[512,0,0,256]", "prefill_batch_ms", "hf_prefill_batch_ms", "floor_prefill_ms"),
             ("prefill avg TTFT (sequential)", "prefill_ttft_ms", None, None),
             ("decode step, per forward() call", "decode_step_ms", "hf_decode_step_ms", "floor_decode_ms"),
-            ("decode step, inside decode_steps()", "decode_loop_step_ms", "hf_decode_step_ms", "floor_decode_ms")]
+            ("decode step, inside decode_steps()", "decode_loop_step_ms", "hf_decode_step_ms", "floor_decode_ms"),
+            ("decode step, per call, XLA attention", "decode_step_ms_xla", "hf_decode_step_ms", "floor_decode_ms"),
+            ("decode step, decode_steps(), XLA attention", "decode_loop_step_ms_xla", "hf_decode_step_ms", "floor_decode_ms")]
     print(f"{'case':<46} {'jaxlm ms':>9} {'HF ms':>8} {'HF/jaxlm':>9} {'floor ms':>9}")
     for name, k, hk, fk in rows:
         h = res.get(hk) if hk else None
         print(f"{name:<46} {res[k]:9.3f} {h if h is None else round(h, 3)!s:>8} "
               f"{'' if h is None else f'{h / res[k]:.1f}x':>9} {'' if fk is None else f'{res[fk]:.3f}':>9}")
     print(f"decode tokens/s: {res['decode_tokens_per_s']:,.0f} per call, {res['decode_loop_tokens_per_s']:,.0f} in loop; "
-          f"absorbed vs naive cos {res['absorbed_vs_naive_cos']:.6f}; vs HF cos {res.get('vs_hf_cos_no_history')}")
+          f"absorbed vs naive cos {res['absorbed_vs_naive_cos']:.6f}; vs HF cos {res.get('vs_hf_cos_no_history')}; "
+          f"decode pallas vs xla cos {res['decode_pallas_vs_xla_cos']:.6f}")
 
 
 def _commit() -> str:

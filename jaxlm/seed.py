@@ -83,7 +83,8 @@ def prefill(params, cfg, *, dtype=jnp.bfloat16, warmup=10, runs=100, seed=0, mod
             "tokens": int(sum(PREFILL_SEQ)), "y": y}
 
 
-def decode(params, cfg, *, dtype=jnp.bfloat16, steps=DECODE_STEPS, runs=5, seed=0, mode="absorbed") -> dict:
+def decode(params, cfg, *, dtype=jnp.bfloat16, steps=DECODE_STEPS, runs=5, seed=0, mode="absorbed",
+           attention_impl=None) -> dict:
     """Time the seed decode case: `steps` calls of `forward` (per jitted call, as a user makes it) and the
     same steps inside one `decode_steps` call; returns step_ms, loop_step_ms and tokens/s."""
     rng = np.random.default_rng(seed)
@@ -99,7 +100,8 @@ def decode(params, cfg, *, dtype=jnp.bfloat16, steps=DECODE_STEPS, runs=5, seed=
         jax.block_until_ready(cache)
         t0 = time.perf_counter()
         for i in range(steps):
-            y, cache = mla.forward(params, cfg, x_steps[i], cache, [1] * b, [p + i for p in DECODE_PAST], mode=mode)
+            y, cache = mla.forward(params, cfg, x_steps[i], cache, [1] * b, [p + i for p in DECODE_PAST], mode=mode,
+                                   attention_impl=attention_impl)
         y.block_until_ready()
         return time.perf_counter() - t0
 
@@ -107,7 +109,7 @@ def decode(params, cfg, *, dtype=jnp.bfloat16, steps=DECODE_STEPS, runs=5, seed=
         cache = jax.tree.map(jnp.copy, base)
         jax.block_until_ready(cache)
         t0 = time.perf_counter()
-        ys, cache = mla.decode_steps(params, cfg, xs, cache, DECODE_PAST, mode=mode)
+        ys, cache = mla.decode_steps(params, cfg, xs, cache, DECODE_PAST, mode=mode, attention_impl=attention_impl)
         ys.block_until_ready()
         state["ys"] = ys
         return time.perf_counter() - t0
