@@ -27,10 +27,12 @@ LOG2E = math.log2(math.e)
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    block_h: int = 64  # query heads per program (Triton dots need >= 16 rows)
+    # Defaults from a sweep on one H100 (bench/RESULTS.md): 32 heads x 64 rows, 4 warps, 2 stages was fastest at
+    # B=64, L=4096 (0.93 TB/s vs 0.86 for 64 heads / 8 warps); 128 heads or 3 stages exceed shared memory.
+    block_h: int = 32  # query heads per program (Triton dots need >= 16 rows)
     block_k: int = 64  # cache rows per inner step
     k_splits: int | None = None  # sequence splits per request; None: enough programs to fill the GPU
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 2
 
 
