@@ -64,15 +64,11 @@ def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, o_ref, m_ref, l_ref, *, sca
 
     init = (jnp.zeros((bh, ql.shape[1]), jnp.float32), jnp.full((bh,), -jnp.inf, jnp.float32),
             jnp.zeros((bh,), jnp.float32))
-    steps = jnp.maximum(cdiv_traced(stop - start, block_k), 0)
+    steps = jnp.maximum(cdiv(stop - start, block_k), 0)
     o, m, l = jax.lax.fori_loop(0, steps, body, init)
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l
-
-
-def cdiv_traced(a, b):
-    return (a + b - 1) // b
 
 
 def _pad_to(x, axis, size):

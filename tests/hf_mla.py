@@ -21,14 +21,16 @@ def rope_parameters(kind: str) -> dict:
             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.9, "mscale_all_dim": 0.7}
 
 
-def build_hf_model(path: Path, *, q_lora_rank=48, rope="yarn", seed=0, gate=False, model_type="deepseek_v3"):
+def build_hf_model(path: Path, *, q_lora_rank=48, rope="yarn", seed=0, gate=False, model_type="deepseek_v3",
+                   rope_interleave=True):
     """A tiny random HF model saved with save_pretrained (float32, safetensors); returns the torch model."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
     torch.manual_seed(seed)
     if model_type == "deepseek_v3":
         config = DeepseekV3Config(**TINY, q_lora_rank=q_lora_rank, rope_parameters=rope_parameters(rope),
-                                  n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1)
+                                  n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                  rope_interleave=rope_interleave)
         model = DeepseekV3ForCausalLM(config)
     else:
         tiny = {k: v for k, v in TINY.items() if k != "first_k_dense_replace"}

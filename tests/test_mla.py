@@ -39,6 +39,7 @@ def hf_pattern(model, layer, hist, past):
 
 CASES = [
     pytest.param(("deepseek_v3", 48, "yarn"), id="v3-qlora-yarn"),
+    pytest.param(("deepseek_v3-rotate_half", 48, "yarn"), id="v3-rope_interleave_false"),
     pytest.param(("deepseek_v3", 48, "default"), id="v3-qlora-default"),
     pytest.param(("deepseek_v3", None, "yarn"), id="v3-noqlora-yarn"),
     pytest.param(("deepseek_v2", None, "yarn"), id="v2lite-yarn"),
@@ -49,7 +50,8 @@ CASES = [
 def hf_case(request, tmp_path_factory):
     model_type, q_lora, rope = request.param
     path = tmp_path_factory.mktemp("hf")
-    model = build_hf_model(path, q_lora_rank=q_lora, rope=rope, model_type=model_type, seed=len(str(request.param)))
+    model = build_hf_model(path, q_lora_rank=q_lora, rope=rope, model_type=model_type.split("-")[0],
+                           rope_interleave="rotate_half" not in model_type, seed=len(str(request.param)))
     cfg, params = mla.load_layer(path, 1, dtype="float32")
     return model, cfg, params
 
@@ -86,7 +88,10 @@ def test_caches_hold_normed_latent_and_roped_k_pe(hf_case):
     model, cfg, params = hf_case
     if model.config.model_type != "deepseek_v3":
         pytest.skip("HF V2 keeps the interleaved k_pe layout; scores are checked by the parity tests")
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (apply_rotary_pos_emb,
+                                                                      apply_rotary_pos_emb_interleave)
+
+    rotate = apply_rotary_pos_emb_interleave if model.config.rope_interleave else apply_rotary_pos_emb
 
     rng = np.random.default_rng(4)
     seq, past = [3, 0, 7], [4, 0, 2]
@@ -101,7 +106,7 @@ def test_caches_hold_normed_latent_and_roped_k_pe(hf_case):
         latent = attn.kv_a_layernorm(ckv[..., : cfg.kv_lora_rank])
         k_rot = ckv[..., cfg.kv_lora_rank :][:, None]
         cos, sin = model.model.rotary_emb(x, torch.arange(n)[None])
-        _, k_rot = apply_rotary_pos_emb_interleave(k_rot, k_rot, cos, sin)
+        _, k_rot = rotate(k_rot, k_rot, cos, sin)
         np.testing.assert_allclose(np.asarray(cache.kv_cache[i, :n]), latent[0].detach().numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(cache.pe_cache[i, :n]), k_rot[0, 0].detach().numpy(), rtol=1e-5, atol=1e-5)
 
