@@ -228,11 +228,14 @@ def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array)
     return q_nope, apply_rope(q_pe, cos[:, None], sin[:, None]), latent, apply_rope(k_pe, cos, sin)
 
 
-def _write_cache(cache: MLACache, meta: batching.RaggedMeta, latent, k_pe) -> MLACache:
-    # Padding tokens carry position max_len: out of bounds, so mode="drop" discards their writes.
-    kv = cache.kv_cache.at[meta.tok_slot, meta.tok_pos].set(latent.astype(cache.kv_cache.dtype), mode="drop")
-    pe = cache.pe_cache.at[meta.tok_slot, meta.tok_pos].set(k_pe.astype(cache.pe_cache.dtype), mode="drop")
-    return MLACache(kv, pe)
+def _write_cache(cache: MLACache, meta: batching.RaggedMeta, latent, k_pe, impl: str) -> MLACache:
+    """Both caches written in the same step. Padding tokens carry position max_len (out of range): dropped."""
+    if impl == "pallas":
+        write = pallas_kernels.update_cache
+    else:
+        write = pallas_kernels.update_cache_reference
+    return MLACache(write(cache.kv_cache, latent, meta.tok_slot, meta.tok_pos),
+                    write(cache.pe_cache, k_pe, meta.tok_slot, meta.tok_pos))
 
 
 def _softmax(scores: jax.Array, meta: batching.RaggedMeta, kv_len: int) -> jax.Array:
@@ -294,12 +297,13 @@ def _attend_naive(params, cfg, q_nope, q_pe, cache, meta, kv_len):
 def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes, mode: str, impl: str):
     """One ragged step on padded shapes: x [sizes.num_tokens, D] -> (y [num_tokens, D], cache).
 
-    The one place that picks the attention: the Pallas decode kernel for one-token steps when impl == "pallas"
-    (prefill stays on the XLA path until the varlen attention kernel lands), else the XLA absorbed/naive forms.
+    The one place that picks the kernels: with impl == "pallas" the caches are written by the in-place Pallas
+    kernel and one-token steps attend through the Pallas decode kernel (prefill stays on the XLA path until the
+    varlen attention kernel lands); otherwise XLA scatters and the XLA absorbed/naive forms.
     """
     meta = batching.ragged_metadata(seq_lens, past_lens, sizes, cache.kv_cache.shape[1])
     q_nope, q_pe, latent, k_pe = _project(params, cfg, x, meta.tok_pos)
-    cache = _write_cache(cache, meta, latent, k_pe)
+    cache = _write_cache(cache, meta, latent, k_pe, impl)
     if mode == "naive":
         o = _attend_naive(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len)
     elif impl == "pallas" and sizes.block_q == 1:
