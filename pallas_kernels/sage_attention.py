@@ -1,0 +1,213 @@
+"""SageAttention-2-style attention for packed variable-length batches: INT8 Q.K^T, 16-bit P.V.
+
+Algorithm: Zhang et al., "SageAttention2: Efficient Attention with Thorough Outlier Smoothing and Per-thread INT8
+Quantization" (2025), as in thu-ml/SageAttention's Triton "8+16" kernels. K is smoothed by subtracting its
+per-request, per-head channel mean (exact: q . mean is constant along each softmax row); Q and K are quantised to
+int8 per block of tokens and head (absmax / 127, guarded against all-zero blocks), with sm_scale * log2(e) folded
+into Q's scale; Q.K^T runs as int8 x int8 -> int32 dots; the online softmax is float32 in base 2; P.V runs in
+V's 16-bit dtype with a float32 accumulator. Blocks never straddle requests: query and key blocks are counted
+from each request's first token, so one scale covers one tile. A head dim that is not a power of two (MLA's 192)
+is split into power-of-two chunks whose int32 dots are summed (one scale per tile, so the sum is exact).
+
+Layout (flash-attn varlen): q [Tq, Hq, Dqk], k [Tk, Hk, Dqk], v [Tk, Hk, Dv], cu_seqlens_q / cu_seqlens_k int32
+[B+1]; GQA with Hq a multiple of Hk; causal masks are aligned bottom-right per request (query row r of a request
+with Lq queries and Lk keys sees keys 0 .. r + Lk - Lq), so prefill on top of a history works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.common import cdiv, resolve_interpret
+
+LOG2E = math.log2(math.e)
+EPS = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    block_q: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _pow2_chunks(d: int) -> tuple[tuple[int, int], ...]:
+    """(offset, width) power-of-two pieces of d, largest first: 192 -> ((0, 128), (128, 64))."""
+    chunks, off = [], 0
+    while off < d:
+        w = 1 << ((d - off).bit_length() - 1)
+        chunks.append((off, w))
+        off += w
+    return tuple(chunks)
+
+
+def _segments(cu, total):
+    t = jnp.arange(total, dtype=jnp.int32)
+    seg = jnp.clip(jnp.searchsorted(cu, t, side="right") - 1, 0, cu.shape[0] - 2).astype(jnp.int32)
+    return seg, t - cu[seg]
+
+
+def _quantize_blocks(x, cu, block, num_blocks):
+    """int8 x [T, H, D] with one scale per (request-local block of `block` tokens, head): (x_i8, scale [NB, H], id)."""
+    seg, off = _segments(cu, x.shape[0])
+    blocks_per_req = (cu[1:] - cu[:-1] + block - 1) // block
+    cu_blk = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks_per_req)])
+    blk = cu_blk[seg] + off // block  # [T]
+    amax = jax.ops.segment_max(jnp.abs(x.astype(jnp.float32)).max(-1), blk, num_segments=num_blocks)  # [NB, H]
+    scale = jnp.maximum(amax, EPS) / 127.0
+    x_i8 = jnp.clip(jnp.round(x.astype(jnp.float32) / scale[blk][..., None]), -127, 127).astype(jnp.int8)
+    return x_i8, scale, cu_blk
+
+
+def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, cu_kb_ref, qs_ref, ks_ref, q_ref, k_ref, v_ref,
+            o_ref, lse_ref, *, block_q, block_k, group, causal, chunks):
+    head = pl.program_id(1)
+    kv_head = head // group
+    req = blk_req_ref[0]
+    i = blk_idx_ref[0]
+    q_start, k_start = cu_q_ref[req], cu_k_ref[req]
+    len_q = cu_q_ref[req + 1] - q_start
+    len_k = cu_k_ref[req + 1] - k_start
+    kb0 = cu_kb_ref[req]
+    rows = i * block_q + jnp.arange(block_q)  # request-local query rows
+    row_ok = rows < len_q
+    q0 = q_start + i * block_q
+    qs = qs_ref[0, 0]
+    qc = [pltriton.load(q_ref.at[pl.ds(q0, block_q), head, pl.ds(off, w)], mask=row_ok[:, None], other=0)
+          for off, w in chunks]
+    dv = v_ref.shape[-1]
+    diag = len_k - len_q  # bottom-right alignment
+    k_end = jnp.minimum(len_k, (i + 1) * block_q + diag) if causal else len_k
+    cols = jnp.arange(block_k)
+
+    def body(j, carry):
+        acc, m, l = carry
+        kcols = j * block_k + cols
+        col_ok = kcols < len_k
+        k0 = k_start + j * block_k
+        s_int = None
+        for qi, (off, w) in zip(qc, chunks):
+            kk = pltriton.load(k_ref.at[pl.ds(k0, block_k), kv_head, pl.ds(off, w)], mask=col_ok[:, None], other=0)
+            d = jnp.dot(qi, kk.T, preferred_element_type=jnp.int32)
+            s_int = d if s_int is None else s_int + d
+        s = s_int.astype(jnp.float32) * (qs * ks_ref[kb0 + j, kv_head])  # base-2 logits
+        ok = col_ok[None, :] & row_ok[:, None]
+        if causal:
+            ok = ok & (kcols[None, :] <= rows[:, None] + diag)
+        s = jnp.where(ok, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp2(s - m_safe[:, None])
+        corr = jnp.exp2(m - m_safe)
+        vv = pltriton.load(v_ref.at[pl.ds(k0, block_k), kv_head, :], mask=col_ok[:, None], other=0)
+        acc = acc * corr[:, None] + jnp.dot(p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
+        return acc, m_new, l * corr + p.sum(axis=1)
+
+    init = (jnp.zeros((block_q, dv), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
+            jnp.zeros((block_q,), jnp.float32))
+    acc, m, l = jax.lax.fori_loop(0, jnp.maximum(cdiv(k_end, block_k), 0), body, init)
+    has = l > 0
+    out = acc / jnp.where(has, l, 1.0)[:, None]
+    pltriton.store(o_ref.at[pl.ds(q0, block_q), head, :], out.astype(o_ref.dtype), mask=row_ok[:, None])
+    lse = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), -jnp.inf) / LOG2E
+    pltriton.store(lse_ref.at[pl.ds(q0, block_q), head], lse, mask=row_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "smooth_k", "return_lse", "block_sizes",
+                                             "interpret"))
+def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, sm_scale: float | None = None,
+                   smooth_k: bool = True, return_lse: bool = False, block_sizes: BlockSizes = BlockSizes(),
+                   interpret: bool | None = None):
+    """Packed varlen attention with INT8 Q.K^T. Returns o [Tq, Hq, Dv] in q's dtype (zeros for rows that see no key),
+    and the natural-log LSE [Tq, Hq] of the true (unsmoothed, unquantised-scale) logits when `return_lse`."""
+    tq, hq, dqk = q.shape
+    tk, hk, _ = k.shape
+    if k.shape[2] != dqk or v.shape[:2] != (tk, hk) or hq % hk:
+        raise ValueError(f"sage_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit (GQA needs Hq % Hk == 0)")
+    sm_scale = dqk**-0.5 if sm_scale is None else sm_scale
+    bs = block_sizes
+    cu_q = jnp.asarray(cu_seqlens_q, jnp.int32)
+    cu_k = jnp.asarray(cu_seqlens_k, jnp.int32)
+    nb = cu_q.shape[0] - 1
+    mean = None
+    if smooth_k and tk:
+        seg_k, _ = _segments(cu_k, tk)
+        count = jnp.maximum(cu_k[1:] - cu_k[:-1], 1).astype(jnp.float32)
+        mean = jax.ops.segment_sum(k.astype(jnp.float32), seg_k, num_segments=nb) / count[:, None, None]
+        k = k.astype(jnp.float32) - mean[seg_k]
+    nqb = cdiv(tq, bs.block_q) + nb  # static bound on request-aligned query blocks
+    nkb = cdiv(tk, bs.block_k) + nb
+    q_i8, q_scale, cu_qb = _quantize_blocks(q, cu_q, bs.block_q, nqb)
+    k_i8, k_scale, cu_kb = _quantize_blocks(k, cu_k, bs.block_k, nkb)
+    q_scale = q_scale * (sm_scale * LOG2E)
+    blk = jnp.arange(nqb, dtype=jnp.int32)
+    blk_req = jnp.clip(jnp.searchsorted(cu_qb, blk, side="right") - 1, 0, nb - 1).astype(jnp.int32)
+    blk_idx = jnp.where(blk < cu_qb[-1], blk - cu_qb[blk_req], nqb)  # past the end: a block with no rows
+    interp = resolve_interpret(interpret)
+    if interp:  # the interpreter clamps out-of-range slices instead of masking them: give every tile room
+        pad = max(bs.block_q, bs.block_k)
+        q_i8 = jnp.pad(q_i8, ((0, pad), (0, 0), (0, 0)))
+        k_i8 = jnp.pad(k_i8, ((0, pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, pad), (0, 0), (0, 0)))
+    tq_buf = q_i8.shape[0]
+    full = lambda shape: pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))
+    kernel = functools.partial(_kernel, block_q=bs.block_q, block_k=bs.block_k, group=hq // hk, causal=causal,
+                               chunks=_pow2_chunks(dqk))
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(nqb, hq),
+        in_specs=[pl.BlockSpec((1,), lambda i, h: (i,)), pl.BlockSpec((1,), lambda i, h: (i,)),
+                  full(cu_q.shape), full(cu_k.shape), full(cu_kb.shape),
+                  pl.BlockSpec((1, 1), lambda i, h: (i, h)), full(k_scale.shape),
+                  full(q_i8.shape), full(k_i8.shape), full(v.shape)],
+        out_specs=[full((tq_buf, hq, v.shape[2])), full((tq_buf, hq))],
+        out_shape=[jax.ShapeDtypeStruct((tq_buf, hq, v.shape[2]), q.dtype),
+                   jax.ShapeDtypeStruct((tq_buf, hq), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        interpret=interp,
+        name="sage_attention",
+    )(blk_req, blk_idx, cu_q, cu_k, cu_kb, q_scale, k_scale, q_i8, k_i8, v)
+    o, lse = o[:tq], lse[:tq]
+    if not return_lse:
+        return o
+    if mean is not None:  # undo the smoothing's per-row shift: lse(q.k) = lse(q.(k - mean)) + scale * q.mean
+        seg_q, _ = _segments(cu_q, tq)
+        mk = jnp.repeat(mean, hq // hk, axis=1)[seg_q]  # [Tq, Hq, D]
+        lse = lse + sm_scale * jnp.einsum("thd,thd->th", q.astype(jnp.float32), mk)
+    return o, lse
+
+
+def sage_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True,
+                             sm_scale: float | None = None, return_lse: bool = False):
+    """Exact attention in float32 over the packed layout (dense [Tq, Tk] mask), bottom-right causal per request."""
+    f32 = jnp.float32
+    tq, hq, dqk = q.shape
+    tk, hk, _ = k.shape
+    sm_scale = dqk**-0.5 if sm_scale is None else sm_scale
+    cu_q, cu_k = jnp.asarray(cu_seqlens_q), jnp.asarray(cu_seqlens_k)
+    seg_q, off_q = _segments(cu_q, tq)
+    seg_k, off_k = _segments(cu_k, tk)
+    len_q, len_k = (cu_q[1:] - cu_q[:-1])[seg_q], (cu_k[1:] - cu_k[:-1])[seg_q]
+    mask = seg_q[:, None] == seg_k[None, :]
+    if causal:
+        mask &= off_k[None, :] <= (off_q + len_k - len_q)[:, None]
+    kr = jnp.repeat(k.astype(f32), hq // hk, axis=1)
+    vr = jnp.repeat(v.astype(f32), hq // hk, axis=1)
+    s = jnp.einsum("thd,shd->hts", q.astype(f32), kr) * sm_scale
+    s = jnp.where(mask[None], s, -jnp.inf)
+    m = jnp.where(mask.any(-1)[None], s.max(-1), 0.0)
+    p = jnp.where(mask[None], jnp.exp(s - m[..., None]), 0.0)
+    l = p.sum(-1)
+    o = jnp.einsum("hts,shd->thd", p, vr) / jnp.where(l > 0, l, 1.0).T[..., None]
+    o = o.astype(q.dtype)
+    if not return_lse:
+        return o
+    return o, jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf).T
