@@ -2,6 +2,10 @@
 
     PYTHONPATH=. python bench/kernels.py [--out bench/results/kernels.json]
 
+sage_attention: D=128, causal, 16 heads, S in {1k, 4k, 16k} with B = 16, 4, 1 requests of length S, against
+`jax.nn.dot_product_attention` with cuDNN and with XLA (same bf16 inputs, [B, S, H, D]). TFLOP/s count the causal
+half: 2 * B * S^2 * H * D.
+
 mla_decode: 128 heads, latent 512 + rope 64, bf16 caches, B in {16, 64}, L in {400, 4096, 32768} (every request at
 length L), against the XLA einsum reference (`mla_decode_reference` jitted). Effective bandwidth counts the cache
 rows read once (L * 1152 B per request) plus q and o.
@@ -23,6 +27,7 @@ import numpy as np
 
 from jaxlm.seed import median_ms
 from pallas_kernels import mla_decode, mla_decode_reference
+from pallas_kernels.sage_attention import BlockSizes, sage_attention, sage_attention_reference
 
 
 def timed(fn, *args, calls=20):
@@ -65,18 +70,64 @@ def mla_decode_cases(scale=0.1352338):
     return rows
 
 
+def sage_cases(sweep=((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 3), (128, 64, 4, 3))):
+    rows = []
+    for s, b in ((1024, 16), (4096, 4), (16384, 1)):
+        h, d = 16, 128
+        keys = jax.random.split(jax.random.key(s), 3)
+        q, k, v = (jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in keys)
+        cu = jnp.arange(b + 1, dtype=jnp.int32) * s
+        flat = lambda x: x.reshape(b * s, h, d)
+        flops = 2 * b * s * s * h * d
+        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
+        xla = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla"))
+        want = np.asarray(cudnn(q, k, v), np.float32).reshape(b * s, h, d)
+        row = {"S": s, "B": b, "H": h, "D": d, "cudnn_ms": timed(cudnn, q, k, v)}
+        row["xla_ms"] = timed(xla, q, k, v) if s <= 4096 else None
+        best = None
+        for bq, bk, w, st in sweep:
+            fn = jax.jit(lambda q, k, v, cu, bs=BlockSizes(bq, bk, w, st): sage_attention(q, k, v, cu, cu, block_sizes=bs))
+            try:
+                t = timed(fn, flat(q), flat(k), flat(v), cu)
+            except Exception as e:  # a block shape the card cannot hold: record and go on
+                row[f"sage_{bq}_{bk}_{w}_{st}"] = f"failed: {str(e)[:80]}"
+                continue
+            row[f"sage_{bq}_{bk}_{w}_{st}_ms"] = t
+            if best is None or t < best[0]:
+                best = (t, (bq, bk, w, st), fn)
+        out = np.asarray(best[2](flat(q), flat(k), flat(v), cu), np.float32)
+        row.update(sage_ms=best[0], sage_blocks=best[1],
+                   cos_vs_cudnn=float((out * want).sum() / np.linalg.norm(out) / np.linalg.norm(want)))
+        if s == 1024:
+            ref = np.asarray(sage_attention_reference(flat(q), flat(k), flat(v), cu, cu), np.float32)
+            row["rel_l1_vs_f32_reference"] = float(np.abs(out - ref).sum() / np.abs(ref).sum())
+        for name in ("sage", "cudnn", "xla"):
+            if row.get(f"{name}_ms"):
+                row[f"{name}_TFLOPs"] = flops / row[f"{name}_ms"] / 1e9
+        row["sage_vs_cudnn"] = row["cudnn_ms"] / row["sage_ms"]
+        rows.append(row)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/kernels.json")
     args = ap.parse_args()
     dev = jax.devices()[0]
+    sage = sage_cases()
     rows = mla_decode_cases()
     commit = os.environ.get("JAXLM_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                                               capture_output=True, text=True).stdout.strip()
     res = {"date": str(date.today()), "card": dev.device_kind, "commit": commit, "command": " ".join(sys.argv),
-           "mla_decode": rows}
+           "sage_attention": sage, "mla_decode": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"\nsage_attention, causal, H=16, D=128, bf16, {dev.device_kind}")
+    print(f"{'S':>6} {'B':>3} {'sage ms':>8} {'TF/s':>6} {'cudnn ms':>9} {'TF/s':>6} {'xla TF/s':>8} {'vs cudnn':>8} {'cos':>9} blocks")
+    for r in sage:
+        xla_tf = f"{r['xla_TFLOPs']:.0f}" if r.get("xla_TFLOPs") else "-"
+        print(f"{r['S']:>6} {r['B']:>3} {r['sage_ms']:>8.3f} {r['sage_TFLOPs']:>6.0f} {r['cudnn_ms']:>9.3f} "
+              f"{r['cudnn_TFLOPs']:>6.0f} {xla_tf:>8} {r['sage_vs_cudnn']:>7.2f}x {r['cos_vs_cudnn']:>9.6f} {r['sage_blocks']}")
     print(f"\nmla_decode, 128 heads, bf16, {dev.device_kind}")
     print(f"{'B':>3} {'L':>6} {'pallas ms':>10} {'TB/s':>6} {'TFLOP/s':>8} {'xla ms':>8} {'TB/s':>6} {'speedup':>8} {'rel err':>8}")
     for r in rows:
