@@ -95,7 +95,8 @@ def sage_cases(sweep=((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32,
             row[f"sage_{bq}_{bk}_{w}_{st}_ms"] = t
             if best is None or t < best[0]:
                 best = (t, (bq, bk, w, st), fn)
-        out = np.asarray(best[2](flat(q), flat(k), flat(v), cu), np.float32)
+        out = np.asarray(best[2](flat(q), flat(k), flat(v), cu), np.float64)
+        want = want.astype(np.float64)
         row.update(sage_ms=best[0], sage_blocks=best[1],
                    cos_vs_cudnn=float((out * want).sum() / np.linalg.norm(out) / np.linalg.norm(want)))
         if s == 1024:  # the dense float32 reference on the first request

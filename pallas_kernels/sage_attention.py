@@ -33,10 +33,11 @@ EPS = 1e-8
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    block_q: int = 64
+    # From a sweep on one H100 (bench/RESULTS.md): 128 x 64 with 4 warps and 3 stages was fastest at S = 4k and 16k.
+    block_q: int = 128
     block_k: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
 
 def _pow2_chunks(d: int) -> tuple[tuple[int, int], ...]:
