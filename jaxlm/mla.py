@@ -185,29 +185,8 @@ def init_params(cfg: MLAConfig, key: jax.Array, dtype=jnp.bfloat16, *, gate: boo
     return params
 
 
-SPLIT_K_MAX_TOKENS = 64  # below this many tokens, contractions over the model width are split (see _contract_d)
-SPLIT_K = 8
-
-
-def _contract_d(x, w, spec):
-    """einsum contracting the model width D (x [T, D]); for few tokens, split D into SPLIT_K chunks and sum.
-
-    With T <= 64 a [T, 7168] x [7168, 1536] product has too few output tiles to keep the GPU's memory system busy
-    (q_a_proj ran at 0.36 TB/s on an H100 against 2.6 TB/s for o_proj); splitting the contraction gives each
-    chunk its own tiles, as a split-K GEMM does. Same math; the partial products are added in float32.
-    """
-    t, d = x.shape
-    if t > SPLIT_K_MAX_TOKENS or d % SPLIT_K:
-        return jnp.einsum(spec, x, w)
-    lhs, rhs = spec.split("->")[0].split(",")
-    xs = x.reshape(t, SPLIT_K, d // SPLIT_K)
-    ws = w.reshape(SPLIT_K, d // SPLIT_K, *w.shape[1:])
-    parts = jnp.einsum(f"{lhs[0]}c{lhs[1]},c{rhs}->c{spec.split('->')[1]}", xs, ws)
-    return parts.astype(jnp.float32).sum(axis=0).astype(x.dtype)
-
-
 def _linear(x, params, name, spec):
-    y = _contract_d(x, params[name], spec) if spec.startswith("td,") else jnp.einsum(spec, x, params[name])
+    y = jnp.einsum(spec, x, params[name])
     bias = params.get(name + "_bias")
     return y if bias is None else y + bias
 
@@ -215,7 +194,7 @@ def _linear(x, params, name, spec):
 def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array):
     """x [T, D] -> q_nope [T, N, P], q_pe [T, N, R] (roped), latent [T, L] (normed), k_pe [T, R] (roped)."""
     if cfg.q_lora_rank is None:
-        q = _contract_d(x, params["q_proj"], "td,dnh->tnh")
+        q = jnp.einsum("td,dnh->tnh", x, params["q_proj"])
     else:
         c = rms_norm(_linear(x, params, "q_a_proj", "td,dq->tq"), params["q_a_layernorm"], cfg.norm_eps)
         q = jnp.einsum("tq,qnh->tnh", c, params["q_b_proj"])
@@ -311,7 +290,7 @@ def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes,
     else:
         o = _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len)  # [T, N, V]
     if "gate_proj" in params:  # gated attention: o * sigmoid(x W_g), per head and channel
-        o = o * jax.nn.sigmoid(_contract_d(x, params["gate_proj"], "td,dnv->tnv"))
+        o = o * jax.nn.sigmoid(jnp.einsum("td,dnv->tnv", x, params["gate_proj"]))
     return _linear(o, params, "o_proj", "tnv,nvd->td"), cache
 
 
