@@ -37,6 +37,7 @@ class StepSizes:
     num_blocks: int  # padded number of query blocks
     block_q: int  # tokens per query block
     kv_len: int  # cached positions attended (bucketed max(past + seq))
+    kv_tokens: int = 0  # packed keys of all requests (bucketed sum(past + seq)); multi-token steps only
 
 
 class RaggedMeta(NamedTuple):
@@ -121,7 +122,8 @@ def plan(seq_lens, past_lens, *, num_tokens: int, num_slots: int, max_len: int) 
     # function of the token bucket: one compiled program per (token bucket, block size, kv bucket).
     num_blocks = num_tokens_pad if block_q == 1 else -(-num_tokens_pad // block_q) + num_slots
     sizes = StepSizes(num_tokens=num_tokens_pad, num_blocks=num_blocks, block_q=block_q,
-                      kv_len=min(bucket(longest, 16), max_len))
+                      kv_len=min(bucket(longest, 16), max_len),
+                      kv_tokens=0 if block_q == 1 else bucket(int(total.sum()), 16))
     lengths = np.zeros((2, num_slots), np.int32)
     lengths[0, : seq.size] = seq
     lengths[1, : past.size] = past

@@ -260,6 +260,25 @@ def _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta, seq_lens, past
     return jnp.einsum("tnl,nlv->tnv", o_lat[meta.tok_slot].astype(q_nope.dtype), params["w_uv"])
 
 
+def _attend_prefill_kernel(params, cfg, q_nope, q_pe, cache, seq_lens, past_lens, kv_tokens):
+    """Multi-token steps through `sage_attention` in the up-projected form (vLLM's prefill choice): each request's
+    cached latent, history and new tokens alike, is gathered into packed keys and up-projected to per-head K [P+R]
+    and V; queries are [q_nope | q_pe]. Bottom-right causal per request. Returns [T, N, V]."""
+    total = past_lens + seq_lens
+    cu_q = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(seq_lens)])
+    cu_k = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(total)])
+    k_slot, k_pos = pallas_kernels.sage_attention_segments(cu_k, kv_tokens)
+    kv = cache.kv_cache[k_slot, k_pos].astype(q_nope.dtype)  # [Tk, L]; rows past cu_k[-1] are never read
+    pe = cache.pe_cache[k_slot, k_pos].astype(q_nope.dtype)  # [Tk, R]
+    k = jnp.concatenate([jnp.einsum("sl,npl->snp", kv, params["w_uk"]),
+                         jnp.broadcast_to(pe[:, None, :], (pe.shape[0], cfg.num_heads, pe.shape[1]))], axis=-1)
+    v = jnp.einsum("sl,nlv->snv", kv, params["w_uv"])
+    q = jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1)
+    o = pallas_kernels.sage_attention(q, k, v, cu_q, cu_k, causal=True, sm_scale=cfg.softmax_scale)
+    rows = jnp.arange(q.shape[0]) < cu_q[-1]
+    return jnp.where(rows[:, None, None], o, 0)  # padding tokens: rows no request owns
+
+
 def _attend_naive(params, cfg, q_nope, q_pe, cache, meta, kv_len):
     """Reference: up-project the cached latent to per-head K_nope and V, then ordinary attention: [T, N, V]."""
     kv = cache.kv_cache[meta.blk_slot, :kv_len].astype(q_nope.dtype)
@@ -277,8 +296,8 @@ def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes,
     """One ragged step on padded shapes: x [sizes.num_tokens, D] -> (y [num_tokens, D], cache).
 
     The one place that picks the kernels: with impl == "pallas" the caches are written by the in-place Pallas
-    kernel and one-token steps attend through the Pallas decode kernel (prefill stays on the XLA path until the
-    varlen attention kernel lands); otherwise XLA scatters and the XLA absorbed/naive forms.
+    kernel, one-token steps attend through the absorbed flash-decoding kernel and multi-token steps through the
+    INT8 varlen attention kernel (up-projected form); otherwise XLA scatters and the XLA absorbed/naive forms.
     """
     meta = batching.ragged_metadata(seq_lens, past_lens, sizes, cache.kv_cache.shape[1])
     q_nope, q_pe, latent, k_pe = _project(params, cfg, x, meta.tok_pos)
@@ -287,6 +306,8 @@ def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes,
         o = _attend_naive(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len)
     elif impl == "pallas" and sizes.block_q == 1:
         o = _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta, seq_lens, past_lens)
+    elif impl == "pallas":
+        o = _attend_prefill_kernel(params, cfg, q_nope, q_pe, cache, seq_lens, past_lens, sizes.kv_tokens)
     else:
         o = _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len)  # [T, N, V]
     if "gate_proj" in params:  # gated attention: o * sigmoid(x W_g), per head and channel

@@ -50,7 +50,9 @@ def _pow2_chunks(d: int) -> tuple[tuple[int, int], ...]:
     return tuple(chunks)
 
 
-def _segments(cu, total):
+def segments(cu, total):
+    """For `total` packed rows and cumulative lengths cu [B+1]: (request of each row, offset within it).
+    Rows past cu[-1] are attributed to the last request with an offset past its end."""
     t = jnp.arange(total, dtype=jnp.int32)
     seg = jnp.clip(jnp.searchsorted(cu, t, side="right") - 1, 0, cu.shape[0] - 2).astype(jnp.int32)
     return seg, t - cu[seg]
@@ -58,7 +60,7 @@ def _segments(cu, total):
 
 def _quantize_blocks(x, cu, block, num_blocks):
     """int8 x [T, H, D] with one scale per (request-local block of `block` tokens, head): (x_i8, scale [NB, H], id)."""
-    seg, off = _segments(cu, x.shape[0])
+    seg, off = segments(cu, x.shape[0])
     blocks_per_req = (cu[1:] - cu[:-1] + block - 1) // block
     cu_blk = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks_per_req)])
     blk = cu_blk[seg] + off // block  # [T]
@@ -140,7 +142,7 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     nb = cu_q.shape[0] - 1
     mean = None
     if smooth_k and tk:
-        seg_k, _ = _segments(cu_k, tk)
+        seg_k, _ = segments(cu_k, tk)
         count = jnp.maximum(cu_k[1:] - cu_k[:-1], 1).astype(jnp.float32)
         mean = jax.ops.segment_sum(k.astype(jnp.float32), seg_k, num_segments=nb) / count[:, None, None]
         k = k.astype(jnp.float32) - mean[seg_k]
@@ -180,7 +182,7 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     if not return_lse:
         return o
     if mean is not None:  # undo the smoothing's per-row shift: lse(q.k) = lse(q.(k - mean)) + scale * q.mean
-        seg_q, _ = _segments(cu_q, tq)
+        seg_q, _ = segments(cu_q, tq)
         mk = jnp.repeat(mean, hq // hk, axis=1)[seg_q]  # [Tq, Hq, D]
         lse = lse + sm_scale * jnp.einsum("thd,thd->th", q.astype(jnp.float32), mk)
     return o, lse
@@ -194,8 +196,8 @@ def sage_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: boo
     tk, hk, _ = k.shape
     sm_scale = dqk**-0.5 if sm_scale is None else sm_scale
     cu_q, cu_k = jnp.asarray(cu_seqlens_q), jnp.asarray(cu_seqlens_k)
-    seg_q, off_q = _segments(cu_q, tq)
-    seg_k, off_k = _segments(cu_k, tk)
+    seg_q, off_q = segments(cu_q, tq)
+    seg_k, off_k = segments(cu_k, tk)
     len_q, len_k = (cu_q[1:] - cu_q[:-1])[seg_q], (cu_k[1:] - cu_k[:-1])[seg_q]
     mask = seg_q[:, None] == seg_k[None, :]
     if causal:

@@ -64,6 +64,16 @@ def test_prefill_matches_hf(hf_case):
     assert rel_err(y, ref) <= 1e-4, rel_err(y, ref)
 
 
+def test_prefill_int8_kernel_close_to_hf(hf_case):
+    """attention_impl="pallas" prefill runs Q.K^T in INT8 (sage_attention): SageAttention-level bounds, float32."""
+    model, cfg, params = hf_case
+    rng = np.random.default_rng(1)
+    hist, y, _ = run_pattern(params, cfg, *PREFILL, rng, impl="pallas")
+    ref = hf_pattern(model, 1, hist, PREFILL[1])
+    rel_l1 = float(np.abs(y - ref).sum() / np.abs(ref).sum())
+    assert cosine(y, ref) >= 0.999 and rel_l1 <= 0.02, (cosine(y, ref), rel_l1)
+
+
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_decode_matches_hf(hf_case, impl):
     model, cfg, params = hf_case

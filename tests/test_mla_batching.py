@@ -242,3 +242,23 @@ def test_pallas_decode_with_idle_slots_matches_xla(layer):
     np.testing.assert_array_equal(np.asarray(out["pallas"][1].kv_cache), np.asarray(out["xla"][1].kv_cache))
     with pytest.raises(ValueError, match="attention_impl"):
         mla.forward(params, cfg, x, mla.init_cache(cfg, 6, 32), [1, 0, 1, 0, 1], past, attention_impl="cudnn")
+
+
+def test_pallas_prefill_with_empty_requests_close_to_xla(layer):
+    """Filling histories (pastlens [12, 0, 0, 7]-style, zero-length requests) and a ragged prefill on top of them
+    through the kernels (INT8 Q.K^T) stay within SageAttention bounds of the XLA path; caches are written alike."""
+    cfg, params = layer
+    rng = np.random.default_rng(8)
+    fill_seq, seq, past = [12, 0, 0, 7], [3, 0, 9, 5], [12, 0, 0, 7]
+    x_fill, x_new = rand(rng, sum(fill_seq), cfg), rand(rng, sum(seq), cfg)
+    out = {}
+    for impl in ("xla", "pallas"):
+        cache = mla.init_cache(cfg, 4, 32, jnp.float32)
+        y0, cache = mla.forward(params, cfg, x_fill, cache, fill_seq, [0] * 4, attention_impl=impl)
+        y1, cache = mla.forward(params, cfg, x_new, cache, seq, past, attention_impl=impl)
+        out[impl] = (np.concatenate([np.asarray(y0), np.asarray(y1)]), np.asarray(cache.kv_cache))
+    a, b = out["pallas"][0].astype(np.float64), out["xla"][0].astype(np.float64)
+    assert np.isfinite(a).all()
+    cos = float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+    assert cos >= 0.999 and np.abs(a - b).sum() / np.abs(b).sum() <= 0.02
+    np.testing.assert_allclose(out["pallas"][1], out["xla"][1], rtol=1e-6, atol=1e-6)
