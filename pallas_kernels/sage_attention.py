@@ -3,11 +3,12 @@
 Algorithm: Zhang et al., "SageAttention2: Efficient Attention with Thorough Outlier Smoothing and Per-thread INT8
 Quantization" (2025), as in thu-ml/SageAttention's Triton "8+16" kernels. K is smoothed by subtracting its
 per-request, per-head channel mean (exact: q . mean is constant along each softmax row); Q and K are quantised to
-int8 per block of tokens and head (absmax / 127, guarded against all-zero blocks), with sm_scale * log2(e) folded
-into Q's scale; Q.K^T runs as int8 x int8 -> int32 dots; the online softmax is float32 in base 2; P.V runs in
-V's 16-bit dtype with a float32 accumulator. Blocks never straddle requests: query and key blocks are counted
-from each request's first token, so one scale covers one tile. A head dim that is not a power of two (MLA's 192)
-is split into power-of-two chunks whose int32 dots are summed (one scale per tile, so the sum is exact).
+int8 per token and head (absmax / 127, guarded against all-zero rows; finer than SageAttention's per-block scales,
+coarser than its per-thread ones), with sm_scale * log2(e) folded into Q's scale; Q.K^T runs as int8 x int8 ->
+int32 dots rescaled by the outer product of the row scales; the online softmax is float32 in base 2; P.V runs in
+V's 16-bit dtype with a float32 accumulator. Query blocks never straddle requests (they are counted from each
+request's first token). A head dim that is not a power of two (MLA's 192) is split into power-of-two chunks whose
+int32 dots are summed (one scale per row, so the sum is exact).
 
 Layout (flash-attn varlen): q [Tq, Hq, Dqk], k [Tk, Hk, Dqk], v [Tk, Hk, Dv], cu_seqlens_q / cu_seqlens_k int32
 [B+1]; GQA with Hq a multiple of Hk; causal masks are aligned bottom-right per request (query row r of a request
@@ -58,19 +59,28 @@ def segments(cu, total):
     return seg, t - cu[seg]
 
 
-def _quantize_blocks(x, cu, block, num_blocks):
-    """int8 x [T, H, D] with one scale per (request-local block of `block` tokens, head): (x_i8, scale [NB, H], id)."""
+def _quantize_rows(x):
+    """int8 x [T, H, D] with one scale per (token, head): absmax / 127, guarded against all-zero rows.
+
+    Per-token scales are the Pallas stand-in for SageAttention-2's per-thread scales (finer than its per-block
+    ones); they are an elementwise pass with no segment reductions, and cost one outer-product rescale of each
+    score tile in the kernel."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.maximum(jnp.abs(x32).max(-1), EPS) / 127.0  # [T, H]
+    return jnp.clip(jnp.round(x32 / scale[..., None]), -127, 127).astype(jnp.int8), scale
+
+
+def _request_means(x, cu):
+    """Per-request mean over tokens of x [T, H, D] -> [B, H, D], as a one-hot matmul (no scatter)."""
     seg, off = segments(cu, x.shape[0])
-    blocks_per_req = (cu[1:] - cu[:-1] + block - 1) // block
-    cu_blk = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks_per_req)])
-    blk = cu_blk[seg] + off // block  # [T]
-    amax = jax.ops.segment_max(jnp.abs(x.astype(jnp.float32)).max(-1), blk, num_segments=num_blocks)  # [NB, H]
-    scale = jnp.maximum(amax, EPS) / 127.0
-    x_i8 = jnp.clip(jnp.round(x.astype(jnp.float32) / scale[blk][..., None]), -127, 127).astype(jnp.int8)
-    return x_i8, scale, cu_blk
+    member = (jnp.arange(cu.shape[0] - 1)[:, None] == seg[None, :]) & (off < (cu[1:] - cu[:-1])[seg])[None, :]
+    count = jnp.maximum(cu[1:] - cu[:-1], 1).astype(jnp.float32)
+    sums = jnp.einsum("bt,thd->bhd", member.astype(jnp.float32), x.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+    return sums / count[:, None, None], seg
 
 
-def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, cu_kb_ref, qs_ref, ks_ref, q_ref, k_ref, v_ref,
+def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, qs_ref, ks_ref, q_ref, k_ref, v_ref,
             o_ref, lse_ref, *, block_q, block_k, group, causal, chunks):
     head = pl.program_id(1)
     kv_head = head // group
@@ -79,11 +89,10 @@ def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, cu_kb_ref, qs_ref, ks_
     q_start, k_start = cu_q_ref[req], cu_k_ref[req]
     len_q = cu_q_ref[req + 1] - q_start
     len_k = cu_k_ref[req + 1] - k_start
-    kb0 = cu_kb_ref[req]
     rows = i * block_q + jnp.arange(block_q)  # request-local query rows
     row_ok = rows < len_q
     q0 = q_start + i * block_q
-    qs = qs_ref[0, 0]
+    qs = pltriton.load(qs_ref.at[pl.ds(q0, block_q), head], mask=row_ok, other=0.0)  # [bq], incl. sm_scale*log2e
     qc = [pltriton.load(q_ref.at[pl.ds(q0, block_q), head, pl.ds(off, w)], mask=row_ok[:, None], other=0)
           for off, w in chunks]
     dv = v_ref.shape[-1]
@@ -101,7 +110,8 @@ def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, cu_kb_ref, qs_ref, ks_
             kk = pltriton.load(k_ref.at[pl.ds(k0, block_k), kv_head, pl.ds(off, w)], mask=col_ok[:, None], other=0)
             d = jnp.dot(qi, kk.T, preferred_element_type=jnp.int32)
             s_int = d if s_int is None else s_int + d
-        s = s_int.astype(jnp.float32) * (qs * ks_ref[kb0 + j, kv_head])  # base-2 logits
+        ks = pltriton.load(ks_ref.at[pl.ds(k0, block_k), kv_head], mask=col_ok, other=0.0)
+        s = s_int.astype(jnp.float32) * (qs[:, None] * ks[None, :])  # base-2 logits
         ok = col_ok[None, :] & row_ok[:, None]
         if causal:
             ok = ok & (kcols[None, :] <= rows[:, None] + diag)
@@ -142,15 +152,15 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     nb = cu_q.shape[0] - 1
     mean = None
     if smooth_k and tk:
-        seg_k, _ = segments(cu_k, tk)
-        count = jnp.maximum(cu_k[1:] - cu_k[:-1], 1).astype(jnp.float32)
-        mean = jax.ops.segment_sum(k.astype(jnp.float32), seg_k, num_segments=nb) / count[:, None, None]
+        mean, seg_k = _request_means(k, cu_k)
         k = k.astype(jnp.float32) - mean[seg_k]
-    nqb = cdiv(tq, bs.block_q) + nb  # static bound on request-aligned query blocks
-    nkb = cdiv(tk, bs.block_k) + nb
-    q_i8, q_scale, cu_qb = _quantize_blocks(q, cu_q, bs.block_q, nqb)
-    k_i8, k_scale, cu_kb = _quantize_blocks(k, cu_k, bs.block_k, nkb)
+    q_i8, q_scale = _quantize_rows(q)
+    k_i8, k_scale = _quantize_rows(k)
     q_scale = q_scale * (sm_scale * LOG2E)
+    # request-aligned query blocks: a static bound on their number, each (request, block index) from cu_q
+    nqb = cdiv(tq, bs.block_q) + nb
+    blocks_per_req = (cu_q[1:] - cu_q[:-1] + bs.block_q - 1) // bs.block_q
+    cu_qb = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks_per_req)])
     blk = jnp.arange(nqb, dtype=jnp.int32)
     blk_req = jnp.clip(jnp.searchsorted(cu_qb, blk, side="right") - 1, 0, nb - 1).astype(jnp.int32)
     blk_idx = jnp.where(blk < cu_qb[-1], blk - cu_qb[blk_req], nqb)  # past the end: a block with no rows
@@ -160,6 +170,8 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
         q_i8 = jnp.pad(q_i8, ((0, pad), (0, 0), (0, 0)))
         k_i8 = jnp.pad(k_i8, ((0, pad), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, pad), (0, 0), (0, 0)))
+        q_scale = jnp.pad(q_scale, ((0, pad), (0, 0)))
+        k_scale = jnp.pad(k_scale, ((0, pad), (0, 0)))
     tq_buf = q_i8.shape[0]
     full = lambda shape: pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))
     kernel = functools.partial(_kernel, block_q=bs.block_q, block_k=bs.block_k, group=hq // hk, causal=causal,
@@ -168,8 +180,7 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
         kernel,
         grid=(nqb, hq),
         in_specs=[pl.BlockSpec((1,), lambda i, h: (i,)), pl.BlockSpec((1,), lambda i, h: (i,)),
-                  full(cu_q.shape), full(cu_k.shape), full(cu_kb.shape),
-                  pl.BlockSpec((1, 1), lambda i, h: (i, h)), full(k_scale.shape),
+                  full(cu_q.shape), full(cu_k.shape), full(q_scale.shape), full(k_scale.shape),
                   full(q_i8.shape), full(k_i8.shape), full(v.shape)],
         out_specs=[full((tq_buf, hq, v.shape[2])), full((tq_buf, hq))],
         out_shape=[jax.ShapeDtypeStruct((tq_buf, hq, v.shape[2]), q.dtype),
@@ -177,7 +188,7 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
         compiler_params=pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interp,
         name="sage_attention",
-    )(blk_req, blk_idx, cu_q, cu_k, cu_kb, q_scale, k_scale, q_i8, k_i8, v)
+    )(blk_req, blk_idx, cu_q, cu_k, q_scale, k_scale, q_i8, k_i8, v)
     o, lse = o[:tq], lse[:tq]
     if not return_lse:
         return o
