@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,9 @@ def load_image(image, *, min_side: int = 16) -> Image.Image:
         if not path.is_file():
             raise ImageError(f"{path}: no such image file")
         try:
-            img = Image.open(path)
+            with warnings.catch_warnings():  # sizes between PIL's warning and error thresholds: _check_size refuses
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(path)
             _check_size(img.size, str(path))
             img.load()
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
