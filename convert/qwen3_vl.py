@@ -36,3 +36,41 @@ def vision_params(get, cfg: VisionConfig, prefix: str = "model.visual.") -> dict
         "merger": _merger(get, prefix + "merger."),
         "deepstack": [_merger(get, f"{prefix}deepstack_merger_list.{j}.") for j in range(len(cfg.deepstack_visual_indexes))],
     }
+
+
+def text_params(get, cfg, tied: bool, prefix: str = "model.language_model.") -> dict:
+    p = lambda name: get(prefix + name)
+    layers = []
+    for i in range(cfg.num_layers):
+        b = f"layers.{i}."
+        layers.append({
+            "input_norm": p(b + "input_layernorm.weight"), "post_norm": p(b + "post_attention_layernorm.weight"),
+            "q_w": p(b + "self_attn.q_proj.weight").T, "k_w": p(b + "self_attn.k_proj.weight").T,
+            "v_w": p(b + "self_attn.v_proj.weight").T, "o_w": p(b + "self_attn.o_proj.weight").T,
+            "q_norm": p(b + "self_attn.q_norm.weight"), "k_norm": p(b + "self_attn.k_norm.weight"),
+            "gate_w": p(b + "mlp.gate_proj.weight").T, "up_w": p(b + "mlp.up_proj.weight").T,
+            "down_w": p(b + "mlp.down_proj.weight").T,
+        })
+    out = {"embed": p("embed_tokens.weight"), "layers": layers, "norm": p("norm.weight")}
+    if not tied:
+        out["lm_head"] = get("lm_head.weight").T
+    return out
+
+
+def load_hf(path, dtype=None):
+    """(Qwen3VL) from an HF directory: config.json + safetensors (single or sharded)."""
+    import jax
+    import jax.numpy as jnp
+
+    from convert.safetensors_io import SafetensorsCheckpoint, read_config
+    from jaxlm.qwen3_vl.model import Qwen3VL, Qwen3VLConfig
+
+    hf = read_config(path)
+    cfg = Qwen3VLConfig.from_hf(hf)
+    ckpt = SafetensorsCheckpoint(path)
+    first = "model.language_model.embed_tokens.weight"
+    dt = jnp.dtype(dtype) if dtype is not None else jnp.dtype(ckpt.dtype(first))
+    get = lambda name: ckpt.read_float(name)
+    params = {"vision": vision_params(get, cfg.vision), "text": text_params(get, cfg.text, cfg.text.tie_word_embeddings)}
+    params = jax.tree.map(lambda a: jnp.asarray(np.ascontiguousarray(a), dt), params)
+    return Qwen3VL(cfg, params)

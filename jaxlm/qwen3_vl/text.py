@@ -1,0 +1,135 @@
+"""Qwen3-VL text decoder (HF transformers 5.x `Qwen3VLTextModel`): Qwen3 layers (per-head q/k RMSNorm, GQA,
+SwiGLU) with interleaved multimodal RoPE, and DeepStack features added after the first decoder layers at
+image-token positions. Full-sequence forward (no cache) for now.
+
+Params: embed [V, D], layers [ {input_norm, q_w [D, N*H], k_w [D, K*H], v_w, o_w [N*H, D], q_norm [H], k_norm,
+post_norm, gate_w [D, F], up_w, down_w [F, D]} ... ], norm [D], lm_head [D, V] (absent when tied).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.layers import apply_rope, rms_norm
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, int, int]
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_hf(cls, t: dict[str, Any], tie_word_embeddings: bool) -> "TextConfig":
+        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        section = tuple(rope.get("mrope_section", (24, 20, 20)))
+        head_dim = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+        if sum(section) != head_dim // 2:
+            raise ValueError(f"mrope_section {section} must sum to head_dim / 2 = {head_dim // 2}")
+        if rope.get("mrope_interleaved") is False:
+            raise ValueError("only interleaved MRoPE (Qwen3-VL) is supported")
+        return cls(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+                   num_layers=t["num_hidden_layers"], num_heads=t["num_attention_heads"],
+                   num_kv_heads=t.get("num_key_value_heads", t["num_attention_heads"]), head_dim=head_dim,
+                   rms_norm_eps=t.get("rms_norm_eps", 1e-6), rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 5e6))),
+                   mrope_section=section, tie_word_embeddings=tie_word_embeddings)
+
+
+def mrope_cos_sin(cfg: TextConfig, positions, dtype):
+    """positions [3, ..., T] (t, h, w) -> cos, sin [..., T, head_dim]: frequency i takes its angle from the h
+    positions when i % 3 == 1 and i < 3 * section[1], from w when i % 3 == 2 and i < 3 * section[2], else from t."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float32) / cfg.head_dim))
+    i = np.arange(cfg.head_dim // 2)
+    axis = np.zeros_like(i)
+    axis[(i % 3 == 1) & (i < 3 * cfg.mrope_section[1])] = 1
+    axis[(i % 3 == 2) & (i < 3 * cfg.mrope_section[2])] = 2
+    freqs = jnp.asarray(positions, jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [3, ..., T, hd/2]
+    pick = jnp.asarray(np.eye(3, dtype=np.float32)[axis])  # [hd/2, 3] one-hot: which axis feeds frequency i
+    picked = jnp.einsum("a...f,fa->...f", freqs, pick)
+    emb = jnp.concatenate([picked, picked], -1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def rope_index(cfg_merge: int, input_ids: np.ndarray, image_token_id: int, video_token_id: int,
+               image_grid_thw=None, video_grid_thw=None) -> tuple[np.ndarray, np.ndarray]:
+    """HF `get_rope_index` for a batch without padding: (positions [3, B, T], deltas [B]). Each run of image
+    (or video-frame) tokens takes (t, h/m, w/m) grid positions offset by the text position before it; the next
+    text resumes at that offset + max(h, w) / m."""
+    input_ids = np.asarray(input_ids)
+    grids = {1: iter(np.asarray(image_grid_thw).tolist() if image_grid_thw is not None else []),
+             2: iter([[1, h, w] for t, h, w in np.asarray(video_grid_thw).tolist() for _ in range(t)]
+                     if video_grid_thw is not None else [])}
+    b, t = input_ids.shape
+    out = np.zeros((3, b, t), np.int64)
+    deltas = np.zeros(b, np.int64)
+    for r in range(b):
+        kinds = np.where(input_ids[r] == image_token_id, 1, np.where(input_ids[r] == video_token_id, 2, 0))
+        pos, cols, start = 0, [], 0
+        while start < t:
+            end = start
+            while end < t and kinds[end] == kinds[start]:
+                end += 1
+            if kinds[start] == 0:
+                cols.append(np.broadcast_to(np.arange(end - start) + pos, (3, end - start)))
+                pos += end - start
+            else:
+                gt, gh, gw = next(grids[int(kinds[start])])
+                gh, gw = gh // cfg_merge, gw // cfg_merge
+                tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
+                block = np.stack([tt.ravel() + pos, hh.ravel() + pos, ww.ravel() + pos])
+                if block.shape[1] != end - start:
+                    raise ValueError(f"request {r}: a run of {end - start} image/video tokens, but its grid gives "
+                                     f"{block.shape[1]}: one <|image_pad|> per merged patch (h*w/{cfg_merge ** 2})")
+                cols.append(block)
+                pos += max(gh, gw)
+            start = end
+        out[:, r] = np.concatenate(cols, axis=1)
+        deltas[r] = out[:, r].max() + 1 - t
+    return out, deltas
+
+
+def _attention(lp, cfg: TextConfig, x, cos, sin):
+    b, t, _ = x.shape
+    q = (x @ lp["q_w"]).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = (x @ lp["k_w"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = (x @ lp["v_w"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    q = apply_rope(rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), cos[:, :, None], sin[:, :, None])
+    k = apply_rope(rms_norm(k, lp["k_norm"], cfg.rms_norm_eps), cos[:, :, None], sin[:, :, None])
+    g = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
+    s = jnp.einsum("bqkgh,bskh->bkgqs", q, k).astype(jnp.float32) * cfg.head_dim**-0.5
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1).astype(x.dtype)
+    o = jnp.einsum("bkgqs,bskh->bqkgh", p, v).reshape(b, t, -1)
+    return o @ lp["o_w"]
+
+
+def text_forward(params, cfg: TextConfig, embeds, positions, visual_mask=None, deepstack=()):
+    """embeds [B, T, D], positions [3, B, T] -> logits [B, T, V] (float32). DeepStack: after decoder layer i,
+    hidden[visual_mask] += deepstack[i] (rows in visual-token order)."""
+    cos, sin = mrope_cos_sin(cfg, positions, embeds.dtype)
+    x = embeds
+    if deepstack:
+        flat_idx = jnp.nonzero(visual_mask.reshape(-1), size=deepstack[0].shape[0])[0]
+    for i, lp in enumerate(params["layers"]):
+        x = x + _attention(lp, cfg, rms_norm(x, lp["input_norm"], cfg.rms_norm_eps), cos, sin)
+        h = rms_norm(x, lp["post_norm"], cfg.rms_norm_eps)
+        x = x + (jax.nn.silu(h @ lp["gate_w"]) * (h @ lp["up_w"])) @ lp["down_w"]
+        if i < len(deepstack):
+            x = x.reshape(-1, x.shape[-1]).at[flat_idx].add(deepstack[i].astype(x.dtype)).reshape(x.shape)
+    x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return (x @ head).astype(jnp.float32)
