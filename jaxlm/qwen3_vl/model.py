@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.qwen3_vl.text import TextConfig, rope_index, text_forward
+from jaxlm.batching import bucket
+from jaxlm.qwen3_vl.text import TextConfig, init_cache, lm_head, rope_index, text_forward, text_step
 from jaxlm.qwen3_vl.vision import VisionConfig, vision_forward, vision_metadata
 
 
@@ -64,6 +66,120 @@ class Qwen3VL:
                                   image_grid_thw)
         return text_forward(self.params["text"], cfg.text, embeds, jnp.asarray(positions),
                             jnp.asarray(visual_mask), tuple(deepstack))
+
+
+    def _embed(self, ids_row: np.ndarray, pixel_values, grids):
+        """Embeddings [T, D] of one prompt with its images merged in, its visual mask and deepstack rows."""
+        cfg = self.config
+        embeds = self.params["text"]["embed"][jnp.asarray(ids_row)]
+        mask = ids_row == cfg.image_token_id
+        if not grids:
+            if mask.any():
+                raise ValueError("a prompt holds image tokens but no image was given")
+            return embeds, mask, ()
+        merged, deepstack, _ = _vision_jit(self.params["vision"], cfg.vision, jnp.asarray(pixel_values),
+                                           vision_metadata(cfg.vision, grids))
+        if merged.shape[0] != int(mask.sum()):
+            raise ValueError(f"{int(mask.sum())} image tokens in the prompt but its images give {merged.shape[0]}")
+        embeds = embeds.at[jnp.asarray(np.flatnonzero(mask))].set(merged.astype(embeds.dtype))
+        return embeds, mask, tuple(deepstack)
+
+    def generate_tokens(self, prompts: list, images: list | None = None, *, max_new_tokens: int = 32,
+                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                        stop_tokens=(151645, 151643), return_logits: bool = False):
+        """Token-level generation for a batch of prompts of different lengths.
+
+        prompts: list of token-id lists; images: per prompt, a list of (pixel_values [n, 1536], grid_thw) or
+        None. Prefill runs per prompt (its images and DeepStack rows differ), into one shared KV cache; decode
+        steps run batched and jitted with the cache donated; sampling: greedy (temperature 0), temperature,
+        top-k, top-p. Returns the new tokens per prompt (and the per-step logits [steps, B, V] when asked)."""
+        cfg, b = self.config, len(prompts)
+        if b == 0:
+            raise ValueError("no prompts given")
+        images = images or [None] * b
+        lengths = np.array([len(p) for p in prompts])
+        if (lengths == 0).any():
+            raise ValueError(f"prompt {int(np.argmin(lengths))} is empty")
+        dtype = self.params["text"]["embed"].dtype
+        cache = init_cache(cfg.text, b, bucket(int(lengths.max()) + max_new_tokens, 64), dtype)
+        deltas, last = np.zeros(b, np.int64), []
+        for r, ids in enumerate(prompts):
+            ids = np.asarray(ids)[None]
+            pix = np.concatenate([p for p, _ in images[r]]) if images[r] else None
+            grids = [tuple(int(v) for v in np.asarray(g).reshape(-1)) for _, g in images[r]] if images[r] else []
+            embeds, mask, deepstack = self._embed(ids[0], pix, grids)
+            pos, delta = rope_index(cfg.vision.spatial_merge_size, ids, cfg.image_token_id, cfg.video_token_id,
+                                    grids or None)
+            deltas[r] = delta[0]
+            t_pad = bucket(ids.shape[1], 16)
+            pad = t_pad - ids.shape[1]
+            embeds = jnp.pad(embeds, ((0, pad), (0, 0)))[None]
+            pos = np.pad(pos, ((0, 0), (0, 0), (0, pad)))
+            mask = np.pad(mask, (0, pad))[None]
+            logits, cache = _prefill_jit(self.params["text"], cfg.text, embeds, jnp.asarray(pos), cache, r,
+                                         ids.shape[1] - 1, jnp.asarray(mask), deepstack)
+            last.append(logits)
+        logits = jnp.stack(last)
+        key = jax.random.key(seed)
+        out, steps_logits = [[] for _ in range(b)], []
+        done = np.zeros(b, bool)
+        cache_len = jnp.asarray(lengths, jnp.int32)
+        delta = jnp.asarray(deltas, jnp.int32)
+        for step in range(max_new_tokens):
+            if return_logits:
+                steps_logits.append(np.asarray(logits))
+            key, sub = jax.random.split(key)
+            tokens = np.asarray(_sample(logits, sub, temperature, top_k, top_p))
+            for r in range(b):
+                if not done[r]:
+                    out[r].append(int(tokens[r]))
+                    done[r] = int(tokens[r]) in stop_tokens
+            if done.all() or step == max_new_tokens - 1:
+                break
+            logits, cache = _decode_jit(self.params["text"], cfg.text, jnp.asarray(tokens), cache, cache_len, delta)
+            cache_len = cache_len + 1
+        return (out, np.stack(steps_logits)) if return_logits else out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _vision_jit(params, cfg, pixel_values, meta):
+    return vision_forward(params, cfg, pixel_values, meta)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "row", "last"), donate_argnames=("cache",))
+def _prefill_jit(params, cfg, embeds, positions, cache, row, last, visual_mask, deepstack):
+    """Prefill prompt `row` of the batch into its cache rows 0..; returns its last-token logits [V]."""
+    one = {k: v[:, row : row + 1] for k, v in cache.items()}
+    hidden, one = text_step(params, cfg, embeds, positions, one, jnp.zeros((1,), jnp.int32), visual_mask, deepstack)
+    cache = {k: cache[k].at[:, row : row + 1].set(one[k]) for k in cache}
+    return lm_head(params, cfg, hidden[0, last]), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _decode_jit(params, cfg, tokens, cache, cache_len, delta):
+    """One token per request at cache row cache_len[b], MRoPE position cache_len[b] + delta[b] on all 3 axes."""
+    embeds = params["embed"][tokens][:, None]
+    positions = jnp.broadcast_to((cache_len + delta)[None, :, None], (3, tokens.shape[0], 1))
+    hidden, cache = text_step(params, cfg, embeds, positions, cache, cache_len)
+    return lm_head(params, cfg, hidden[:, 0]), cache
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
+def _sample(logits, key, temperature, top_k, top_p):
+    """Greedy when temperature == 0; else temperature, then top-k, then top-p (nucleus) filtering."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        cutoff_idx = jnp.sum(cum < top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1)
 
 
 def load(path, dtype=None) -> Qwen3VL:

@@ -1,6 +1,6 @@
 """Qwen3-VL text decoder (HF transformers 5.x `Qwen3VLTextModel`): Qwen3 layers (per-head q/k RMSNorm, GQA,
 SwiGLU) with interleaved multimodal RoPE, and DeepStack features added after the first decoder layers at
-image-token positions. Full-sequence forward (no cache) for now.
+image-token positions; a GQA KV cache [layers, B, S, K, H] written in place by each step.
 
 Params: embed [V, D], layers [ {input_norm, q_w [D, N*H], k_w [D, K*H], v_w, o_w [N*H, D], q_norm [H], k_norm,
 post_norm, gate_w [D, F], up_w, down_w [F, D]} ... ], norm [D], lm_head [D, V] (absent when tied).
@@ -101,35 +101,64 @@ def rope_index(cfg_merge: int, input_ids: np.ndarray, image_token_id: int, video
     return out, deltas
 
 
-def _attention(lp, cfg: TextConfig, x, cos, sin):
+def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
+    """GQA KV cache: k, v [layers, B, S, K, H], S rounded up to a multiple of 64."""
+    max_len = -(-max_len // 64) * 64
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _attention(lp, cfg: TextConfig, x, cos, sin, k_cache, v_cache, start):
+    """x [B, T, D]; new keys/values go to cache rows start[b] + t; query t sees rows < start[b] + t + 1."""
     b, t, _ = x.shape
     q = (x @ lp["q_w"]).reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = (x @ lp["k_w"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = (x @ lp["v_w"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     q = apply_rope(rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), cos[:, :, None], sin[:, :, None])
     k = apply_rope(rms_norm(k, lp["k_norm"], cfg.rms_norm_eps), cos[:, :, None], sin[:, :, None])
+    rows = start[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    bidx = jnp.arange(b)[:, None]
+    k_cache = k_cache.at[bidx, rows].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[bidx, rows].set(v.astype(v_cache.dtype), mode="drop")
     g = cfg.num_heads // cfg.num_kv_heads
-    q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
-    s = jnp.einsum("bqkgh,bskh->bkgqs", q, k).astype(jnp.float32) * cfg.head_dim**-0.5
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1).astype(x.dtype)
-    o = jnp.einsum("bkgqs,bskh->bqkgh", p, v).reshape(b, t, -1)
-    return o @ lp["o_w"]
+    q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim).astype(k_cache.dtype)
+    s = jnp.einsum("bqkgh,bskh->bkgqs", q, k_cache).astype(jnp.float32) * cfg.head_dim**-0.5
+    visible = jnp.arange(k_cache.shape[1])[None, None, :] <= rows[:, :, None]  # [B, T, S]
+    p = jax.nn.softmax(jnp.where(visible[:, None, None], s, -jnp.inf), axis=-1).astype(v_cache.dtype)
+    o = jnp.einsum("bkgqs,bskh->bqkgh", p, v_cache).reshape(b, t, -1).astype(x.dtype)
+    return o @ lp["o_w"], k_cache, v_cache
 
 
-def text_forward(params, cfg: TextConfig, embeds, positions, visual_mask=None, deepstack=()):
-    """embeds [B, T, D], positions [3, B, T] -> logits [B, T, V] (float32). DeepStack: after decoder layer i,
-    hidden[visual_mask] += deepstack[i] (rows in visual-token order)."""
+def text_step(params, cfg: TextConfig, embeds, positions, cache, start, visual_mask=None, deepstack=()):
+    """One cached step for a batch: embeds [B, T, D] at cache rows start[b] ..., positions [3, B, T] (MRoPE).
+    DeepStack (prefill): after decoder layer i, hidden[visual_mask] += deepstack[i] (rows in visual-token order).
+    Returns (hidden after the final norm [B, T, D], cache)."""
     cos, sin = mrope_cos_sin(cfg, positions, embeds.dtype)
     x = embeds
     if deepstack:
         flat_idx = jnp.nonzero(visual_mask.reshape(-1), size=deepstack[0].shape[0])[0]
+    ks, vs = [], []
     for i, lp in enumerate(params["layers"]):
-        x = x + _attention(lp, cfg, rms_norm(x, lp["input_norm"], cfg.rms_norm_eps), cos, sin)
+        a, k_i, v_i = _attention(lp, cfg, rms_norm(x, lp["input_norm"], cfg.rms_norm_eps), cos, sin,
+                                 cache["k"][i], cache["v"][i], start)
+        ks.append(k_i)
+        vs.append(v_i)
+        x = x + a
         h = rms_norm(x, lp["post_norm"], cfg.rms_norm_eps)
         x = x + (jax.nn.silu(h @ lp["gate_w"]) * (h @ lp["up_w"])) @ lp["down_w"]
         if i < len(deepstack):
             x = x.reshape(-1, x.shape[-1]).at[flat_idx].add(deepstack[i].astype(x.dtype)).reshape(x.shape)
-    x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
+    return rms_norm(x, params["norm"], cfg.rms_norm_eps), {"k": jnp.stack(ks), "v": jnp.stack(vs)}
+
+
+def lm_head(params, cfg: TextConfig, hidden):
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return (x @ head).astype(jnp.float32)
+    return (hidden @ head).astype(jnp.float32)
+
+
+def text_forward(params, cfg: TextConfig, embeds, positions, visual_mask=None, deepstack=()):
+    """Full sequences without a kept cache: embeds [B, T, D], positions [3, B, T] -> logits [B, T, V] (float32)."""
+    b, t, _ = embeds.shape
+    cache = init_cache(cfg, b, t, embeds.dtype)
+    hidden, _ = text_step(params, cfg, embeds, positions, cache, jnp.zeros((b,), jnp.int32), visual_mask, deepstack)
+    return lm_head(params, cfg, hidden)

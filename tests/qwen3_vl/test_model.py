@@ -61,3 +61,46 @@ def test_logits_match_hf(checkpoint, grids):
     got = np.asarray(model.forward(ids, pixels, grids if grids else None))
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-4, np.abs(got - ref).max() / np.abs(ref).max()
+
+
+def test_greedy_decode_through_cache_matches_hf_full_forward(checkpoint):
+    """Two prompts of different lengths (one with an image): 8 greedy steps through our KV cache; at every step
+    the logits equal HF's full forward over the growing sequence."""
+    path, hf = checkpoint
+    rng = np.random.default_rng(11)
+    grids = [(1, 4, 6)]
+    ids_img = prompt(rng, grids)[0]
+    ids_txt = prompt(rng, [], text_len=9)[0]
+    pixels = rng.standard_normal((24, 1536)).astype(np.float32)
+    model = qvl.load(path, dtype="float32")
+    out, logits = model.generate_tokens([list(ids_img), list(ids_txt)], [[(pixels, grids[0])], None],
+                                        max_new_tokens=8, stop_tokens=(), return_logits=True)
+    assert [len(o) for o in out] == [8, 8] and logits.shape[:2] == (8, 2)
+    for r, (ids, extra) in enumerate([(ids_img, True), (ids_txt, False)]):
+        for step in range(8):
+            seq = np.concatenate([ids, np.asarray(out[r][:step], dtype=ids.dtype)])[None]
+            kwargs = {}
+            if extra:
+                kwargs = dict(pixel_values=torch.from_numpy(pixels), image_grid_thw=torch.tensor(grids),
+                              mm_token_type_ids=torch.from_numpy((seq == IMG).astype(np.int64)))
+            with torch.no_grad():
+                ref = hf(input_ids=torch.from_numpy(seq), **kwargs).logits[0, -1].numpy()
+            err = np.abs(logits[step, r] - ref).max() / np.abs(ref).max()
+            assert err <= 1e-4, (r, step, err)
+            assert out[r][step] == int(np.argmax(logits[step, r]))
+
+
+def test_sampling_and_errors(checkpoint):
+    path, _ = checkpoint
+    model = qvl.load(path, dtype="float32")
+    rng = np.random.default_rng(12)
+    ids = list(prompt(rng, [], text_len=6)[0])
+    a = model.generate_tokens([ids], max_new_tokens=5, temperature=0.8, top_k=20, top_p=0.9, seed=3, stop_tokens=())
+    b = model.generate_tokens([ids], max_new_tokens=5, temperature=0.8, top_k=20, top_p=0.9, seed=3, stop_tokens=())
+    assert a == b and len(a[0]) == 5 and all(0 <= t < 512 for t in a[0])
+    first = model.generate_tokens([ids], max_new_tokens=1, stop_tokens=())[0][0]
+    assert model.generate_tokens([ids], max_new_tokens=6, stop_tokens=(first,))[0] == [first]  # stops at a stop token
+    with pytest.raises(ValueError, match="empty"):
+        model.generate_tokens([[]])
+    with pytest.raises(ValueError, match="image tokens"):
+        model.generate_tokens([[1, IMG, IMG, 2]])
