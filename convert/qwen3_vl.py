@@ -64,6 +64,7 @@ def load_hf(path, dtype=None):
 
     from convert.safetensors_io import SafetensorsCheckpoint, read_config
     from jaxlm.qwen3_vl.model import Qwen3VL, Qwen3VLConfig
+    from jaxlm.qwen3_vl.tokenizer import load_tokenizer
 
     hf = read_config(path)
     cfg = Qwen3VLConfig.from_hf(hf)
@@ -73,4 +74,4 @@ def load_hf(path, dtype=None):
     get = lambda name: ckpt.read_float(name)
     params = {"vision": vision_params(get, cfg.vision), "text": text_params(get, cfg.text, cfg.text.tie_word_embeddings)}
     params = jax.tree.map(lambda a: jnp.asarray(np.ascontiguousarray(a), dt), params)
-    return Qwen3VL(cfg, params)
+    return Qwen3VL(cfg, params, load_tokenizer(path))

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.batching import bucket
+from jaxlm.qwen3_vl.processor import preprocess_image
 from jaxlm.qwen3_vl.text import TextConfig, init_cache, lm_head, rope_index, text_forward, text_step
+from jaxlm.qwen3_vl.tokenizer import Tokenizer, load_tokenizer
 from jaxlm.qwen3_vl.vision import VisionConfig, vision_forward, vision_metadata
 
 
@@ -40,6 +42,34 @@ class Qwen3VLConfig:
 class Qwen3VL:
     config: Qwen3VLConfig
     params: dict
+    tokenizer: Tokenizer | None = None
+
+    def generate(self, prompts: list[str], images=None, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, on_token=None) -> list[str]:
+        """Text in, text out: prompts [B] strings; images None, or per prompt None / one image / a list of images
+        (PIL, path or array). Each prompt is rendered with the Qwen chat template. `on_token(row, text_so_far)`
+        streams. Returns the generated text per prompt (special tokens dropped)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        tok = self.tokenizer or load_tokenizer(None)
+        images = [None] * len(prompts) if images is None else list(images)
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image entries: give one entry per prompt")
+        ids, vision = [], []
+        m2 = self.config.vision.spatial_merge_size ** 2
+        for text, imgs in zip(prompts, images):
+            imgs = [] if imgs is None else (list(imgs) if isinstance(imgs, (list, tuple)) else [imgs])
+            pre = [preprocess_image(im, patch_size=self.config.vision.patch_size,
+                                    merge_size=self.config.vision.spatial_merge_size,
+                                    temporal_patch_size=self.config.vision.temporal_patch_size) for im in imgs]
+            vision_ids = (self.config.vision_start_token_id, self.config.image_token_id, self.config.vision_end_token_id)
+            ids.append(tok.chat(text, [int(np.prod(g)) // m2 for _, g in pre], vision_ids))
+            vision.append(pre or None)
+        stop = tuple(tok.ids[n] for n in ("<|im_end|>", "<|endoftext|>") if n in tok.ids)
+        stream = None if on_token is None else (lambda r, toks: on_token(r, tok.decode(toks)))
+        out = self.generate_tokens(ids, vision, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, seed=seed, stop_tokens=stop, on_step=stream)
+        return [tok.decode(o) for o in out]
 
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None) -> jax.Array:
         """Logits [B, T, vocab] over full sequences (no cache), HF's layout of pixel_values / image_grid_thw."""
@@ -86,7 +116,7 @@ class Qwen3VL:
 
     def generate_tokens(self, prompts: list, images: list | None = None, *, max_new_tokens: int = 32,
                         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                        stop_tokens=(151645, 151643), return_logits: bool = False):
+                        stop_tokens=(151645, 151643), return_logits: bool = False, on_step=None):
         """Token-level generation for a batch of prompts of different lengths.
 
         prompts: list of token-id lists; images: per prompt, a list of (pixel_values [n, 1536], grid_thw) or
@@ -134,6 +164,8 @@ class Qwen3VL:
                 if not done[r]:
                     out[r].append(int(tokens[r]))
                     done[r] = int(tokens[r]) in stop_tokens
+                    if on_step is not None:
+                        on_step(r, out[r])
             if done.all() or step == max_new_tokens - 1:
                 break
             logits, cache = _decode_jit(self.params["text"], cfg.text, jnp.asarray(tokens), cache, cache_len, delta)

