@@ -130,6 +130,11 @@ class Qwen3VL:
         lengths = np.array([len(p) for p in prompts])
         if (lengths == 0).any():
             raise ValueError(f"prompt {int(np.argmin(lengths))} is empty")
+        limit = cfg.text.max_position_embeddings
+        if lengths.max() + max_new_tokens > limit:
+            i = int(np.argmax(lengths))
+            raise ValueError(f"prompt {i} has {int(lengths[i])} tokens; with max_new_tokens={max_new_tokens} that is "
+                             f"over the model's {limit} positions: shorten the prompt or lower max_new_tokens")
         dtype = self.params["text"]["embed"].dtype
         cache = init_cache(cfg.text, b, bucket(int(lengths.max()) + max_new_tokens, 64), dtype)
         deltas, last = np.zeros(b, np.int64), []
@@ -146,8 +151,8 @@ class Qwen3VL:
             embeds = jnp.pad(embeds, ((0, pad), (0, 0)))[None]
             pos = np.pad(pos, ((0, 0), (0, 0), (0, pad)))
             mask = np.pad(mask, (0, pad))[None]
-            logits, cache = _prefill_jit(self.params["text"], cfg.text, embeds, jnp.asarray(pos), cache, r,
-                                         ids.shape[1] - 1, jnp.asarray(mask), deepstack)
+            logits, cache = _prefill_jit(self.params["text"], cfg.text, embeds, jnp.asarray(pos), cache, jnp.int32(r),
+                                         jnp.int32(ids.shape[1] - 1), jnp.asarray(mask), deepstack)
             last.append(logits)
         logits = jnp.stack(last)
         key = jax.random.key(seed)
@@ -178,13 +183,14 @@ def _vision_jit(params, cfg, pixel_values, meta):
     return vision_forward(params, cfg, pixel_values, meta)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "row", "last"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def _prefill_jit(params, cfg, embeds, positions, cache, row, last, visual_mask, deepstack):
-    """Prefill prompt `row` of the batch into its cache rows 0..; returns its last-token logits [V]."""
-    one = {k: v[:, row : row + 1] for k, v in cache.items()}
+    """Prefill prompt `row` (traced) of the batch into its cache rows 0..; returns its logits at `last` [V].
+    Compiled once per (token bucket, image-token count) shape, not per prompt."""
+    one = {k: jax.lax.dynamic_slice_in_dim(v, row, 1, axis=1) for k, v in cache.items()}
     hidden, one = text_step(params, cfg, embeds, positions, one, jnp.zeros((1,), jnp.int32), visual_mask, deepstack)
-    cache = {k: cache[k].at[:, row : row + 1].set(one[k]) for k in cache}
-    return lm_head(params, cfg, hidden[0, last]), cache
+    cache = {k: jax.lax.dynamic_update_slice_in_dim(cache[k], one[k], row, axis=1) for k in cache}
+    return lm_head(params, cfg, jax.lax.dynamic_index_in_dim(hidden[0], last, keepdims=False)), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))

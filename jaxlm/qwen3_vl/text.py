@@ -31,6 +31,7 @@ class TextConfig:
     rope_theta: float
     mrope_section: tuple[int, int, int]
     tie_word_embeddings: bool
+    max_position_embeddings: int = 262144
 
     @classmethod
     def from_hf(cls, t: dict[str, Any], tie_word_embeddings: bool) -> "TextConfig":
@@ -45,7 +46,8 @@ class TextConfig:
                    num_layers=t["num_hidden_layers"], num_heads=t["num_attention_heads"],
                    num_kv_heads=t.get("num_key_value_heads", t["num_attention_heads"]), head_dim=head_dim,
                    rms_norm_eps=t.get("rms_norm_eps", 1e-6), rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 5e6))),
-                   mrope_section=section, tie_word_embeddings=tie_word_embeddings)
+                   mrope_section=section, tie_word_embeddings=tie_word_embeddings,
+                   max_position_embeddings=t.get("max_position_embeddings", 262144))
 
 
 def mrope_cos_sin(cfg: TextConfig, positions, dtype):

@@ -104,6 +104,9 @@ def test_sampling_and_errors(checkpoint):
         model.generate_tokens([[]])
     with pytest.raises(ValueError, match="image tokens"):
         model.generate_tokens([[1, IMG, IMG, 2]])
+    limit = model.config.text.max_position_embeddings
+    with pytest.raises(ValueError, match=f"over the model's {limit} positions"):
+        model.generate_tokens([[5] * (limit - 3)], max_new_tokens=8)
 
 
 def test_tokenizer_ids_and_chat():
