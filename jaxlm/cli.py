@@ -9,7 +9,7 @@ import sys
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="jaxlm", description="JAX/Pallas inference: DeepSeek-R1 MLA and Qwen3-VL.")
     sub = ap.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the embedded demo (MLA seed cases on random weights)")
+    demo = sub.add_parser("demo", help="run the embedded demo (tiny random Qwen3-VL, then the MLA seed cases)")
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     demo.add_argument("--runs", type=int, default=5, help="timed runs per case")
     gen = sub.add_parser("generate", help="generate text from a Qwen3-VL checkpoint, an optional image and a prompt")
@@ -29,7 +29,9 @@ def main(argv=None) -> int:
 
         from jaxlm import demo as demo_mod
 
-        return 0 if demo_mod.run_mla(jnp.dtype(args.dtype), runs=args.runs) else 1
+        ok = demo_mod.run_qwen3_vl()
+        print()
+        return 0 if demo_mod.run_mla(jnp.dtype(args.dtype), runs=args.runs) and ok else 1
     return 2
 
 
