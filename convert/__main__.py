@@ -6,12 +6,14 @@ import argparse
 import sys
 
 from convert.mla_checkpoint import convert_mla
-from convert.safetensors_io import CheckpointError
+from convert.qwen3_vl import convert_qwen3_vl
+from convert.safetensors_io import CheckpointError, read_config
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m convert", description="Convert an HF DeepSeek checkpoint's MLA "
-                                 "attention weights (safetensors; fp32, bf16 or FP8 with block scales) to jaxlm/orbax.")
+    ap = argparse.ArgumentParser(prog="python -m convert", description="Convert an HF checkpoint to jaxlm/orbax: "
+                                 "DeepSeek V2/V3/R1 (MLA attention weights; fp32, bf16 or FP8 with block scales) or "
+                                 "Qwen3-VL (the whole model).")
     ap.add_argument("hf_dir")
     ap.add_argument("out_dir")
     ap.add_argument("--layers", help="comma-separated decoder layers (default: all)")
@@ -23,7 +25,12 @@ def main(argv=None) -> int:
     except ValueError:
         ap.error(f"--layers must be comma-separated integers, got {args.layers!r}")
     try:
-        out = convert_mla(args.hf_dir, args.out_dir, layers=layers, dtype=args.dtype, overwrite=args.overwrite)
+        if read_config(args.hf_dir).get("model_type") == "qwen3_vl":
+            if layers is not None:
+                ap.error("--layers applies to DeepSeek checkpoints only")
+            out = convert_qwen3_vl(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+        else:
+            out = convert_mla(args.hf_dir, args.out_dir, layers=layers, dtype=args.dtype, overwrite=args.overwrite)
     except (CheckpointError, ValueError, FileExistsError) as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2

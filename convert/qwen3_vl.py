@@ -58,7 +58,9 @@ def text_params(get, cfg, tied: bool, prefix: str = "model.language_model.") -> 
 
 
 def load_hf(path, dtype=None):
-    """(Qwen3VL) from an HF directory: config.json + safetensors (single or sharded)."""
+    """(Qwen3VL) from an HF directory (config.json + safetensors, single or sharded) or a converted one."""
+    if (path / "jaxlm_config.json").is_file():
+        return load_converted(path, dtype)
     import jax
     import jax.numpy as jnp
 
@@ -74,4 +76,80 @@ def load_hf(path, dtype=None):
     get = lambda name: ckpt.read_float(name)
     params = {"vision": vision_params(get, cfg.vision), "text": text_params(get, cfg.text, cfg.text.tie_word_embeddings)}
     params = jax.tree.map(lambda a: jnp.asarray(np.ascontiguousarray(a), dt), params)
+    return Qwen3VL(cfg, params, load_tokenizer(path))
+
+
+FORMAT = "jaxlm-qwen3vl-v1"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.json",
+                   "preprocessor_config.json", "generation_config.json")
+
+
+def convert_qwen3_vl(hf_dir, out_dir, *, dtype="bfloat16", overwrite: bool = False, progress: bool = True):
+    """HF Qwen3-VL directory -> OUT_DIR with jaxlm_config.json, an orbax checkpoint of the params under `params/`
+    and the tokenizer files; written to a temporary sibling and renamed at the end."""
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    from convert.safetensors_io import SafetensorsCheckpoint, atomic_output_dir, read_config
+    from jaxlm.qwen3_vl.model import Qwen3VLConfig
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    hf = read_config(hf_dir)
+    cfg = Qwen3VLConfig.from_hf(hf)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists: choose another OUT_DIR or pass --overwrite")
+    ckpt = SafetensorsCheckpoint(hf_dir)
+    import jax.numpy as jnp
+
+    dt = np.dtype(jnp.dtype(dtype))
+    names = []
+    bar = tqdm(total=len(ckpt.keys()), desc=f"converting {hf_dir.name}", unit="tensor", disable=not progress)
+
+    def get(name):
+        names.append(name)
+        bar.update(1)
+        return ckpt.read_float(name).astype(dt)
+
+    params = {"vision": vision_params(get, cfg.vision), "text": text_params(get, cfg.text, cfg.text.tie_word_embeddings)}
+    bar.close()
+    tmp = atomic_output_dir(out_dir)
+    try:
+        ck = ocp.StandardCheckpointer()
+        ck.save((tmp / "params").absolute(), params)
+        ck.wait_until_finished()
+        for f in TOKENIZER_FILES:
+            if (hf_dir / f).is_file():
+                shutil.copy(hf_dir / f, tmp / f)
+        (tmp / "jaxlm_config.json").write_text(json.dumps({"format": FORMAT, "dtype": dt.name, "hf_config": hf}, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_converted(path, dtype=None):
+    import json
+
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from jaxlm.qwen3_vl.model import Qwen3VL, Qwen3VLConfig
+    from jaxlm.qwen3_vl.tokenizer import load_tokenizer
+
+    meta = json.loads((path / "jaxlm_config.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    cfg = Qwen3VLConfig.from_hf(meta["hf_config"])
+    params = ocp.StandardCheckpointer().restore((path / "params").absolute())
+    dt = jnp.dtype(dtype) if dtype is not None else None
+    params = jax.tree.map(lambda a: jnp.asarray(a, dt), params)
     return Qwen3VL(cfg, params, load_tokenizer(path))

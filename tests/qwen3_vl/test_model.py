@@ -145,3 +145,24 @@ def test_generate_text_and_cli(checkpoint, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "jaxlm.cli", "generate", "--model", str(tmp_path), "--prompt", "x"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "config.json" in bad.stderr
+
+
+def test_convert_round_trip(checkpoint, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, _ = checkpoint
+    out = tmp_path / "converted"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "convert", str(path), str(out), "--dtype", "float32"], cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    a, b = qvl.load(path, dtype="float32"), qvl.load(out)
+    assert a.config == b.config
+    ids = prompt(np.random.default_rng(3), [(1, 4, 4)])
+    pixels = np.random.default_rng(4).standard_normal((16, 1536)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(a.forward(ids, pixels, [(1, 4, 4)])),
+                                  np.asarray(b.forward(ids, pixels, [(1, 4, 4)])))
+    with pytest.raises(ValueError, match="unknown model_type 'llama'"):
+        qvl.Qwen3VLConfig.from_hf({"model_type": "llama"})
