@@ -166,3 +166,19 @@ def test_convert_round_trip(checkpoint, tmp_path):
                                   np.asarray(b.forward(ids, pixels, [(1, 4, 4)])))
     with pytest.raises(ValueError, match="unknown model_type 'llama'"):
         qvl.Qwen3VLConfig.from_hf({"model_type": "llama"})
+
+
+def test_hub_and_transformers5_config_layouts_agree(checkpoint):
+    import json
+
+    path, _ = checkpoint
+    v5 = json.loads((path / "config.json").read_text())
+    hub = json.loads(json.dumps(v5))
+    rope = hub["text_config"].pop("rope_parameters")
+    hub["text_config"]["rope_theta"] = rope.pop("rope_theta")
+    hub["text_config"]["rope_scaling"] = {**rope, "type": "default"}
+    assert qvl.Qwen3VLConfig.from_hf(hub) == qvl.Qwen3VLConfig.from_hf(v5)
+    bad = json.loads(json.dumps(v5))
+    bad["text_config"]["rope_parameters"]["mrope_section"] = [4, 4, 4]
+    with pytest.raises(ValueError, match="must sum to head_dim / 2"):
+        qvl.Qwen3VLConfig.from_hf(bad)
