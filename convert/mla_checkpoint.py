@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -45,8 +43,7 @@ def convert_mla(hf_dir, out_dir, *, layers=None, dtype="bfloat16", overwrite: bo
     dt = deepseek.resolve_dtype(dtype) or deepseek.default_dtype(ckpt, cfg, layers[0])
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists: choose another OUT_DIR or pass --overwrite")
-    tmp = atomic_output_dir(out_dir)
-    try:
+    with atomic_output_dir(out_dir) as tmp:
         checkpointer = _checkpointer()
         for i in tqdm(layers, desc=f"converting {hf_dir.name}", unit="layer", disable=not progress):
             params = deepseek.layer_params(ckpt, hf_config, cfg, i, dt)
@@ -56,12 +53,6 @@ def convert_mla(hf_dir, out_dir, *, layers=None, dtype="bfloat16", overwrite: bo
         meta = {"format": FORMAT, "config": dataclasses.asdict(cfg), "layers": layers, "dtype": np.dtype(dt).name,
                 "source": str(hf_dir), "hf_config": hf_config}
         (tmp / "jaxlm_config.json").write_text(json.dumps(meta, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

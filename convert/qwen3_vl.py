@@ -88,7 +88,6 @@ def convert_qwen3_vl(hf_dir, out_dir, *, dtype="bfloat16", overwrite: bool = Fal
     """HF Qwen3-VL directory -> OUT_DIR with jaxlm_config.json, an orbax checkpoint of the params under `params/`
     and the tokenizer files; written to a temporary sibling and renamed at the end."""
     import json
-    import os
     import shutil
     from pathlib import Path
 
@@ -117,8 +116,7 @@ def convert_qwen3_vl(hf_dir, out_dir, *, dtype="bfloat16", overwrite: bool = Fal
 
     params = {"vision": vision_params(get, cfg.vision), "text": text_params(get, cfg.text, cfg.text.tie_word_embeddings)}
     bar.close()
-    tmp = atomic_output_dir(out_dir)
-    try:
+    with atomic_output_dir(out_dir) as tmp:
         ck = ocp.StandardCheckpointer()
         ck.save((tmp / "params").absolute(), params)
         ck.wait_until_finished()
@@ -126,12 +124,6 @@ def convert_qwen3_vl(hf_dir, out_dir, *, dtype="bfloat16", overwrite: bool = Fal
             if (hf_dir / f).is_file():
                 shutil.copy(hf_dir / f, tmp / f)
         (tmp / "jaxlm_config.json").write_text(json.dumps({"format": FORMAT, "dtype": dt.name, "hf_config": hf}, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

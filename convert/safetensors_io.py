@@ -8,8 +8,10 @@ Pickle checkpoints (`*.bin`, `*.pt`) are refused: loading them would execute arb
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -170,13 +172,20 @@ def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block_size=(128, 128), 
     return np.asarray(w, dtype=np.float32) * scales
 
 
-def atomic_output_dir(out_dir: Path) -> Path:
-    """A fresh temporary sibling of out_dir to write into before `os.replace` moves it into place."""
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: Path):
+    """Write into a fresh temporary sibling of out_dir; on success it replaces out_dir in one rename, on any
+    failure it is deleted, so an interrupted conversion never leaves a half-written OUT_DIR."""
+    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    return tmp
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
