@@ -182,3 +182,40 @@ def test_hub_and_transformers5_config_layouts_agree(checkpoint):
     bad["text_config"]["rope_parameters"]["mrope_section"] = [4, 4, 4]
     with pytest.raises(ValueError, match="must sum to head_dim / 2"):
         qvl.Qwen3VLConfig.from_hf(bad)
+
+
+def test_resized_image_end_to_end_matches_hf(checkpoint):
+    """An image that smart_resize must rescale (50x70 px -> 224x288), through our preprocessing, into both models."""
+    path, hf = checkpoint
+    img = np.random.default_rng(21).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    pixels, grid = qvl.preprocess_image(img)
+    assert grid != (1, 50 // 16, 70 // 16)
+    ids = prompt(np.random.default_rng(22), [grid])
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels),
+                 image_grid_thw=torch.tensor([grid]),
+                 mm_token_type_ids=torch.from_numpy((ids == IMG).astype(np.int64))).logits.numpy()
+    got = np.asarray(qvl.load(path, dtype="float32").forward(ids, pixels, [grid]))
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-4
+
+
+def test_tokenizer_json_is_used_when_present(tmp_path):
+    """A checkpoint's tokenizer.json (HF `tokenizers`) takes precedence over the built-in vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from jaxlm.qwen3_vl.tokenizer import QWEN3_VL_SPECIAL, load_tokenizer
+
+    vocab = {"[UNK]": 0, "user": 1, "assistant": 2, "hello": 3, "\n": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("\n", behavior="isolated")
+    tok.add_special_tokens(QWEN3_VL_SPECIAL)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(tmp_path)
+    assert ours.source.endswith("tokenizer.json")
+    assert ours.ids["<|image_pad|>"] == tok.token_to_id("<|image_pad|>") != 151655
+    assert ours.encode("hello") == [3]
+    ids = ours.chat("hello", [2])
+    assert ids[0] == ours.ids["<|im_start|>"] and ids.count(ours.ids["<|image_pad|>"]) == 2
+    (tmp_path / "tokenizer.json").write_text((tmp_path / "tokenizer.json").read_text().replace("<|image_pad|>", "<|x|>"))
+    with pytest.raises(ValueError, match="lacks the Qwen3-VL special tokens"):
+        load_tokenizer(tmp_path)
