@@ -26,7 +26,8 @@ DEMO_CONFIG = {
 }
 
 
-def _tensors(cfg: dict, seed: int) -> dict[str, np.ndarray]:
+def random_hf_tensors(cfg: dict, seed: int) -> dict[str, np.ndarray]:
+    """HF-named float32 tensors with random values for an HF-style Qwen3-VL config dict."""
     rng = np.random.default_rng(seed)
     t, v = cfg["text_config"], cfg["vision_config"]
     out = {}
@@ -89,7 +90,7 @@ def demo_checkpoint(cache_dir=None, seed: int = 0) -> Path:
         return path
     tmp = root / f".{path.name}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file(_tensors(DEMO_CONFIG, seed), tmp / "model.safetensors", metadata={"format": "pt"})
+    save_file(random_hf_tensors(DEMO_CONFIG, seed), tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(DEMO_CONFIG, indent=1))
     if path.exists():  # a half-written earlier attempt
         import shutil

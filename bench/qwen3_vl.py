@@ -1,0 +1,94 @@
+"""Qwen3-VL-2B-Instruct at real size with random bf16 weights on the GPU: decode ms/step at batch 1 and 16.
+
+    PYTHONPATH=. python bench/qwen3_vl.py [--out bench/results/qwen3_vl.json]
+
+Decode ms/step = (time of generate with 1 + N new tokens - time with 1) / N, prompts of 128 text tokens, greedy,
+no stop tokens; it includes our per-step host round trip (the sampled token is read back to check stops). The floor
+is the text decoder's weight bytes (tied embedding read once as the LM head) over the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convert.qwen3_vl import text_params, vision_params
+from jaxlm.qwen3_vl import Qwen3VL, Qwen3VLConfig
+from jaxlm.qwen3_vl.demo_checkpoint import random_hf_tensors
+from jaxlm.qwen3_vl.tokenizer import load_tokenizer
+
+CONFIG_2B = {
+    "model_type": "qwen3_vl", "tie_word_embeddings": True, "image_token_id": 151655, "video_token_id": 151656,
+    "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "text_config": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
+                    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6,
+                    "max_position_embeddings": 262144,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                        "mrope_interleaved": True}},
+    "vision_config": {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16,
+                      "out_hidden_size": 2048, "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2,
+                      "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17],
+                      "hidden_act": "gelu_pytorch_tanh"},
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/qwen3_vl.json")
+    ap.add_argument("--steps", type=int, default=64)
+    args = ap.parse_args()
+    cfg = Qwen3VLConfig.from_hf(CONFIG_2B)
+    tensors = random_hf_tensors(CONFIG_2B, 0)
+    get = lambda n: tensors[n]
+    params = {"vision": vision_params(get, cfg.vision), "text": text_params(get, cfg.text, True)}
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
+    del tensors
+    model = Qwen3VL(cfg, params, load_tokenizer(None))
+    text_bytes = sum(x.nbytes for x in jax.tree.leaves(params["text"]))
+    x = jnp.ones((1 << 30,), jnp.bfloat16)
+    f = jax.jit(lambda a: a * 1)
+    f(x).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y = f(x)
+    y.block_until_ready()
+    bw = 2 * x.nbytes * 10 / (time.perf_counter() - t0)
+    rng = np.random.default_rng(0)
+    res = {"date": str(date.today()), "card": jax.devices()[0].device_kind, "command": " ".join(sys.argv),
+           "commit": os.environ.get("JAXLM_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                                      capture_output=True, text=True).stdout.strip(),
+           "text_weight_bytes": text_bytes, "copy_TBps": bw / 1e12, "floor_decode_ms": 1e3 * text_bytes / bw}
+    for b in (1, 16):
+        prompts = [list(rng.integers(1000, 100000, 128)) for _ in range(b)]
+
+        def run(n):
+            t0 = time.perf_counter()
+            model.generate_tokens(prompts, max_new_tokens=n, stop_tokens=())
+            return time.perf_counter() - t0
+
+        run(1), run(args.steps + 1)  # compile
+        one = min(run(1) for _ in range(3))
+        full = min(run(args.steps + 1) for _ in range(3))
+        res[f"decode_ms_per_step_b{b}"] = 1e3 * (full - one) / args.steps
+        res[f"prefill_and_first_token_ms_b{b}"] = 1e3 * one
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"\nQwen3-VL-2B (random bf16 weights), {res['card']}; copy {res['copy_TBps']:.2f} TB/s; "
+          f"floor {res['floor_decode_ms']:.3f} ms/step (text weights {text_bytes / 1e9:.2f} GB)")
+    for b in (1, 16):
+        print(f"batch {b:>2}: decode {res[f'decode_ms_per_step_b{b}']:.3f} ms/step, prefill(128 tok) + first token "
+              f"{res[f'prefill_and_first_token_ms_b{b}']:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
