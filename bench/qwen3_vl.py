@@ -25,7 +25,6 @@ import numpy as np
 from convert.qwen3_vl import text_params, vision_params
 from jaxlm.qwen3_vl import Qwen3VL, Qwen3VLConfig
 from jaxlm.qwen3_vl.demo_checkpoint import random_hf_tensors
-from jaxlm.qwen3_vl.tokenizer import load_tokenizer
 
 CONFIG_2B = {
     "model_type": "qwen3_vl", "tie_word_embeddings": True, "image_token_id": 151655, "video_token_id": 151656,
@@ -53,7 +52,7 @@ def main():
     params = {"vision": vision_params(get, cfg.vision), "text": text_params(get, cfg.text, True)}
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
     del tensors
-    model = Qwen3VL(cfg, params, load_tokenizer(None))
+    model = Qwen3VL(cfg, params)  # token-level generation: no tokenizer needed
     text_bytes = sum(x.nbytes for x in jax.tree.leaves(params["text"]))
     x = jnp.ones((1 << 30,), jnp.bfloat16)
     f = jax.jit(lambda a: a * 1)
