@@ -110,9 +110,8 @@ def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.bfloat16) ->
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def _attention(lp, cfg: TextConfig, x, cos, sin, cache, layer: int, start):
-    """x [B, T, D]; new keys/values go to rows start[b] + t of layer `layer` of the stacked cache (in place: the
-    cache is never copied per step); query t sees rows < start[b] + t + 1."""
+def _attention(lp, cfg: TextConfig, x, cos, sin, k_cache, v_cache, start):
+    """x [B, T, D]; new keys/values go to cache rows start[b] + t; query t sees rows < start[b] + t + 1."""
     b, t, _ = x.shape
     q = (x @ lp["q_w"]).reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = (x @ lp["k_w"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -121,16 +120,15 @@ def _attention(lp, cfg: TextConfig, x, cos, sin, cache, layer: int, start):
     k = apply_rope(rms_norm(k, lp["k_norm"], cfg.rms_norm_eps), cos[:, :, None], sin[:, :, None])
     rows = start[:, None] + jnp.arange(t)[None, :]  # [B, T]
     bidx = jnp.arange(b)[:, None]
-    cache = {"k": cache["k"].at[layer, bidx, rows].set(k.astype(cache["k"].dtype), mode="drop"),
-             "v": cache["v"].at[layer, bidx, rows].set(v.astype(cache["v"].dtype), mode="drop")}
-    k_cache, v_cache = cache["k"][layer], cache["v"][layer]
+    k_cache = k_cache.at[bidx, rows].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[bidx, rows].set(v.astype(v_cache.dtype), mode="drop")
     g = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim).astype(k_cache.dtype)
     s = jnp.einsum("bqkgh,bskh->bkgqs", q, k_cache).astype(jnp.float32) * cfg.head_dim**-0.5
     visible = jnp.arange(k_cache.shape[1])[None, None, :] <= rows[:, :, None]  # [B, T, S]
     p = jax.nn.softmax(jnp.where(visible[:, None, None], s, -jnp.inf), axis=-1).astype(v_cache.dtype)
     o = jnp.einsum("bkgqs,bskh->bqkgh", p, v_cache).reshape(b, t, -1).astype(x.dtype)
-    return o @ lp["o_w"], cache
+    return o @ lp["o_w"], k_cache, v_cache
 
 
 def text_step(params, cfg: TextConfig, embeds, positions, cache, start, visual_mask=None, deepstack=()):
@@ -141,14 +139,18 @@ def text_step(params, cfg: TextConfig, embeds, positions, cache, start, visual_m
     x = embeds
     if deepstack:
         flat_idx = jnp.nonzero(visual_mask.reshape(-1), size=deepstack[0].shape[0])[0]
+    ks, vs = [], []
     for i, lp in enumerate(params["layers"]):
-        a, cache = _attention(lp, cfg, rms_norm(x, lp["input_norm"], cfg.rms_norm_eps), cos, sin, cache, i, start)
+        a, k_i, v_i = _attention(lp, cfg, rms_norm(x, lp["input_norm"], cfg.rms_norm_eps), cos, sin,
+                                 cache["k"][i], cache["v"][i], start)
+        ks.append(k_i)
+        vs.append(v_i)
         x = x + a
         h = rms_norm(x, lp["post_norm"], cfg.rms_norm_eps)
         x = x + (jax.nn.silu(h @ lp["gate_w"]) * (h @ lp["up_w"])) @ lp["down_w"]
         if i < len(deepstack):
             x = x.reshape(-1, x.shape[-1]).at[flat_idx].add(deepstack[i].astype(x.dtype)).reshape(x.shape)
-    return rms_norm(x, params["norm"], cfg.rms_norm_eps), cache
+    return rms_norm(x, params["norm"], cfg.rms_norm_eps), {"k": jnp.stack(ks), "v": jnp.stack(vs)}
 
 
 def lm_head(params, cfg: TextConfig, hidden):
