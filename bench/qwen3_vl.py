@@ -51,7 +51,7 @@ def main():
     get = lambda n: tensors[n]
     params = {"vision": vision_params(get, cfg.vision), "text": text_params(get, cfg.text, True)}
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
-    del tensors
+    tensors.clear()  # free the host copies
     model = Qwen3VL(cfg, params)  # token-level generation: no tokenizer needed
     text_bytes = sum(x.nbytes for x in jax.tree.leaves(params["text"]))
     x = jnp.ones((1 << 30,), jnp.bfloat16)
