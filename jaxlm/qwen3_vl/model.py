@@ -57,12 +57,12 @@ class Qwen3VL:
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image entries: give one entry per prompt")
         ids, vision = [], []
         m2 = self.config.vision.spatial_merge_size ** 2
+        vision_ids = (self.config.vision_start_token_id, self.config.image_token_id, self.config.vision_end_token_id)
         for text, imgs in zip(prompts, images):
             imgs = [] if imgs is None else (list(imgs) if isinstance(imgs, (list, tuple)) else [imgs])
             pre = [preprocess_image(im, patch_size=self.config.vision.patch_size,
                                     merge_size=self.config.vision.spatial_merge_size,
                                     temporal_patch_size=self.config.vision.temporal_patch_size) for im in imgs]
-            vision_ids = (self.config.vision_start_token_id, self.config.image_token_id, self.config.vision_end_token_id)
             ids.append(tok.chat(text, [int(np.prod(g)) // m2 for _, g in pre], vision_ids))
             vision.append(pre or None)
         stop = tuple(tok.ids[n] for n in ("<|im_end|>", "<|endoftext|>") if n in tok.ids)
@@ -77,42 +77,33 @@ class Qwen3VL:
         input_ids = np.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {input_ids.shape}")
-        embeds = self.params["text"]["embed"][jnp.asarray(input_ids)]
-        visual_mask = input_ids == cfg.image_token_id
-        deepstack = ()
-        if pixel_values is not None:
-            if image_grid_thw is None:
-                raise ValueError("pixel_values needs image_grid_thw")
-            merged, deepstack, _ = vision_forward(self.params["vision"], cfg.vision, jnp.asarray(pixel_values),
-                                                  vision_metadata(cfg.vision, image_grid_thw))
-            if merged.shape[0] != int(visual_mask.sum()):
-                raise ValueError(f"{int(visual_mask.sum())} image tokens in input_ids but the images give "
-                                 f"{merged.shape[0]} merged patches")
-            idx = jnp.asarray(np.flatnonzero(visual_mask.reshape(-1)))
-            embeds = embeds.reshape(-1, embeds.shape[-1]).at[idx].set(merged.astype(embeds.dtype)).reshape(embeds.shape)
-        elif visual_mask.any():
-            raise ValueError("input_ids hold image tokens but no pixel_values were given")
+        if pixel_values is not None and image_grid_thw is None:
+            raise ValueError("pixel_values needs image_grid_thw")
+        grids = [] if pixel_values is None else [tuple(int(v) for v in g) for g in np.asarray(image_grid_thw)]
+        embeds, visual_mask, deepstack = self._embed(input_ids, pixel_values, grids)
         positions, _ = rope_index(cfg.vision.spatial_merge_size, input_ids, cfg.image_token_id, cfg.video_token_id,
                                   image_grid_thw)
         return text_forward(self.params["text"], cfg.text, embeds, jnp.asarray(positions),
                             jnp.asarray(visual_mask), tuple(deepstack))
 
 
-    def _embed(self, ids_row: np.ndarray, pixel_values, grids):
-        """Embeddings [T, D] of one prompt with its images merged in, its visual mask and deepstack rows."""
+    def _embed(self, ids: np.ndarray, pixel_values, grids):
+        """Embeddings [*ids.shape, D] with the images' merged patches at the image tokens (in order), the visual
+        mask and the DeepStack rows; the one place vision features enter the text stream."""
         cfg = self.config
-        embeds = self.params["text"]["embed"][jnp.asarray(ids_row)]
-        mask = ids_row == cfg.image_token_id
+        embeds = self.params["text"]["embed"][jnp.asarray(ids)]
+        mask = ids == cfg.image_token_id
         if not grids:
             if mask.any():
-                raise ValueError("a prompt holds image tokens but no image was given")
+                raise ValueError("image tokens in the prompt but no image was given")
             return embeds, mask, ()
         merged, deepstack, _ = _vision_jit(self.params["vision"], cfg.vision, jnp.asarray(pixel_values),
                                            vision_metadata(cfg.vision, grids))
         if merged.shape[0] != int(mask.sum()):
-            raise ValueError(f"{int(mask.sum())} image tokens in the prompt but its images give {merged.shape[0]}")
-        embeds = embeds.at[jnp.asarray(np.flatnonzero(mask))].set(merged.astype(embeds.dtype))
-        return embeds, mask, tuple(deepstack)
+            raise ValueError(f"{int(mask.sum())} image tokens in the prompt but its images give {merged.shape[0]} "
+                             "merged patches")
+        flat = embeds.reshape(-1, embeds.shape[-1]).at[jnp.asarray(np.flatnonzero(mask))].set(merged.astype(embeds.dtype))
+        return flat.reshape(embeds.shape), mask, tuple(deepstack)
 
     def generate_tokens(self, prompts: list, images: list | None = None, *, max_new_tokens: int = 32,
                         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
