@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+    gen.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: shard the model over this many devices")
     args = ap.parse_args(argv)
     if args.command == "generate":
         return _generate(args)
@@ -43,6 +44,14 @@ def _generate(args) -> int:
     except (ValueError, OSError) as e:
         print(f"jaxlm generate: cannot load {args.model}: {e}", file=sys.stderr)
         return 2
+    if args.tp != 1:
+        from jaxlm import sharding
+
+        try:
+            model = model.shard(sharding.make_mesh(tp=args.tp, dp=1))
+        except ValueError as e:
+            print(f"jaxlm generate: --tp {args.tp}: {e}", file=sys.stderr)
+            return 2
     printed = [0]
 
     def stream(_row, text):

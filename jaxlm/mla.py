@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
-from jaxlm import batching
+from jaxlm import batching, sharding
+from jaxlm.sharding import DP, MLA_CACHE, TP
+from jax.sharding import PartitionSpec as P
 from jaxlm.layers import apply_rope, rms_norm, rope_cos_sin, rope_frequencies, yarn_get_mscale
 
 Params = dict[str, jax.Array]
@@ -154,13 +156,18 @@ class MLACache(NamedTuple):
     pe_cache: jax.Array  # [slots, S, R]: k_pe after RoPE (half-split layout)
 
 
-def init_cache(cfg: MLAConfig, num_requests: int, max_len: int, dtype=jnp.bfloat16) -> MLACache:
-    """Zeroed caches for `num_requests` slots of at least `max_len` positions (rounded up to a multiple of 64)."""
+def init_cache(cfg: MLAConfig, num_requests: int, max_len: int, dtype=jnp.bfloat16, *, mesh=None) -> MLACache:
+    """Zeroed caches for `num_requests` slots of at least `max_len` positions (rounded up to a multiple of 64).
+    With a `mesh` (jaxlm.sharding.make_mesh) the slots are split over its `dp` axis, replicated over `tp`."""
     if num_requests < 1 or max_len < 1:
         raise ValueError(f"init_cache needs num_requests >= 1 and max_len >= 1, got {num_requests}, {max_len}")
+    dp = sharding.axis_size(mesh, DP)
+    if num_requests % dp:
+        raise ValueError(f"{num_requests} cache slots do not split over dp={dp}: use a multiple of {dp} slots")
     max_len = -(-max_len // CACHE_ALIGN) * CACHE_ALIGN
-    return MLACache(jnp.zeros((num_requests, max_len, cfg.kv_lora_rank), dtype),
-                    jnp.zeros((num_requests, max_len, cfg.qk_rope_head_dim), dtype))
+    device = None if mesh is None else jax.sharding.NamedSharding(mesh, MLA_CACHE)
+    return MLACache(jnp.zeros((num_requests, max_len, cfg.kv_lora_rank), dtype, device=device),
+                    jnp.zeros((num_requests, max_len, cfg.qk_rope_head_dim), dtype, device=device))
 
 
 def init_params(cfg: MLAConfig, key: jax.Array, dtype=jnp.bfloat16, *, gate: bool = False) -> Params:
@@ -210,7 +217,10 @@ def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array)
 def _write_cache(cache: MLACache, meta: batching.RaggedMeta, latent, k_pe, impl: str) -> MLACache:
     """Both caches written in the same step. Padding tokens carry position max_len (out of range): dropped."""
     if impl == "pallas":
-        write = pallas_kernels.update_cache
+        def local(cache, rows, slots, positions):  # this device's slots: others go out of range and are skipped
+            return pallas_kernels.update_cache(cache, rows, slots - sharding.axis_index(DP) * cache.shape[0], positions)
+
+        write = sharding.per_device(local, (MLA_CACHE, P(), P(), P()), MLA_CACHE)
     else:
         write = pallas_kernels.update_cache_reference
     return MLACache(write(cache.kv_cache, latent, meta.tok_slot, meta.tok_pos),
@@ -256,7 +266,10 @@ def _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta, seq_lens, past
     q_pe = jnp.zeros((slots, *q_pe.shape[1:]), cache.pe_cache.dtype).at[dest].set(q_pe.astype(cache.pe_cache.dtype),
                                                                                mode="drop")
     lengths = jnp.zeros((slots,), jnp.int32).at[: seq_lens.shape[0]].set(jnp.where(seq_lens > 0, past_lens + seq_lens, 0))
-    o_lat = pallas_kernels.mla_decode(q_lat, q_pe, cache.kv_cache, cache.pe_cache, lengths, sm_scale=cfg.softmax_scale)
+    heads = P(DP, TP, None)
+    decode = sharding.per_device(functools.partial(pallas_kernels.mla_decode, sm_scale=cfg.softmax_scale),
+                                 (heads, heads, MLA_CACHE, MLA_CACHE, P(DP)), heads)
+    o_lat = decode(q_lat, q_pe, cache.kv_cache, cache.pe_cache, lengths)
     return jnp.einsum("tnl,nlv->tnv", o_lat[meta.tok_slot].astype(q_nope.dtype), params["w_uv"])
 
 
@@ -274,7 +287,10 @@ def _attend_prefill_kernel(params, cfg, q_nope, q_pe, cache, seq_lens, past_lens
                          jnp.broadcast_to(pe[:, None, :], (pe.shape[0], cfg.num_heads, pe.shape[1]))], axis=-1)
     v = jnp.einsum("sl,nlv->snv", kv, params["w_uv"])
     q = jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1)
-    o = pallas_kernels.sage_attention(q, k, v, cu_q, cu_k, causal=True, sm_scale=cfg.softmax_scale)
+    heads = P(None, TP, None)
+    attend = sharding.per_device(functools.partial(pallas_kernels.sage_attention, causal=True,
+                                                   sm_scale=cfg.softmax_scale), (heads, heads, heads, P(), P()), heads)
+    o = attend(q, k, v, cu_q, cu_k)
     rows = jnp.arange(q.shape[0]) < cu_q[-1]
     return jnp.where(rows[:, None, None], o, 0)  # padding tokens: rows no request owns
 
@@ -339,6 +355,8 @@ def forward(params: Params, cfg: MLAConfig, x: jax.Array, cache: MLACache, seq_l
     Returns (y [sum(seq_lens), D], cache); `cache` is donated (do not reuse the one passed in). Lengths are
     concrete (host) values; shapes are bucketed so that varying lengths reuse a handful of compiled programs.
     attention_impl: "pallas" (default on GPU; interpret mode on CPU) or "xla" (default on CPU).
+    Sharded: with params from `jaxlm.sharding.shard_mla` and a cache from `init_cache(..., mesh=)` the step runs
+    over their mesh (heads over tp, slots over dp; kernels per device).
     """
     impl = _check_options(mode, attention_impl)
     if not hasattr(x, "ndim"):
@@ -351,7 +369,8 @@ def forward(params: Params, cfg: MLAConfig, x: jax.Array, cache: MLACache, seq_l
     if sizes.num_tokens != num_tokens:  # pad on the host when we can: no extra device op per call
         pad = ((0, sizes.num_tokens - num_tokens), (0, 0))
         x = np.pad(x, pad) if isinstance(x, np.ndarray) else jnp.pad(x, pad)
-    y, cache = _step_jit(params, cfg, x, cache, lengths, sizes, mode, impl)
+    with sharding.use(sharding.mesh_of((params, cache))):
+        y, cache = _step_jit(params, cfg, x, cache, lengths, sizes, mode, impl)
     return (y if sizes.num_tokens == num_tokens else y[:num_tokens]), cache
 
 
@@ -384,7 +403,8 @@ def decode_steps(params: Params, cfg: MLAConfig, xs: jax.Array, cache: MLACache,
     past = np.asarray(past_lens)
     batching.plan([steps] * num_req, past, num_tokens=steps * num_req, num_slots=slots, max_len=max_len)
     kv_len = min(batching.bucket(int(past.max()) + steps, 16), max_len)
-    return _decode_steps_jit(params, cfg, xs, cache, jnp.asarray(past_lens, jnp.int32), kv_len, mode, impl)
+    with sharding.use(sharding.mesh_of((params, cache))):
+        return _decode_steps_jit(params, cfg, xs, cache, jnp.asarray(past_lens, jnp.int32), kv_len, mode, impl)
 
 
 def load_layer(hf_dir, layer: int, *, dtype=None) -> tuple[MLAConfig, Params]:

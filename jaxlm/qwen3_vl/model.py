@@ -10,7 +10,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from jaxlm import sharding
 from jaxlm.batching import bucket
 from jaxlm.qwen3_vl.processor import preprocess_image
 from jaxlm.qwen3_vl.text import TextConfig, init_cache, lm_head, rope_index, text_forward, text_step
@@ -43,6 +45,13 @@ class Qwen3VL:
     config: Qwen3VLConfig
     params: dict
     tokenizer: Tokenizer | None = None
+    mesh: Mesh | None = None  # set by `shard`: params and caches laid out over it, every step runs under it
+
+    def shard(self, mesh: Mesh) -> "Qwen3VL":
+        """This model with its parameters laid out over `mesh` (jaxlm.sharding.make_mesh) by the Qwen3-VL table in
+        jaxlm/sharding.py; `forward` and `generate` then run tensor/data parallel under that mesh."""
+        params = sharding.shard(self.params, sharding.qwen3_vl_specs(self.config, mesh), mesh)
+        return dataclasses.replace(self, params=params, mesh=mesh)
 
     def generate(self, prompts: list[str], images=None, *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, on_token=None) -> list[str]:
@@ -80,11 +89,12 @@ class Qwen3VL:
         if pixel_values is not None and image_grid_thw is None:
             raise ValueError("pixel_values needs image_grid_thw")
         grids = [] if pixel_values is None else [tuple(int(v) for v in g) for g in np.asarray(image_grid_thw)]
-        embeds, visual_mask, deepstack = self._embed(input_ids, pixel_values, grids)
         positions, _ = rope_index(cfg.vision.spatial_merge_size, input_ids, cfg.image_token_id, cfg.video_token_id,
                                   image_grid_thw)
-        return text_forward(self.params["text"], cfg.text, embeds, jnp.asarray(positions),
-                            jnp.asarray(visual_mask), tuple(deepstack))
+        with sharding.use(self.mesh):
+            embeds, visual_mask, deepstack = self._embed(input_ids, pixel_values, grids)
+            return text_forward(self.params["text"], cfg.text, embeds, jnp.asarray(positions),
+                                jnp.asarray(visual_mask), tuple(deepstack))
 
 
     def _embed(self, ids: np.ndarray, pixel_values, grids):
@@ -105,9 +115,15 @@ class Qwen3VL:
         flat = embeds.reshape(-1, embeds.shape[-1]).at[jnp.asarray(np.flatnonzero(mask))].set(merged.astype(embeds.dtype))
         return flat.reshape(embeds.shape), mask, tuple(deepstack)
 
-    def generate_tokens(self, prompts: list, images: list | None = None, *, max_new_tokens: int = 32,
-                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                        stop_tokens=(151645, 151643), return_logits: bool = False, on_step=None):
+    def generate_tokens(self, prompts: list, images: list | None = None, **kwargs):
+        """Token-level generation for a batch of prompts of different lengths (see `_generate_tokens`); under the
+        model's mesh when it has one."""
+        with sharding.use(self.mesh):
+            return self._generate_tokens(prompts, images, **kwargs)
+
+    def _generate_tokens(self, prompts: list, images: list | None = None, *, max_new_tokens: int = 32,
+                         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                         stop_tokens=(151645, 151643), return_logits: bool = False, on_step=None):
         """Token-level generation for a batch of prompts of different lengths.
 
         prompts: list of token-id lists; images: per prompt, a list of (pixel_values [n, 1536], grid_thw) or
@@ -127,7 +143,7 @@ class Qwen3VL:
             raise ValueError(f"prompt {i} has {int(lengths[i])} tokens; with max_new_tokens={max_new_tokens} that is "
                              f"over the model's {limit} positions: shorten the prompt or lower max_new_tokens")
         dtype = self.params["text"]["embed"].dtype
-        cache = init_cache(cfg.text, b, bucket(int(lengths.max()) + max_new_tokens, 64), dtype)
+        cache = init_cache(cfg.text, b, bucket(int(lengths.max()) + max_new_tokens, 64), dtype, self.mesh)
         deltas, last = np.zeros(b, np.int64), []
         for r, ids in enumerate(prompts):
             ids = np.asarray(ids)[None]

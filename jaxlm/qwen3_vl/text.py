@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import sharding
 from jaxlm.layers import apply_rope, rms_norm
 
 
@@ -103,11 +104,13 @@ def rope_index(cfg_merge: int, input_ids: np.ndarray, image_token_id: int, video
     return out, deltas
 
 
-def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
-    """GQA KV cache: k, v [layers, B, S, K, H], S rounded up to a multiple of 64."""
+def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.bfloat16, mesh=None) -> dict:
+    """GQA KV cache: k, v [layers, B, S, K, H], S rounded up to a multiple of 64; with a `mesh`, laid out by
+    jaxlm.sharding.qwen3_vl_cache_spec (batch over dp, KV heads over tp)."""
     max_len = -(-max_len // 64) * 64
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    device = None if mesh is None else sharding.cache_sharding(sharding.qwen3_vl_cache_spec(cfg, mesh), shape, mesh)
+    return {"k": jnp.zeros(shape, dtype, device=device), "v": jnp.zeros(shape, dtype, device=device)}
 
 
 def _attention(lp, cfg: TextConfig, x, cos, sin, k_cache, v_cache, start):
