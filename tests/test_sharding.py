@@ -89,11 +89,12 @@ def test_mla_mesh_errors(layer):
 def qwen(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen3vl_tp")
     make_checkpoint(path)
-    return qvl.load(path, dtype="float32")
+    return path, qvl.load(path, dtype="float32")
 
 
 @pytest.mark.parametrize("tp,dp", [(2, 1), (4, 2)], ids=["tp2-kv-split", "tp4-kv-replicated-dp2"])
 def test_qwen3_vl_generate_sharded_same_tokens(qwen, tp, dp):
+    _, qwen = qwen
     rng = np.random.default_rng(5)
     grid = (1, 4, 6)
     prompts = [list(prompt(rng, [grid])[0]), list(prompt(rng, [], text_len=9)[0])]
@@ -112,3 +113,19 @@ def test_qwen3_vl_generate_sharded_same_tokens(qwen, tp, dp):
     assert k_w.addressable_shards[0].data.nbytes == (k_w.nbytes // tp if kv_split else k_w.nbytes)
     assert text["embed"].addressable_shards[0].data.shape[0] == qwen.config.text.vocab_size // tp
     assert rel(sharded.forward(np.asarray([prompts[1]])), qwen.forward(np.asarray([prompts[1]]))) <= 1e-5
+
+
+def test_cli_tp(qwen):
+    import subprocess
+    import sys
+
+    path, model = qwen
+    expect = model.generate(["Hi"], max_new_tokens=4)[0]
+    run = lambda tp: subprocess.run([sys.executable, "-m", "jaxlm.cli", "generate", "--model", str(path), "--prompt",  # noqa: E731
+                                     "Hi", "--max-new-tokens", "4", "--dtype", "float32", "--tp", str(tp)],
+                                    capture_output=True, text=True)
+    proc = run(2)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == expect.strip()
+    bad = run(16)
+    assert bad.returncode == 2 and "--tp 16" in bad.stderr and "needs 16 devices" in bad.stderr
