@@ -85,29 +85,55 @@ def cuda_ms(fn, warmup, runs):
     return 1e3 * statistics.median(times)
 
 
-def hf_cases(attn, rotary, config, x_new: np.ndarray, warmup, runs):
-    """HF on the seed cases as a padded batch; returns (prefill ms, decode ms/step, prefill outputs per request)."""
+def _hf_padded(config, past, seq, g):
+    """An HF cache holding random histories right-aligned in max(past) slots, the padding mask and positions."""
     import torch
     from transformers import DynamicCache
 
     dev, bf16 = "cuda", torch.bfloat16
-    g = torch.Generator(device=dev).manual_seed(0)
+    b, p_max, s_max = len(past), max(past), max(seq)
+    cache = DynamicCache(config=config)
+    cache.update(torch.randn(b, 1, p_max, 512, device=dev, dtype=bf16, generator=g),
+                 torch.randn(b, 1, p_max, 64, device=dev, dtype=bf16, generator=g), 0)
+    keys = torch.arange(p_max + s_max, device=dev)
+    mask = torch.zeros(b, 1, s_max, p_max + s_max, device=dev, dtype=bf16)
+    pos = torch.zeros(b, s_max, dtype=torch.long, device=dev)
+    for i, (p, s) in enumerate(zip(past, seq)):
+        q = p_max + torch.arange(s_max, device=dev)
+        visible = ((keys[None] >= p_max - p) & (keys[None] <= q[:, None]))
+        mask[i, 0] = torch.where(visible, 0.0, float("-inf"))
+        pos[i] = p + torch.arange(s_max, device=dev)
+    return cache, mask, pos
 
-    def padded(past, seq):
-        b, p_max, s_max = len(past), max(past), max(seq)
-        cache = DynamicCache(config=config)
-        cache.update(torch.randn(b, 1, p_max, 512, device=dev, dtype=bf16, generator=g),
-                     torch.randn(b, 1, p_max, 64, device=dev, dtype=bf16, generator=g), 0)
-        # request i's history sits right-aligned in the p_max slots; padding is masked out
-        keys = torch.arange(p_max + s_max, device=dev)
-        mask = torch.zeros(b, 1, s_max, p_max + s_max, device=dev, dtype=bf16)
-        pos = torch.zeros(b, s_max, dtype=torch.long, device=dev)
-        for i, (p, s) in enumerate(zip(past, seq)):
-            q = p_max + torch.arange(s_max, device=dev)
-            visible = ((keys[None] >= p_max - p) & (keys[None] <= q[:, None]))
-            mask[i, 0] = torch.where(visible, 0.0, float("-inf"))
-            pos[i] = p + torch.arange(s_max, device=dev)
-        return cache, mask, pos
+
+def hf_decode_ms(attn, rotary, config, past, steps) -> float:
+    """HF ms per one-token step for requests with histories `past` (padded batch, growing mask)."""
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    with torch.no_grad():
+        cache, mask, pos = _hf_padded(config, past, [1] * len(past), g)
+        xd = torch.randn(len(past), 1, config.hidden_size, device="cuda", dtype=torch.bfloat16, generator=g)
+        d_max = max(past)
+
+        def decode_run(n):
+            cache.crop(d_max)
+            m = mask
+            for i in range(n):
+                attn(xd, position_embeddings=rotary(xd, pos + i), attention_mask=m, past_key_values=cache)
+                m = torch.cat([m, torch.zeros_like(m[..., :1])], dim=-1)
+
+        decode_run(3)
+        return cuda_ms(lambda: decode_run(steps), 1, 3) / steps
+
+
+def hf_cases(attn, rotary, config, x_new: np.ndarray, warmup, runs):
+    """HF on the seed cases as a padded batch; returns (prefill ms, decode ms/step, prefill outputs per request)."""
+    import torch
+
+    dev, bf16 = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    padded = lambda past, seq: _hf_padded(config, past, seq, g)  # noqa: E731
 
     seq, past = seed.PREFILL_SEQ, seed.PREFILL_PAST
     cache, mask, pos = padded(past, seq)
@@ -126,22 +152,43 @@ def hf_cases(attn, rotary, config, x_new: np.ndarray, warmup, runs):
         out = prefill()
         prefill_ms = cuda_ms(prefill, warmup, runs)
         outs = [out[i, :s].float().cpu().numpy() for i, s in enumerate(seq)]
+    return prefill_ms, hf_decode_ms(attn, rotary, config, seed.DECODE_PAST, seed.DECODE_STEPS), outs
 
-        dpast = seed.DECODE_PAST
-        cache, mask, pos = padded(dpast, [1] * len(dpast))
-        xd = torch.randn(len(dpast), 1, config.hidden_size, device=dev, dtype=bf16, generator=g)
-        d_max = max(dpast)
 
-        def decode_run(steps):
-            cache.crop(d_max)
-            m = mask
-            for i in range(steps):
-                attn(xd, position_embeddings=rotary(xd, pos + i), attention_mask=m, past_key_values=cache)
-                m = torch.cat([m, torch.zeros_like(m[..., :1])], dim=-1)
+SWEEP_BATCH = [(b, 1024) for b in (1, 4, 16, 64)]
+SWEEP_HISTORY = [(16, n) for n in (128, 512, 2048, 8192)]
 
-        decode_run(5)
-        decode_ms = cuda_ms(lambda: decode_run(seed.DECODE_STEPS), 1, 3) / seed.DECODE_STEPS
-    return prefill_ms, decode_ms, outs
+
+def our_decode_ms(params, cfg, past, steps, impl) -> float:
+    """ms per decode step inside one decode_steps() call, B = len(past) requests, caches filled at random."""
+    b, key = len(past), jax.random.key(2)
+    cache = mla.init_cache(cfg, b, max(past) + steps, jnp.bfloat16)
+    cache = mla.MLACache(*(jax.random.normal(key, c.shape, c.dtype) for c in cache))
+    xs = jax.random.normal(key, (steps, b, cfg.hidden_size), jnp.bfloat16)
+    state = {"cache": cache}
+
+    def run():
+        ys, state["cache"] = mla.decode_steps(params, cfg, xs, state["cache"], past, attention_impl=impl)
+        ys.block_until_ready()
+
+    return seed.median_ms(run, 2, 5) / steps
+
+
+def sweep(params, cfg, hf, bw, steps=20) -> list[dict]:
+    """Decode ms/step over batch sizes and history lengths: jaxlm (Pallas kernels; XLA attention as the JAX peer),
+    HF transformers (same weights, padded batch) and the floor (weights + cache bytes at copy bandwidth)."""
+    rows = []
+    weight_bytes = sum(v.nbytes for v in params.values())
+    for b, n in SWEEP_BATCH + SWEEP_HISTORY:
+        past = [n] * b
+        row = {"B": b, "history": n, "pallas_ms": our_decode_ms(params, cfg, past, steps, "pallas"),
+               "xla_ms": our_decode_ms(params, cfg, past, steps, "xla"),
+               "floor_ms": 1e3 * (weight_bytes + cfg.cache_bytes_per_token() * b * n) / bw}
+        if hf is not None:
+            row["hf_ms"] = hf_decode_ms(*hf, past, steps)
+        print(f"  sweep B={b:3d} history={n:5d}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith("ms")))
+        rows.append(row)
+    return rows
 
 
 def main():
@@ -150,6 +197,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--out", default="bench/results/mla.json")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the batch / history sweep")
     args = ap.parse_args()
 
     dev = jax.devices()[0]
@@ -191,6 +239,8 @@ def main():
         ours = np.asarray(ours, np.float32)
         starts = np.concatenate([[0], np.cumsum(seed.PREFILL_SEQ)])
         res["vs_hf_cos_no_history"] = min(cos(ours[starts[i]:starts[i + 1]], hf_out[i]) for i in (1, 2))
+    if not args.no_sweep:
+        res["decode_sweep"] = sweep(params, cfg, None if args.no_hf else (attn, rotary, config), bw)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"\nMLA layer, R1 sizes, bf16, {card}; copy {bw / 1e12:.2f} TB/s, matmul {rate / 1e12:.0f} TFLOP/s")

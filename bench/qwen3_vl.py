@@ -41,11 +41,63 @@ CONFIG_2B = {
 }
 
 
+def per_step_ms(generate, steps: int) -> tuple[float, float]:
+    """(ms per decode step, ms for prefill + first token): generate(n) timed at n = 1 and n = 1 + steps."""
+    def run(n):
+        t0 = time.perf_counter()
+        generate(n)
+        return time.perf_counter() - t0
+
+    run(1), run(steps + 1)  # compile / warm up
+    one = min(run(1) for _ in range(3))
+    full = min(run(steps + 1) for _ in range(3))
+    return 1e3 * (full - one) / steps, 1e3 * one
+
+
+def hf_decode(steps: int) -> dict:
+    """HF transformers' Qwen3VLForConditionalGeneration at the same size (random bf16 weights, sdpa attention,
+    its default dynamic cache) on the same GPU, same prompts and timing; freed before jaxlm runs."""
+    import torch
+    from transformers import Qwen3VLConfig as HFConfig, Qwen3VLForConditionalGeneration
+
+    hf_cfg = HFConfig(text_config=CONFIG_2B["text_config"], vision_config=CONFIG_2B["vision_config"],
+                      tie_word_embeddings=True, **{k: CONFIG_2B[k] for k in ("image_token_id", "video_token_id",
+                                                                             "vision_start_token_id", "vision_end_token_id")})
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen3VLForConditionalGeneration._from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    out = _hf_time(model, steps)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def _hf_time(model, steps: int) -> dict:
+    import torch
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for b in (1, 16):
+        ids = torch.from_numpy(rng.integers(1000, 100000, (b, 128))).cuda()
+
+        def generate(n):
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)
+            torch.cuda.synchronize()
+
+        out[f"hf_decode_ms_per_step_b{b}"], out[f"hf_prefill_and_first_token_ms_b{b}"] = per_step_ms(generate, steps)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/qwen3_vl.json")
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--no-hf", action="store_true")
     args = ap.parse_args()
+    hf = {} if args.no_hf else hf_decode(args.steps)
     cfg = Qwen3VLConfig.from_hf(CONFIG_2B)
     tensors = random_hf_tensors(CONFIG_2B, 0)
     get = lambda n: tensors[n]
@@ -70,23 +122,17 @@ def main():
     for b in (1, 16):
         prompts = [list(rng.integers(1000, 100000, 128)) for _ in range(b)]
 
-        def run(n):
-            t0 = time.perf_counter()
-            model.generate_tokens(prompts, max_new_tokens=n, stop_tokens=())
-            return time.perf_counter() - t0
-
-        run(1), run(args.steps + 1)  # compile
-        one = min(run(1) for _ in range(3))
-        full = min(run(args.steps + 1) for _ in range(3))
-        res[f"decode_ms_per_step_b{b}"] = 1e3 * (full - one) / args.steps
-        res[f"prefill_and_first_token_ms_b{b}"] = 1e3 * one
+        step, first = per_step_ms(lambda n: model.generate_tokens(prompts, max_new_tokens=n, stop_tokens=()), args.steps)
+        res[f"decode_ms_per_step_b{b}"], res[f"prefill_and_first_token_ms_b{b}"] = step, first
+    res.update(hf)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"\nQwen3-VL-2B (random bf16 weights), {res['card']}; copy {res['copy_TBps']:.2f} TB/s; "
           f"floor {res['floor_decode_ms']:.3f} ms/step (text weights {text_bytes / 1e9:.2f} GB)")
     for b in (1, 16):
-        print(f"batch {b:>2}: decode {res[f'decode_ms_per_step_b{b}']:.3f} ms/step, prefill(128 tok) + first token "
-              f"{res[f'prefill_and_first_token_ms_b{b}']:.1f} ms")
+        hf_step = res.get(f"hf_decode_ms_per_step_b{b}")
+        print(f"batch {b:>2}: decode {res[f'decode_ms_per_step_b{b}']:.3f} ms/step (HF {hf_step}), prefill(128 tok) + "
+              f"first token {res[f'prefill_and_first_token_ms_b{b}']:.1f} ms (HF {res.get(f'hf_prefill_and_first_token_ms_b{b}')})")
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ class Qwen3VL:
             embeds = jnp.pad(embeds, ((0, pad), (0, 0)))[None]
             pos = np.pad(pos, ((0, 0), (0, 0), (0, pad)))
             mask = np.pad(mask, (0, pad))[None]
-            logits, cache = _prefill_jit(self.params["text"], cfg.text, embeds, jnp.asarray(pos), cache, jnp.int32(r),
+            logits, cache = prefill_step(self.params["text"], cfg.text, embeds, jnp.asarray(pos), cache, jnp.int32(r),
                                          jnp.int32(ids.shape[1] - 1), jnp.asarray(mask), deepstack)
             last.append(logits)
         logits = jnp.stack(last)
@@ -180,7 +180,7 @@ class Qwen3VL:
                         on_step(r, out[r])
             if done.all() or step == max_new_tokens - 1:
                 break
-            logits, cache = _decode_jit(self.params["text"], cfg.text, jnp.asarray(tokens), cache, cache_len, delta)
+            logits, cache = decode_step(self.params["text"], cfg.text, jnp.asarray(tokens), cache, cache_len, delta)
             cache_len = cache_len + 1
         return (out, np.stack(steps_logits)) if return_logits else out
 
@@ -191,9 +191,13 @@ def _vision_jit(params, cfg, pixel_values, meta):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _prefill_jit(params, cfg, embeds, positions, cache, row, last, visual_mask, deepstack):
-    """Prefill prompt `row` (traced) of the batch into its cache rows 0..; returns its logits at `last` [V].
-    Compiled once per (token bucket, image-token count) shape, not per prompt."""
+def prefill_step(params, cfg, embeds, positions, cache, row, last, visual_mask, deepstack):
+    """Prefill one prompt into batch row `row` (traced) of the KV cache, rows 0.. of its sequence.
+
+    params/cfg: the text model's (`model.params["text"]`, `model.config.text`); embeds [1, T, D] (pad T freely);
+    positions [3, 1, T] MRoPE (t, h, w); cache from `text.init_cache` (donated); last: the index of the prompt's last
+    real token; visual_mask [1, T] bool and deepstack (tuple of [n_visual, D]) for images, else False / ().
+    Returns (logits [V] float32 at `last`, cache). Compiled once per (T, image-token count), not per prompt."""
     one = {k: jax.lax.dynamic_slice_in_dim(v, row, 1, axis=1) for k, v in cache.items()}
     hidden, one = text_step(params, cfg, embeds, positions, one, jnp.zeros((1,), jnp.int32), visual_mask, deepstack)
     cache = {k: jax.lax.dynamic_update_slice_in_dim(cache[k], one[k], row, axis=1) for k in cache}
@@ -201,8 +205,10 @@ def _prefill_jit(params, cfg, embeds, positions, cache, row, last, visual_mask, 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _decode_jit(params, cfg, tokens, cache, cache_len, delta):
-    """One token per request at cache row cache_len[b], MRoPE position cache_len[b] + delta[b] on all 3 axes."""
+def decode_step(params, cfg, tokens, cache, cache_len, delta):
+    """One new token per request: tokens [B] int32 go to cache row cache_len[b] at MRoPE position
+    cache_len[b] + delta[b] on all 3 axes (delta from `rope_index`; 0 for text-only prompts).
+    Returns (logits [B, V] float32, cache); the cache is donated."""
     embeds = params["embed"][tokens][:, None]
     positions = jnp.broadcast_to((cache_len + delta)[None, :, None], (3, tokens.shape[0], 1))
     hidden, cache = text_step(params, cfg, embeds, positions, cache, cache_len)
