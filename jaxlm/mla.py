@@ -9,6 +9,9 @@ Params (our layout, written by `convert`; rope rows already in half-split order)
   q_a_proj [D, Q], q_a_layernorm [Q], q_b_proj [Q, N, P+R]   (or q_proj [D, N, P+R] when q_lora_rank is None)
   kv_a_proj_with_mqa [D, L+R], kv_a_layernorm [L], w_uk [N, P, L], w_uv [N, L, V], o_proj [N, V, D]
   optional: q_a_proj_bias [Q], kv_a_proj_with_mqa_bias [L+R], o_proj_bias [D], gate_proj [D, N, V] (gated attention)
+FP8 params (`load_layer(..., keep_fp8=True)`, `quantize_fp8`): q_a_proj, q_b_proj / q_proj, kv_a_proj_with_mqa,
+o_proj as `Fp8Weight` (e4m3 [out, in] + float32 scales per 128x128 block, as DeepSeek ships them), W_UK [N, P, L] and
+W_UV [N, V, L] as the per-head row blocks of kv_b_proj; every projection then runs through `fp8_matmul`.
 Cache: `MLACache(kv_cache [slots, S, L], pe_cache [slots, S, R])`, request i in slot i.
 """
 
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
+from pallas_kernels.fp8_matmul import Fp8Weight
 from jaxlm import batching, sharding
 from jaxlm.sharding import DP, MLA_CACHE, TP
 from jax.sharding import PartitionSpec as P
@@ -192,21 +196,105 @@ def init_params(cfg: MLAConfig, key: jax.Array, dtype=jnp.bfloat16, *, gate: boo
     return params
 
 
-def _linear(x, params, name, spec):
-    y = jnp.einsum(spec, x, params[name])
+# Projections whose activations are also quantised to FP8 at prefill sizes (>= 128 tokens; below that every FP8
+# weight is multiplied with bf16 activations). Each FP8-activation stage costs about 5e-4 of output cosine against
+# the dequantised bf16 layer (measured on Gaussian inputs: all four projections 0.9980, o_proj alone 0.9994, none
+# 0.9998), so only o_proj, the largest GEMM (69% of the projection FLOPs at R1 sizes), runs FP8 x FP8; W_UK / W_UV
+# stay bf16 x FP8-weight as in DeepSeek's reference, which dequantises wkv_b for the absorbed path.
+FP8_ACTIVATIONS = ("o_proj",)
+
+
+def quantize_fp8(params: Params, cfg: MLAConfig, block: int = 128) -> Params:
+    """Float params (our layout) -> the FP8 layout that `load_layer(..., keep_fp8=True)` reads from a checkpoint:
+    each projection as an Fp8Weight in HF row order [out, in] (per head for W_UK [N, P, L] / W_UV [N, V, L]), one
+    float32 scale per `block` x `block` block; norms, biases and the gate stay as they are. For benchmarks and for
+    running a bf16 layer in FP8."""
+    from pallas_kernels.fp8_matmul import quantize
+
+    n = cfg.num_heads
+    rows = {  # our layout -> HF rows [out, in]
+        "q_proj": lambda w: w.reshape(w.shape[0], -1).T, "q_a_proj": lambda w: w.T,
+        "q_b_proj": lambda w: w.reshape(w.shape[0], -1).T, "kv_a_proj_with_mqa": lambda w: w.T,
+        "w_uk": lambda w: w, "w_uv": lambda w: w.transpose(0, 2, 1),
+        "o_proj": lambda w: w.reshape(n * cfg.v_head_dim, -1).T,
+    }
+    out = dict(params)
+    for name, to_rows in rows.items():
+        if name in params and not isinstance(params[name], Fp8Weight):
+            out[name] = Fp8Weight(*quantize(to_rows(params[name]), block), block=block)
+    return out
+
+
+def dequantize_fp8(params: Params, cfg: MLAConfig, dtype=jnp.bfloat16) -> Params:
+    """FP8 params -> float params in our layout holding exactly the dequantised values (what `load_layer` without
+    keep_fp8 gives for the same checkpoint)."""
+    from pallas_kernels.fp8_matmul import dequantize
+
+    n, p, r, v = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    layout = {  # HF rows [out, in] -> our layout
+        "q_proj": lambda w: w.T.reshape(w.shape[1], n, p + r), "q_a_proj": lambda w: w.T,
+        "q_b_proj": lambda w: w.T.reshape(w.shape[1], n, p + r), "kv_a_proj_with_mqa": lambda w: w.T,
+        "w_uk": lambda w: w, "w_uv": lambda w: w.transpose(0, 2, 1), "o_proj": lambda w: w.T.reshape(n, v, -1),
+    }
+    return {k: (layout[k](dequantize(w.w, w.scale, w.block)).astype(dtype) if isinstance(w, Fp8Weight) else w)
+            for k, w in params.items()}
+
+
+def _fp8(x, w: Fp8Weight, impl: str, transpose_w: bool = True, activations: str = "auto"):
+    """The block-scaled FP8 matmul: the Pallas kernel, or with impl == "xla" its jnp reference (dequantises)."""
+    fn = pallas_kernels.fp8_matmul if impl == "pallas" else pallas_kernels.fp8_matmul_reference
+    return fn(x, w.w, w.scale, block=w.block, transpose_w=transpose_w, activations=activations)
+
+
+def _linear(x, params, name, spec, impl, heads: int | None = None):
+    """x [T, ...] through weight `name` (+ its bias): einsum `spec` for a float weight in our layout; for an
+    Fp8Weight (HF rows [out, in]) the FP8 kernel on x flattened to [T, in], output split into `heads` if given."""
+    w = params[name]
+    if isinstance(w, Fp8Weight):
+        y = _fp8(x.reshape(x.shape[0], -1), w, impl, activations="auto" if name in FP8_ACTIVATIONS else "bf16")
+        y = y if heads is None else y.reshape(y.shape[0], heads, -1)
+    else:
+        y = jnp.einsum(spec, x, w)
     bias = params.get(name + "_bias")
     return y if bias is None else y + bias
 
 
-def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array):
+def _absorb_uk(q_nope, params, impl):
+    """q_nope [T, N, P] -> q_latent [T, N, L] = q_nope . W_UK per head."""
+    w = params["w_uk"]
+    if isinstance(w, Fp8Weight):  # rows [N, P, L]: contract the P rows
+        return _fp8(q_nope, w, impl, transpose_w=False, activations="bf16")
+    return jnp.einsum("tnp,npl->tnl", q_nope, w)
+
+
+def _expand_uv(o_lat, params, impl):
+    """o_latent [T, N, L] -> [T, N, V] through W_UV per head."""
+    w = params["w_uv"]
+    if isinstance(w, Fp8Weight):  # rows [N, V, L]
+        return _fp8(o_lat, w, impl, activations="bf16")
+    return jnp.einsum("tnl,nlv->tnv", o_lat, w)
+
+
+def _up_project(kv, params, impl):
+    """Cached latent [..., L] -> per-head K_nope [..., N, P] and V [..., N, V] (the naive / prefill form)."""
+    w_uk, w_uv = params["w_uk"], params["w_uv"]
+    if isinstance(w_uk, Fp8Weight):
+        flat = kv.reshape(-1, kv.shape[-1])
+        k, v = _fp8(flat, w_uk, impl, activations="bf16"), _fp8(flat, w_uv, impl, activations="bf16")  # shared x
+        return k.reshape(*kv.shape[:-1], *k.shape[1:]), v.reshape(*kv.shape[:-1], *v.shape[1:])
+    return jnp.einsum("...l,npl->...np", kv, w_uk), jnp.einsum("...l,nlv->...nv", kv, w_uv)
+
+
+def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array, impl: str):
     """x [T, D] -> q_nope [T, N, P], q_pe [T, N, R] (roped), latent [T, L] (normed), k_pe [T, R] (roped)."""
+    n = cfg.num_heads
     if cfg.q_lora_rank is None:
-        q = jnp.einsum("td,dnh->tnh", x, params["q_proj"])
+        q = _linear(x, params, "q_proj", "td,dnh->tnh", impl, heads=n)
     else:
-        c = rms_norm(_linear(x, params, "q_a_proj", "td,dq->tq"), params["q_a_layernorm"], cfg.norm_eps)
-        q = jnp.einsum("tq,qnh->tnh", c, params["q_b_proj"])
+        c = rms_norm(_linear(x, params, "q_a_proj", "td,dq->tq", impl), params["q_a_layernorm"], cfg.norm_eps)
+        q = _linear(c, params, "q_b_proj", "tq,qnh->tnh", impl, heads=n)
     q_nope, q_pe = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
-    ckv = _linear(x, params, "kv_a_proj_with_mqa", "td,de->te")
+    ckv = _linear(x, params, "kv_a_proj_with_mqa", "td,de->te", impl)
     latent = rms_norm(ckv[:, : cfg.kv_lora_rank], params["kv_a_layernorm"], cfg.norm_eps)
     k_pe = ckv[:, cfg.kv_lora_rank :]
     inv_freq, attention_factor = cfg.rope()
@@ -244,9 +332,9 @@ def _from_blocks(o: jax.Array, meta: batching.RaggedMeta) -> jax.Array:
     return o.reshape(-1, *o.shape[2:])[meta.tok_block]  # [NB, Qb, ...] -> [T, ...]
 
 
-def _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, kv_len):
+def _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, kv_len, impl):
     """MQA over [latent | pe] with W_UK folded into q and W_UV applied after: returns [T, N, V]."""
-    q_lat = jnp.einsum("tnp,npl->tnl", q_nope, params["w_uk"])
+    q_lat = _absorb_uk(q_nope, params, impl)
     kv = cache.kv_cache[meta.blk_slot, :kv_len]  # [NB, S, L]
     pe = cache.pe_cache[meta.blk_slot, :kv_len]  # [NB, S, R]
     f32 = jnp.float32
@@ -254,13 +342,13 @@ def _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, kv_len):
               + jnp.einsum("bqnr,bsr->bnqs", _to_blocks(q_pe, meta).astype(pe.dtype), pe).astype(f32))
     probs = _softmax(scores * cfg.softmax_scale, meta, kv_len).astype(kv.dtype)
     o_lat = jnp.einsum("bnqs,bsl->bqnl", probs, kv).astype(q_nope.dtype)
-    return jnp.einsum("tnl,nlv->tnv", _from_blocks(o_lat, meta), params["w_uv"])
+    return _expand_uv(_from_blocks(o_lat, meta), params, impl)
 
 
 def _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta, seq_lens, past_lens):
     """One-token-per-request steps through the Pallas flash-decoding kernel: returns [T, N, V]."""
     slots, max_len = cache.kv_cache.shape[:2]
-    q_lat = jnp.einsum("tnp,npl->tnl", q_nope, params["w_uk"]).astype(cache.kv_cache.dtype)
+    q_lat = _absorb_uk(q_nope, params, "pallas").astype(cache.kv_cache.dtype)
     dest = jnp.where(meta.tok_pos < max_len, meta.tok_slot, slots)  # padding tokens: dropped
     q_lat = jnp.zeros((slots, *q_lat.shape[1:]), q_lat.dtype).at[dest].set(q_lat, mode="drop")
     q_pe = jnp.zeros((slots, *q_pe.shape[1:]), cache.pe_cache.dtype).at[dest].set(q_pe.astype(cache.pe_cache.dtype),
@@ -270,7 +358,7 @@ def _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta, seq_lens, past
     decode = sharding.per_device(functools.partial(pallas_kernels.mla_decode, sm_scale=cfg.softmax_scale),
                                  (heads, heads, MLA_CACHE, MLA_CACHE, P(DP)), heads)
     o_lat = decode(q_lat, q_pe, cache.kv_cache, cache.pe_cache, lengths)
-    return jnp.einsum("tnl,nlv->tnv", o_lat[meta.tok_slot].astype(q_nope.dtype), params["w_uv"])
+    return _expand_uv(o_lat[meta.tok_slot].astype(q_nope.dtype), params, "pallas")
 
 
 def _attend_prefill_kernel(params, cfg, q_nope, q_pe, cache, seq_lens, past_lens, kv_tokens):
@@ -283,9 +371,8 @@ def _attend_prefill_kernel(params, cfg, q_nope, q_pe, cache, seq_lens, past_lens
     k_slot, k_pos = pallas_kernels.sage_attention_segments(cu_k, kv_tokens)
     kv = cache.kv_cache[k_slot, k_pos].astype(q_nope.dtype)  # [Tk, L]; rows past cu_k[-1] are never read
     pe = cache.pe_cache[k_slot, k_pos].astype(q_nope.dtype)  # [Tk, R]
-    k = jnp.concatenate([jnp.einsum("sl,npl->snp", kv, params["w_uk"]),
-                         jnp.broadcast_to(pe[:, None, :], (pe.shape[0], cfg.num_heads, pe.shape[1]))], axis=-1)
-    v = jnp.einsum("sl,nlv->snv", kv, params["w_uv"])
+    k_nope, v = _up_project(kv, params, "pallas")
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(pe[:, None, :], (pe.shape[0], cfg.num_heads, pe.shape[1]))], axis=-1)
     q = jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1)
     heads = P(None, TP, None)
     attend = sharding.per_device(functools.partial(pallas_kernels.sage_attention, causal=True,
@@ -295,12 +382,11 @@ def _attend_prefill_kernel(params, cfg, q_nope, q_pe, cache, seq_lens, past_lens
     return jnp.where(rows[:, None, None], o, 0)  # padding tokens: rows no request owns
 
 
-def _attend_naive(params, cfg, q_nope, q_pe, cache, meta, kv_len):
+def _attend_naive(params, cfg, q_nope, q_pe, cache, meta, kv_len, impl):
     """Reference: up-project the cached latent to per-head K_nope and V, then ordinary attention: [T, N, V]."""
     kv = cache.kv_cache[meta.blk_slot, :kv_len].astype(q_nope.dtype)
     pe = cache.pe_cache[meta.blk_slot, :kv_len].astype(q_nope.dtype)
-    k_nope = jnp.einsum("bsl,npl->bsnp", kv, params["w_uk"])
-    v = jnp.einsum("bsl,nlv->bsnv", kv, params["w_uv"])
+    k_nope, v = _up_project(kv, params, impl)
     f32 = jnp.float32
     scores = (jnp.einsum("bqnp,bsnp->bnqs", _to_blocks(q_nope, meta), k_nope).astype(f32)
               + jnp.einsum("bqnr,bsr->bnqs", _to_blocks(q_pe, meta), pe).astype(f32))
@@ -316,19 +402,19 @@ def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes,
     INT8 varlen attention kernel (up-projected form); otherwise XLA scatters and the XLA absorbed/naive forms.
     """
     meta = batching.ragged_metadata(seq_lens, past_lens, sizes, cache.kv_cache.shape[1])
-    q_nope, q_pe, latent, k_pe = _project(params, cfg, x, meta.tok_pos)
+    q_nope, q_pe, latent, k_pe = _project(params, cfg, x, meta.tok_pos, impl)
     cache = _write_cache(cache, meta, latent, k_pe, impl)
     if mode == "naive":
-        o = _attend_naive(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len)
+        o = _attend_naive(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len, impl)
     elif impl == "pallas" and sizes.block_q == 1:
         o = _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta, seq_lens, past_lens)
     elif impl == "pallas":
         o = _attend_prefill_kernel(params, cfg, q_nope, q_pe, cache, seq_lens, past_lens, sizes.kv_tokens)
     else:
-        o = _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len)  # [T, N, V]
+        o = _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len, impl)  # [T, N, V]
     if "gate_proj" in params:  # gated attention: o * sigmoid(x W_g), per head and channel
         o = o * jax.nn.sigmoid(jnp.einsum("td,dnv->tnv", x, params["gate_proj"]))
-    return _linear(o, params, "o_proj", "tnv,nvd->td"), cache
+    return _linear(o, params, "o_proj", "tnv,nvd->td", impl), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sizes", "mode", "impl"), donate_argnames=("cache",))
@@ -407,12 +493,13 @@ def decode_steps(params: Params, cfg: MLAConfig, xs: jax.Array, cache: MLACache,
         return _decode_steps_jit(params, cfg, xs, cache, jnp.asarray(past_lens, jnp.int32), kv_len, mode, impl)
 
 
-def load_layer(hf_dir, layer: int, *, dtype=None) -> tuple[MLAConfig, Params]:
+def load_layer(hf_dir, layer: int, *, dtype=None, keep_fp8: bool = False) -> tuple[MLAConfig, Params]:
     """The attention weights of decoder layer `layer` of an HF checkpoint directory, in our layout.
 
-    Single or sharded safetensors; float32, bfloat16, or FP8 e4m3 with `weight_scale_inv` (dequantised).
-    `dtype` defaults to the checkpoint's float dtype (bfloat16 for FP8 checkpoints).
+    Single or sharded safetensors; float32, bfloat16, or FP8 e4m3 with `weight_scale_inv` (dequantised, unless
+    `keep_fp8`: then the projections stay FP8 with their block scales, see the module docstring).
+    `dtype` defaults to the checkpoint's float dtype (bfloat16 for FP8 checkpoints; norms and biases with keep_fp8).
     """
     from convert import deepseek  # the layout mapping lives in one place, the converter
 
-    return deepseek.load_layer(hf_dir, layer, dtype=dtype)
+    return deepseek.load_layer(hf_dir, layer, dtype=dtype, keep_fp8=keep_fp8)

@@ -1,0 +1,237 @@
+"""Block-scaled FP8 matmul: y = x @ dequant(W)^T with W in float8_e4m3fn and one float32 scale per 128x128 block
+(DeepSeek-V3/R1's checkpoint format: W_bf16[i, j] = W[i, j] * weight_scale_inv[i // 128, j // 128]).
+
+Two paths, one kernel body, chosen by the token count M:
+- weight-only (decode, M < 128): each program streams 128-wide K tiles of its weight columns as FP8 (half the bytes
+  of bf16), widens them exactly to x's dtype in registers, multiplies with x on the tensor cores and adds the
+  tile's product times its block scale into a float32 accumulator. Memory-bound: the K loop is split across
+  programs (split-K, partial sums added in XLA) so that a few output tiles still fill the GPU.
+- FP8 activations (prefill, M >= 128): inside the same loop each program quantises its x tile per token per 128
+  channels (DeepSeek's `act_quant`: s = max(|x|, 1e-4) / 448, x / s in e4m3) and runs FP8 x FP8 dots with float32
+  accumulation, scaling each 128-wide partial product by s_x[m] * s_w before adding it (the per-block promotion
+  that keeps Hopper's FP8 accumulation exact enough, as in DeepSeek's `fp8_gemm_kernel`).
+
+Layouts: x [M, K] or [M, G, K]; w [N, K] / [G, N, K] (`transpose_w=True`, HF `nn.Linear` rows, y = x W^T) or
+[K, N] / [G, K, N] (`transpose_w=False`, y = x W); scales follow w's last two dims in blocks of `block`. G groups
+(MLA heads) index x, w and y together; a 2-D x with a grouped w is shared by every group. Shapes need not be
+multiples of anything: K and N tiles are the largest of 128/64/32/16 that divide them (padding only below 16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.common import cdiv, next_pow2, resolve_interpret
+
+E4M3 = jnp.float8_e4m3fn
+E4M3_MAX = 448.0
+ACT_EPS = 1e-4  # DeepSeek's act_quant floor on the block amax
+FP8_ACTIVATIONS_MIN_M = 128  # "auto": token counts from here on quantise activations (prefill)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Fp8Weight:
+    """An FP8 e4m3 weight with float32 block scales, rows = outputs (HF layout) unless stated by its user."""
+
+    w: jax.Array  # float8_e4m3fn [..., N, K]
+    scale: jax.Array  # float32 [..., ceil(N / block), ceil(K / block)]
+    block: int = dataclasses.field(default=128, metadata=dict(static=True))
+
+    @property
+    def shape(self):
+        return self.w.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes + self.scale.nbytes
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    block_m: int = 64  # token rows per program (>= 16 for the tensor cores; smaller M is padded to 16)
+    block_n: int = 128  # output columns per program (at most the scale block)
+    k_splits: int | None = None  # split-K factor; None: enough programs to fill an H100 (132 SMs) twice
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# ------------------------------------------------------------------------------------------------ references
+def dequantize(w, scale, block: int = 128):
+    """float32 W from e4m3 `w` [..., N, K] and `scale` [..., ceil(N/b), ceil(K/b)]."""
+    n, k = w.shape[-2:]
+    s = jnp.repeat(jnp.repeat(scale.astype(jnp.float32), block, axis=-2), block, axis=-1)[..., :n, :k]
+    return w.astype(jnp.float32) * s
+
+
+def quantize(w, block: int = 128):
+    """(e4m3 [..., N, K], float32 scales [..., ceil(N/b), ceil(K/b)]): per-block absmax / 448, the way DeepSeek's
+    checkpoints are made; all-zero blocks get scale 1."""
+    w = jnp.asarray(w, jnp.float32)
+    n, k = w.shape[-2:]
+    gn, gk = cdiv(n, block), cdiv(k, block)
+    pad = [(0, 0)] * (w.ndim - 2) + [(0, gn * block - n), (0, gk * block - k)]
+    blocks = jnp.pad(w, pad).reshape(*w.shape[:-2], gn, block, gk, block)
+    amax = jnp.abs(blocks).max(axis=(-3, -1))
+    scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+    q = (blocks / scale[..., :, None, :, None]).reshape(*w.shape[:-2], gn * block, gk * block)[..., :n, :k]
+    return q.astype(E4M3), scale.astype(jnp.float32)
+
+
+def quantize_activations(x, block: int = 128):
+    """DeepSeek `act_quant` over the last axis: (e4m3 x / s, s [..., ceil(K/b)]) with s = max(amax, 1e-4) / 448 per
+    `block` channels of each token."""
+    x = jnp.asarray(x, jnp.float32)
+    k = x.shape[-1]
+    gk = cdiv(k, block)
+    xb = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, gk * block - k)]).reshape(*x.shape[:-1], gk, block)
+    s = jnp.maximum(jnp.abs(xb).max(-1), ACT_EPS) / E4M3_MAX
+    q = (xb / s[..., None]).reshape(*x.shape[:-1], gk * block)[..., :k]
+    return q.astype(E4M3), s
+
+
+def fp8_matmul_reference(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, activations: str = "auto"):
+    """Pure jnp: dequantised weight (and, on the FP8-activation path, quantised-dequantised x), float32 product."""
+    fp8_act = _use_fp8_activations(activations, x.shape[0])
+    wf = dequantize(w, w_scale, block)
+    if not transpose_w:
+        wf = jnp.swapaxes(wf, -1, -2)  # -> [..., N, K]
+    xf = x.astype(jnp.float32)
+    if fp8_act:
+        q, s = quantize_activations(xf, block)
+        xf = q.astype(jnp.float32) * jnp.repeat(s, block, axis=-1)[..., : x.shape[-1]]
+    hp = jax.lax.Precision.HIGHEST
+    if wf.ndim == 2:
+        y = jnp.einsum("...k,nk->...n", xf, wf, precision=hp)
+    elif x.ndim == 2:
+        y = jnp.einsum("mk,gnk->mgn", xf, wf, precision=hp)
+    else:
+        y = jnp.einsum("mgk,gnk->mgn", xf, wf, precision=hp)
+    return y.astype(x.dtype)
+
+
+def _use_fp8_activations(activations: str, m: int) -> bool:
+    if activations not in ("auto", "bf16", "fp8"):
+        raise ValueError(f"activations must be 'auto', 'bf16' or 'fp8', got {activations!r}")
+    return activations == "fp8" or (activations == "auto" and m >= FP8_ACTIVATIONS_MIN_M)
+
+
+# ------------------------------------------------------------------------------------------------------ kernel
+def _kernel(x_ref, w_ref, s_ref, o_ref, *, bk, bn, block, k_tiles, tiles_per_split, transpose_w, fp8_act,
+            native_fp8):
+    n_tile, split = pl.program_id(2), pl.program_id(3)
+    first = split * tiles_per_split
+    count = jnp.minimum(tiles_per_split, k_tiles - first)
+    n_scale = (n_tile * bn) // block
+    f32 = jnp.float32
+
+    def body(i, acc):
+        k0 = (first + i) * bk
+        xb = x_ref[:, pl.ds(k0, bk)]  # [bm, bk]
+        wb = w_ref[:, pl.ds(k0, bk)] if transpose_w else w_ref[pl.ds(k0, bk), :]  # [bn, bk] / [bk, bn]
+        s_w = s_ref[n_scale, k0 // block] if transpose_w else s_ref[k0 // block, n_scale]
+        if fp8_act:
+            xf = xb.astype(f32)
+            s_x = jnp.maximum(jnp.max(jnp.abs(xf), axis=1), ACT_EPS) / E4M3_MAX  # [bm]
+            xq = (xf / s_x[:, None]).astype(E4M3)
+            if not native_fp8:  # interpret mode: e4m3 products are exact in float32
+                xq, wb = xq.astype(f32), wb.astype(f32)
+            d = jnp.dot(xq, wb.T if transpose_w else wb, preferred_element_type=f32)
+            return acc + d * (s_x[:, None] * s_w)
+        wd = wb.astype(xb.dtype)  # e4m3 -> bf16/f32 is exact
+        d = jnp.dot(xb, wd.T if transpose_w else wd, preferred_element_type=f32)
+        return acc + d * s_w
+
+    acc = jax.lax.fori_loop(0, count, body, jnp.zeros(o_ref.shape, f32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _tile(size: int, cap: int) -> int:
+    """Largest of cap, cap/2, ..., 16 dividing `size`; 16 when none does (the caller pads to it)."""
+    t = cap
+    while t > 16 and size % t:
+        t //= 2
+    return t
+
+
+def _pad(a, axis, size):
+    if a.shape[axis] == size:
+        return a
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, size - a.shape[axis])
+    return jnp.pad(a, pad)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "transpose_w", "activations", "block_sizes", "interpret"))
+def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, activations: str = "auto",
+               block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None):
+    """x @ dequant(w)^T (or x @ dequant(w) with transpose_w=False) in x's dtype; see the module docstring.
+
+    activations: "auto" (bf16 x with FP8 weights below 128 tokens, FP8 x at 128 and above), "bf16" or "fp8".
+    """
+    interp = resolve_interpret(interpret)
+    if w.dtype != E4M3:
+        raise ValueError(f"fp8_matmul needs float8_e4m3fn weights, got {w.dtype}")
+    grouped = w.ndim == 3
+    w3 = w if grouped else w[None]
+    s3 = (w_scale if grouped else w_scale[None]).astype(jnp.float32)
+    g = w3.shape[0]
+    n, k = (w3.shape[1], w3.shape[2]) if transpose_w else (w3.shape[2], w3.shape[1])
+    shared_x = x.ndim == 2
+    if x.shape[-1] != k or (not shared_x and (x.ndim != 3 or x.shape[1] != g)):
+        raise ValueError(f"fp8_matmul: x {x.shape} does not match w {w.shape} (transpose_w={transpose_w})")
+    expect_scale = (g, cdiv(w3.shape[1], block), cdiv(w3.shape[2], block))
+    if s3.shape != expect_scale:
+        raise ValueError(f"fp8_matmul: scale {w_scale.shape} does not match w {w.shape} in {block}-blocks")
+    m = x.shape[0]
+    fp8_act = _use_fp8_activations(activations, m)
+    bs = block_sizes
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"fp8_matmul: the scale block must be a power of two >= 16, got {block}")
+    # K tiles: one scale block each at most; the FP8-activation path quantises whole `block`-channel groups
+    if fp8_act and block > 128:
+        raise ValueError(f"fp8_matmul: FP8 activations need a scale block <= 128, got {block}")
+    bk = block if fp8_act else _tile(k, min(block, 128))
+    bn = _tile(n, min(bs.block_n, block))
+    k_pad, n_pad = cdiv(k, bk) * bk, cdiv(n, bn) * bn
+    bm = min(bs.block_m, max(16, next_pow2(m)))
+    m_pad = cdiv(m, bm) * bm
+    x3 = x[:, None] if shared_x else x
+    x3 = _pad(_pad(x3, 0, m_pad), 2, k_pad)
+    if transpose_w:
+        w3 = _pad(_pad(w3, 1, n_pad), 2, k_pad)  # a copy only for sizes that are not multiples of 16
+    else:
+        w3 = _pad(_pad(w3, 1, k_pad), 2, n_pad)
+    k_tiles, n_tiles, m_tiles = k_pad // bk, n_pad // bn, m_pad // bm
+    splits = bs.k_splits or (1 if fp8_act else max(1, min(k_tiles, cdiv(2 * 132, m_tiles * g * n_tiles))))
+    per_split = cdiv(k_tiles, splits)
+    splits = cdiv(k_tiles, per_split)
+    out_dtype = x.dtype if splits == 1 else jnp.float32
+    kernel = functools.partial(_kernel, bk=bk, bn=bn, block=block, k_tiles=k_tiles, tiles_per_split=per_split,
+                               transpose_w=transpose_w, fp8_act=fp8_act, native_fp8=not interp)
+    x_map = (lambda i, j, t, s: (i, 0, 0)) if shared_x else (lambda i, j, t, s: (i, j, 0))
+    w_block = (None, bn, k_pad) if transpose_w else (None, k_pad, bn)
+    w_map = (lambda i, j, t, s: (j, t, 0)) if transpose_w else (lambda i, j, t, s: (j, 0, t))
+    out = pl.pallas_call(
+        kernel,
+        grid=(m_tiles, g, n_tiles, splits),
+        in_specs=[
+            pl.BlockSpec((bm, None, k_pad), x_map),
+            pl.BlockSpec(w_block, w_map),
+            pl.BlockSpec((None, *s3.shape[1:]), lambda i, j, t, s: (j, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, bm, None, bn), lambda i, j, t, s: (s, i, j, t)),
+        out_shape=jax.ShapeDtypeStruct((splits, m_pad, g, n_pad), out_dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        interpret=interp,
+        name="fp8_matmul",
+    )(x3, w3, s3)
+    y = out[0] if splits == 1 else out.sum(0).astype(x.dtype)
+    y = y[:m, :, :n]
+    return y if grouped else y[:, 0]
