@@ -1,4 +1,4 @@
-"""python -m convert HF_DIR OUT_DIR [--layers 3,5] [--dtype bfloat16] [--overwrite]"""
+"""python -m convert HF_DIR OUT_DIR [--layers 3,5] [--dtype bfloat16] [--keep-fp8] [--overwrite]"""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ def main(argv=None) -> int:
     ap.add_argument("out_dir")
     ap.add_argument("--layers", help="comma-separated decoder layers (default: all)")
     ap.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 (default) or float16")
+    ap.add_argument("--keep-fp8", action="store_true", help="DeepSeek FP8 checkpoints: store the projections as e4m3 "
+                    "with their block scales instead of dequantising them")
     ap.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     args = ap.parse_args(argv)
     try:
@@ -26,11 +28,12 @@ def main(argv=None) -> int:
         ap.error(f"--layers must be comma-separated integers, got {args.layers!r}")
     try:
         if read_config(args.hf_dir).get("model_type") == "qwen3_vl":
-            if layers is not None:
-                ap.error("--layers applies to DeepSeek checkpoints only")
+            if layers is not None or args.keep_fp8:
+                ap.error("--layers and --keep-fp8 apply to DeepSeek checkpoints only")
             out = convert_qwen3_vl(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
         else:
-            out = convert_mla(args.hf_dir, args.out_dir, layers=layers, dtype=args.dtype, overwrite=args.overwrite)
+            out = convert_mla(args.hf_dir, args.out_dir, layers=layers, dtype=args.dtype, keep_fp8=args.keep_fp8,
+                              overwrite=args.overwrite)
     except (CheckpointError, ValueError, FileExistsError) as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2

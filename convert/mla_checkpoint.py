@@ -20,6 +20,7 @@ from tqdm import tqdm
 from convert import deepseek
 from convert.safetensors_io import CheckpointError, atomic_output_dir
 from jaxlm.mla import MLAConfig
+from pallas_kernels.fp8_matmul import Fp8Weight
 
 FORMAT = "jaxlm-mla-v1"
 
@@ -30,8 +31,20 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
-def convert_mla(hf_dir, out_dir, *, layers=None, dtype="bfloat16", overwrite: bool = False, progress: bool = True) -> Path:
-    """Convert the attention weights of `layers` (default: every decoder layer) to an orbax checkpoint."""
+def _to_tree(params: dict) -> dict:
+    """Fp8Weight -> {"w", "scale"} for orbax (block size goes to jaxlm_config.json)."""
+    return {k: ({"w": v.w, "scale": v.scale} if isinstance(v, Fp8Weight) else v) for k, v in params.items()}
+
+
+def _from_tree(tree: dict, block: int | None) -> dict:
+    return {k: (Fp8Weight(jnp.asarray(v["w"]), jnp.asarray(v["scale"]), block=block) if isinstance(v, dict)
+                else jnp.asarray(v)) for k, v in tree.items()}
+
+
+def convert_mla(hf_dir, out_dir, *, layers=None, dtype="bfloat16", keep_fp8: bool = False, overwrite: bool = False,
+                progress: bool = True) -> Path:
+    """Convert the attention weights of `layers` (default: every decoder layer) to an orbax checkpoint;
+    `keep_fp8` stores the projections as e4m3 with their block scales (see convert.deepseek.fp8_layer_params)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     hf_config, cfg, ckpt = deepseek.open_checkpoint(hf_dir)
     num_layers = int(hf_config.get("num_hidden_layers", 0))
@@ -46,12 +59,16 @@ def convert_mla(hf_dir, out_dir, *, layers=None, dtype="bfloat16", overwrite: bo
     with atomic_output_dir(out_dir) as tmp:
         checkpointer = _checkpointer()
         for i in tqdm(layers, desc=f"converting {hf_dir.name}", unit="layer", disable=not progress):
-            params = deepseek.layer_params(ckpt, hf_config, cfg, i, dt)
+            if keep_fp8:
+                params = _to_tree(deepseek.fp8_layer_params(ckpt, hf_config, cfg, i, dt))
+            else:
+                params = deepseek.layer_params(ckpt, hf_config, cfg, i, dt)
             checkpointer.save((tmp / "layers" / str(i)).absolute(), params)
             checkpointer.wait_until_finished()
             del params
         meta = {"format": FORMAT, "config": dataclasses.asdict(cfg), "layers": layers, "dtype": np.dtype(dt).name,
-                "source": str(hf_dir), "hf_config": hf_config}
+                "fp8_block": deepseek.fp8_block(hf_config) if keep_fp8 else None, "source": str(hf_dir),
+                "hf_config": hf_config}
         (tmp / "jaxlm_config.json").write_text(json.dumps(meta, indent=1))
     return out_dir
 
@@ -74,5 +91,5 @@ def load(out_dir, *, layers=None) -> tuple[MLAConfig, dict[int, dict]]:
     params = {}
     for i in wanted:
         tree = checkpointer.restore((out_dir / "layers" / str(i)).absolute())
-        params[i] = {k: jnp.asarray(v) for k, v in tree.items()}
+        params[i] = _from_tree(tree, meta.get("fp8_block"))
     return cfg, params

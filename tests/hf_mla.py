@@ -22,18 +22,19 @@ def rope_parameters(kind: str) -> dict:
 
 
 def build_hf_model(path: Path, *, q_lora_rank=48, rope="yarn", seed=0, gate=False, model_type="deepseek_v3",
-                   rope_interleave=True):
-    """A tiny random HF model saved with save_pretrained (float32, safetensors); returns the torch model."""
+                   rope_interleave=True, **sizes):
+    """A tiny random HF model saved with save_pretrained (float32, safetensors); returns the torch model.
+    `sizes` override TINY's (e.g. qk_nope_head_dim=32)."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
     torch.manual_seed(seed)
     if model_type == "deepseek_v3":
-        config = DeepseekV3Config(**TINY, q_lora_rank=q_lora_rank, rope_parameters=rope_parameters(rope),
+        config = DeepseekV3Config(**{**TINY, **sizes}, q_lora_rank=q_lora_rank, rope_parameters=rope_parameters(rope),
                                   n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
                                   rope_interleave=rope_interleave)
         model = DeepseekV3ForCausalLM(config)
     else:
-        tiny = {k: v for k, v in TINY.items() if k != "first_k_dense_replace"}
+        tiny = {k: v for k, v in {**TINY, **sizes}.items() if k != "first_k_dense_replace"}
         config = DeepseekV2Config(**tiny, q_lora_rank=q_lora_rank, rope_parameters=rope_parameters(rope),
                                   first_k_dense_replace=2, n_routed_experts=4, num_experts_per_tok=2)
         model = DeepseekV2ForCausalLM(config)

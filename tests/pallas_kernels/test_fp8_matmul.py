@@ -1,0 +1,98 @@
+"""fp8_matmul against its jnp reference (interpret mode on CPU) on awkward shapes, and lowered for an H100."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from pallas_kernels import fp8_matmul, fp8_matmul_reference
+from pallas_kernels.fp8_matmul import BlockSizes, dequantize, quantize, quantize_activations
+from pallas_kernels.lowering import export_for_h100
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+CASES = [  # m, n, k, groups (0: plain 2-D), x shared by the groups, transpose_w, block
+    (1, 576, 256, 0, False, True, 128),  # kv_a-like: 4.5 row blocks
+    (16, 100, 200, 0, False, True, 128),  # neither N nor K a multiple of 16 -> padded tiles
+    (300, 130, 256, 0, False, True, 32),  # prefill path (FP8 activations), partial N block
+    (7, 64, 48, 3, False, False, 32),  # per-head W_UK form: x [M, G, K] @ w [G, K, N]
+    (130, 64, 48, 3, True, True, 32),  # up-projection form: shared x [M, K], w [G, N, K], FP8 activations
+    (5, 48, 80, 2, False, True, 128),  # per-head W_UV form
+]
+
+
+@pytest.mark.parametrize("m,n,k,g,shared,transpose_w,block", CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matches_reference(m, n, k, g, shared, transpose_w, block, dtype):
+    rng = np.random.default_rng(m * 7 + n + k)
+    w_shape = ((g,) if g else ()) + ((n, k) if transpose_w else (k, n))
+    w, s = quantize(rng.standard_normal(w_shape).astype(np.float32) * 3, block)
+    x = jnp.asarray(rng.standard_normal((m, k) if (not g or shared) else (m, g, k)), dtype)
+    out = fp8_matmul(x, w, s, block=block, transpose_w=transpose_w, interpret=True,
+                     block_sizes=BlockSizes(block_m=64, k_splits=None))
+    ref = fp8_matmul_reference(x, w, s, block=block, transpose_w=transpose_w)
+    assert out.dtype == dtype and out.shape == ref.shape == (m, *((g,) if g else ()), n)
+    # float32: only the summation order differs; bf16: the output rounding (and FP8 activations from bf16 x)
+    assert rel(out, ref) <= (1e-5 if dtype == jnp.float32 else 4e-3), rel(out, ref)
+
+
+@pytest.mark.parametrize("activations", ["bf16", "fp8"])
+def test_split_k_and_paths_agree(activations):
+    rng = np.random.default_rng(3)
+    w, s = quantize(rng.standard_normal((96, 512)).astype(np.float32), 128)
+    x = jnp.asarray(rng.standard_normal((16, 512)), jnp.float32)
+    ref = fp8_matmul_reference(x, w, s, activations=activations)
+    for splits in (1, 3, 4):
+        out = fp8_matmul(x, w, s, activations=activations, interpret=True, block_sizes=BlockSizes(k_splits=splits))
+        assert rel(out, ref) <= 1e-5, (splits, rel(out, ref))
+
+
+def test_quantizers_match_deepseek_formulas():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((200, 130)).astype(np.float32)
+    w[:128, :128] = 0.0  # an all-zero block: scale 1, no NaN
+    q, s = quantize(w, 128)
+    assert q.dtype == jnp.float8_e4m3fn and s.shape == (2, 2) and float(s[0, 0]) == 1.0
+    expect = np.abs(w[128:, 128:]).max() / 448.0
+    assert np.isclose(float(s[1, 1]), expect, rtol=1e-6)
+    back = np.asarray(dequantize(q, s, 128))
+    assert np.abs(back - w).max() <= np.abs(w).max() / 16  # e4m3: 3 mantissa bits
+    # act_quant: s = max(amax, 1e-4) / 448 per 128 channels; the block's largest value lands on 448
+    x = rng.standard_normal((3, 300)).astype(np.float32)
+    xq, xs = quantize_activations(x, 128)
+    assert xs.shape == (3, 3)
+    np.testing.assert_allclose(np.asarray(xs[:, 0]), np.abs(x[:, :128]).max(1) / 448.0, rtol=1e-6)
+    assert np.abs(np.asarray(xq, np.float32)[:, :128]).max() == 448.0
+    assert np.asarray(xq).dtype == ml_dtypes.float8_e4m3fn
+
+
+def test_bad_inputs():
+    w, s = quantize(np.ones((64, 64), np.float32), 128)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8_matmul(jnp.ones((2, 64)), w.astype(jnp.bfloat16), s)
+    with pytest.raises(ValueError, match="does not match"):
+        fp8_matmul(jnp.ones((2, 32)), w, s)
+    with pytest.raises(ValueError, match="scale"):
+        fp8_matmul(jnp.ones((2, 64)), w, s, block=32)
+
+
+@pytest.mark.parametrize("m", [16, 704])
+def test_lowers_for_h100_at_r1_sizes(m):
+    """Decode (16 tokens, weight-only, split-K) and prefill (704 tokens, FP8 activations) at R1's q_b, kv_a and
+    per-head W_UK shapes."""
+    f8, f32, bf = jnp.float8_e4m3fn, jnp.float32, jnp.bfloat16
+    sd = jax.ShapeDtypeStruct
+    for x, w, s, tw in [((m, 1536), (24576, 1536), (192, 12), True), ((m, 7168), (576, 7168), (5, 56), True),
+                        ((m, 128, 128), (128, 128, 512), (128, 1, 4), False)]:
+        text = export_for_h100(functools.partial(fp8_matmul, transpose_w=tw, interpret=False), sd(x, bf), sd(w, f8),
+                               sd(s, f32))
+        assert "__gpu$xla.gpu.triton" in text and "fp8_matmul" in text
