@@ -229,6 +229,16 @@ def main():
         "floor_prefill_ms": 1e3 * 2 * (weight_bytes / 2) * sum(seed.PREFILL_SEQ) / rate,
         "absorbed_vs_naive_cos": cos(y, np.asarray(naive["y"], np.float32)),
     }
+    # the same layer on FP8 weights (block-quantised from the bf16 ones): projections through fp8_matmul
+    p8 = mla.quantize_fp8(params, cfg)
+    pre8 = seed.prefill(p8, cfg, warmup=args.warmup, runs=args.runs)
+    dec8 = seed.decode(p8, cfg, attention_impl="pallas")
+    fp8_bytes = sum(v.nbytes for v in p8.values())
+    res.update(fp8_prefill_batch_ms=pre8["batch_ms"], fp8_decode_step_ms=dec8["step_ms"],
+               fp8_decode_loop_step_ms=dec8["loop_step_ms"], fp8_weight_bytes=fp8_bytes,
+               floor_fp8_decode_ms=1e3 * (fp8_bytes + 1152 * sum(seed.DECODE_PAST)) / bw,
+               fp8_vs_bf16_cos_prefill=cos(np.asarray(pre8["y"], np.float32), y),
+               fp8_vs_bf16_cos_decode=cos(np.asarray(dec8["ys"], np.float32), np.asarray(dec["ys"], np.float32)))
     if not args.no_hf:
         x_new = np.asarray(jax.random.normal(jax.random.key(1), (sum(seed.PREFILL_SEQ), cfg.hidden_size)), np.float32)
         hf_pre, hf_dec, hf_out = hf_cases(attn, rotary, config, x_new, args.warmup, args.runs)
@@ -249,7 +259,11 @@ def main():
             ("decode step, per forward() call", "decode_step_ms", "hf_decode_step_ms", "floor_decode_ms"),
             ("decode step, inside decode_steps()", "decode_loop_step_ms", "hf_decode_step_ms", "floor_decode_ms"),
             ("decode step, per call, XLA attention", "decode_step_ms_xla", "hf_decode_step_ms", "floor_decode_ms"),
-            ("decode step, decode_steps(), XLA attention", "decode_loop_step_ms_xla", "hf_decode_step_ms", "floor_decode_ms")]
+            ("decode step, decode_steps(), XLA attention", "decode_loop_step_ms_xla", "hf_decode_step_ms", "floor_decode_ms"),
+            ("FP8 prefill batch", "fp8_prefill_batch_ms", "hf_prefill_batch_ms", "floor_prefill_ms"),
+            ("FP8 decode step, per forward() call", "fp8_decode_step_ms", "hf_decode_step_ms", "floor_fp8_decode_ms"),
+            ("FP8 decode step, inside decode_steps()", "fp8_decode_loop_step_ms", "hf_decode_step_ms",
+             "floor_fp8_decode_ms")]
     print(f"{'case':<46} {'jaxlm ms':>9} {'HF ms':>8} {'HF/jaxlm':>9} {'floor ms':>9}")
     for name, k, hk, fk in rows:
         h = res.get(hk) if hk else None
@@ -257,7 +271,8 @@ def main():
               f"{'' if h is None else f'{h / res[k]:.1f}x':>9} {'' if fk is None else f'{res[fk]:.3f}':>9}")
     print(f"decode tokens/s: {res['decode_tokens_per_s']:,.0f} per call, {res['decode_loop_tokens_per_s']:,.0f} in loop; "
           f"absorbed vs naive cos {res['absorbed_vs_naive_cos']:.6f}; vs HF cos {res.get('vs_hf_cos_no_history')}; "
-          f"decode pallas vs xla cos {res['decode_pallas_vs_xla_cos']:.6f}")
+          f"decode pallas vs xla cos {res['decode_pallas_vs_xla_cos']:.6f}; FP8 vs bf16 cos prefill "
+          f"{res['fp8_vs_bf16_cos_prefill']:.5f} decode {res['fp8_vs_bf16_cos_decode']:.5f}")
 
 
 def _commit() -> str:
