@@ -6,8 +6,8 @@ Two paths, one kernel body, chosen by the token count M:
   of bf16), widens them exactly to x's dtype in registers, multiplies with x on the tensor cores and adds the
   tile's product times its block scale into a float32 accumulator. Memory-bound: the K loop is split across
   programs (split-K, partial sums added in XLA) so that a few output tiles still fill the GPU.
-- FP8 activations (prefill, M >= 128): inside the same loop each program quantises its x tile per token per 128
-  channels (DeepSeek's `act_quant`: s = max(|x|, 1e-4) / 448, x / s in e4m3) and runs FP8 x FP8 dots with float32
+- FP8 activations (prefill, M >= 128): x is quantised per token per 128 channels first (DeepSeek's `act_quant`:
+  s = max(|x|, 1e-4) / 448, x / s in e4m3; one fused XLA pass), then the kernel runs FP8 x FP8 dots with float32
   accumulation, scaling each 128-wide partial product by s_x[m] * s_w before adding it (the per-block promotion
   that keeps Hopper's FP8 accumulation exact enough, as in DeepSeek's `fp8_gemm_kernel`).
 
@@ -123,11 +123,13 @@ def _use_fp8_activations(activations: str, m: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------ kernel
-def _kernel(x_ref, w_ref, s_ref, o_ref, *, bk, bn, block, k_tiles, tiles_per_split, transpose_w, fp8_act,
-            native_fp8):
+def _kernel(*refs, bk, bn, block, tiles_per_split, transpose_w, fp8_act, native_fp8):
+    if fp8_act:
+        x_ref, xs_ref, w_ref, s_ref, o_ref = refs
+    else:
+        x_ref, w_ref, s_ref, o_ref = refs
     n_tile, split = pl.program_id(2), pl.program_id(3)
     first = split * tiles_per_split
-    count = jnp.minimum(tiles_per_split, k_tiles - first)
     n_scale = (n_tile * bn) // block
     f32 = jnp.float32
 
@@ -136,19 +138,17 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, *, bk, bn, block, k_tiles, tiles_per_spl
         xb = x_ref[:, pl.ds(k0, bk)]  # [bm, bk]
         wb = w_ref[:, pl.ds(k0, bk)] if transpose_w else w_ref[pl.ds(k0, bk), :]  # [bn, bk] / [bk, bn]
         s_w = s_ref[n_scale, k0 // block] if transpose_w else s_ref[k0 // block, n_scale]
-        if fp8_act:
-            xf = xb.astype(f32)
-            s_x = jnp.maximum(jnp.max(jnp.abs(xf), axis=1), ACT_EPS) / E4M3_MAX  # [bm]
-            xq = (xf / s_x[:, None]).astype(E4M3)
+        if fp8_act:  # x arrives quantised per token per block (one XLA pass), with its scales
+            s_x = xs_ref[:, pl.ds(k0 // block, 1)]  # [bm, 1]
             if not native_fp8:  # interpret mode: e4m3 products are exact in float32
-                xq, wb = xq.astype(f32), wb.astype(f32)
-            d = jnp.dot(xq, wb.T if transpose_w else wb, preferred_element_type=f32)
-            return acc + d * (s_x[:, None] * s_w)
+                xb, wb = xb.astype(f32), wb.astype(f32)
+            d = jnp.dot(xb, wb.T if transpose_w else wb, preferred_element_type=f32)
+            return acc + d * (s_x * s_w)
         wd = wb.astype(xb.dtype)  # e4m3 -> bf16/f32 is exact
         d = jnp.dot(xb, wd.T if transpose_w else wd, preferred_element_type=f32)
         return acc + d * s_w
 
-    acc = jax.lax.fori_loop(0, count, body, jnp.zeros(o_ref.shape, f32))
+    acc = jax.lax.fori_loop(0, tiles_per_split, body, jnp.zeros(o_ref.shape, f32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -209,20 +209,24 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     else:
         w3 = _pad(_pad(w3, 1, k_pad), 2, n_pad)
     k_tiles, n_tiles, m_tiles = k_pad // bk, n_pad // bn, m_pad // bm
-    splits = bs.k_splits or (1 if fp8_act else max(1, min(k_tiles, cdiv(2 * 132, m_tiles * g * n_tiles))))
-    per_split = cdiv(k_tiles, splits)
-    splits = cdiv(k_tiles, per_split)
+    want = bs.k_splits or (1 if fp8_act else max(1, cdiv(2 * 132, m_tiles * g * n_tiles)))
+    splits = max(d for d in range(1, min(want, k_tiles) + 1) if k_tiles % d == 0)  # equal, static trip counts
     out_dtype = x.dtype if splits == 1 else jnp.float32
-    kernel = functools.partial(_kernel, bk=bk, bn=bn, block=block, k_tiles=k_tiles, tiles_per_split=per_split,
+    kernel = functools.partial(_kernel, bk=bk, bn=bn, block=block, tiles_per_split=k_tiles // splits,
                                transpose_w=transpose_w, fp8_act=fp8_act, native_fp8=not interp)
     x_map = (lambda i, j, t, s: (i, 0, 0)) if shared_x else (lambda i, j, t, s: (i, j, 0))
     w_block = (None, bn, k_pad) if transpose_w else (None, k_pad, bn)
     w_map = (lambda i, j, t, s: (j, t, 0)) if transpose_w else (lambda i, j, t, s: (j, 0, t))
+    x_specs, x_args = [pl.BlockSpec((bm, None, k_pad), x_map)], [x3]
+    if fp8_act:  # DeepSeek's act_quant as one fused XLA pass; the kernel reads e4m3 x and its per-block scales
+        xq, xs = quantize_activations(x3, block)
+        x_specs.append(pl.BlockSpec((bm, None, xs.shape[-1]), x_map))
+        x_args = [xq, xs]
     out = pl.pallas_call(
         kernel,
         grid=(m_tiles, g, n_tiles, splits),
         in_specs=[
-            pl.BlockSpec((bm, None, k_pad), x_map),
+            *x_specs,
             pl.BlockSpec(w_block, w_map),
             pl.BlockSpec((None, *s3.shape[1:]), lambda i, j, t, s: (j, 0, 0)),
         ],
@@ -231,7 +235,7 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
         compiler_params=pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interp,
         name="fp8_matmul",
-    )(x3, w3, s3)
+    )(*x_args, w3, s3)
     y = out[0] if splits == 1 else out.sum(0).astype(x.dtype)
     y = y[:m, :, :n]
     return y if grouped else y[:, 0]
