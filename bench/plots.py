@@ -51,7 +51,7 @@ def _series(ax, xs, ys, key):
 def plot_mla(res: dict, out: Path) -> Path | None:
     if not res:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4), gridspec_kw={"width_ratios": [1, 1, 1.5]})
     sweep = res.get("decode_sweep", [])
     for ax, (vary, fixed, label) in zip(axes[:2], [("B", "history", "requests (batch)"),
                                                   ("history", "B", "history length (tokens)")]):
@@ -72,7 +72,9 @@ def plot_mla(res: dict, out: Path) -> Path | None:
     cases = [("prefill\n(seed batch)", "prefill_batch_ms", "hf_prefill_batch_ms", "floor_prefill_ms", None),
              ("decode step\n(per call)", "decode_step_ms", "hf_decode_step_ms", "floor_decode_ms", "decode_step_ms_xla"),
              ("decode step\n(decode_steps)", "decode_loop_step_ms", "hf_decode_step_ms", "floor_decode_ms",
-              "decode_loop_step_ms_xla")]
+              "decode_loop_step_ms_xla"),
+             ("FP8 prefill", "fp8_prefill_batch_ms", "hf_prefill_batch_ms", "floor_prefill_ms", None),
+             ("FP8 decode\n(decode_steps)", "fp8_decode_loop_step_ms", "hf_decode_step_ms", "floor_fp8_decode_ms", None)]
     width = 0.2
     for i, (key, pick) in enumerate([("jaxlm", 1), ("jax_peer", 4), ("hf", 2), ("floor", 3)]):
         vals = [c[pick] and res.get(c[pick]) for c in cases]
@@ -80,7 +82,7 @@ def plot_mla(res: dict, out: Path) -> Path | None:
         if pos:
             ax.bar(pos, [v for v in vals if v], width, color=STYLE[key]["color"], label=STYLE[key]["label"],
                    alpha=0.5 if key == "floor" else 1)
-    ax.set_xticks(range(len(cases)), [c[0] for c in cases])
+    ax.set_xticks(range(len(cases)), [c[0] for c in cases], fontsize=8)
     ax.set_ylabel("ms")
     ax.set_title("seed cases (InfiniLM)")
     ax.grid(alpha=0.3, axis="y")
@@ -116,7 +118,7 @@ def plot_kernels(res: dict, mla_res: dict, out: Path) -> Path | None:
     ax = axes[1]
     dec = res.get("mla_decode", [])
     for b, alpha in ((16, 0.55), (64, 1.0)):
-        rows = sorted([r for r in dec if r["B"] == b], key=lambda r: r["L"])
+        rows = sorted([r for r in dec if r["B"] == b and not r.get("seed")], key=lambda r: r["L"])
         xs = [r["L"] for r in rows]
         for key, field in (("jaxlm", "pallas_TBps"), ("xla", "xla_TBps")):
             pts = [(x, r.get(field)) for x, r in zip(xs, rows) if r.get(field)]
@@ -148,7 +150,8 @@ def plot_qwen3_vl(res: dict, out: Path) -> Path | None:
         vals = [res.get(fmt.format(b)) for b in (1, 16)]
         pos = [j + (i - 1) * width for j, v in enumerate(vals) if v]
         if pos:
-            bars = ax.bar(pos, [v for v in vals if v], width, color=STYLE[key]["color"], label=STYLE[key]["label"],
+            label = "jaxlm (XLA attention)" if key == "jaxlm" else STYLE[key]["label"]
+            bars = ax.bar(pos, [v for v in vals if v], width, color=STYLE[key]["color"], label=label,
                           alpha=0.5 if key == "floor" else 1)
             ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_xticks([0, 1], ["batch 1", "batch 16"])
