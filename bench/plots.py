@@ -42,6 +42,26 @@ def _caption(fig, res: dict):
              fontsize=7, color="#57606a")
 
 
+def _save(fig, res: dict, path: Path) -> Path:
+    _caption(fig, res)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _ceiling_axes(ax, ceiling, ceiling_label, xlabel, ylabel, title):
+    """Log2 x axis, labels, a dotted measured ceiling when known, grid and legend."""
+    if ceiling:
+        ax.axhline(ceiling, **{**STYLE["floor"], "label": ceiling_label})
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
 def _series(ax, xs, ys, key):
     pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
     if pts:
@@ -89,11 +109,7 @@ def plot_mla(res: dict, out: Path) -> Path | None:
     handles, labels = axes[0].get_legend_handles_labels()
     (ax if not handles else axes[0]).legend(fontsize=8)
     fig.suptitle("DeepSeek-R1 MLA layer, bf16, random weights")
-    _caption(fig, res)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(out / "mla.png", dpi=110)
-    plt.close(fig)
-    return out / "mla.png"
+    return _save(fig, res, out / "mla.png")
 
 
 def plot_kernels(res: dict, mla_res: dict, out: Path) -> Path | None:
@@ -107,14 +123,8 @@ def plot_kernels(res: dict, mla_res: dict, out: Path) -> Path | None:
     _series(ax, xs, [r.get("cudnn_TFLOPs") for r in rows], "cudnn")
     _series(ax, xs, [r.get("mgpu_TFLOPs") for r in rows], "mgpu")
     _series(ax, xs, [r.get("xla_TFLOPs") for r in rows], "xla")
-    if mla_res.get("matmul_TFLOPs"):
-        ax.axhline(mla_res["matmul_TFLOPs"], **{**STYLE["floor"], "label": "bf16 matmul rate (measured)"})
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length (causal, D=128, 16 heads)")
-    ax.set_ylabel("TFLOP/s")
-    ax.set_title("attention: sage_attention (INT8 Q·Kᵀ)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _ceiling_axes(ax, mla_res.get("matmul_TFLOPs"), "bf16 matmul rate (measured)",
+                  "sequence length (causal, D=128, 16 heads)", "TFLOP/s", "attention: sage_attention (INT8 Q·Kᵀ)")
     ax = axes[1]
     dec = res.get("mla_decode", [])
     for b, alpha in ((16, 0.55), (64, 1.0)):
@@ -124,20 +134,10 @@ def plot_kernels(res: dict, mla_res: dict, out: Path) -> Path | None:
             pts = [(x, r.get(field)) for x, r in zip(xs, rows) if r.get(field)]
             if pts:
                 ax.plot(*zip(*pts), **{**STYLE[key], "alpha": alpha, "label": f"{STYLE[key]['label']}, B={b}"})
-    bw = mla_res.get("copy_TBps")
-    if bw:
-        ax.axhline(bw, **{**STYLE["floor"], "label": "copy bandwidth (measured)"})
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("history length L (128 heads, latent 512 + rope 64)")
-    ax.set_ylabel("effective cache read TB/s")
-    ax.set_title("mla_decode (absorbed, flash-decoding)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    _caption(fig, res)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(out / "kernels.png", dpi=110)
-    plt.close(fig)
-    return out / "kernels.png"
+    _ceiling_axes(ax, mla_res.get("copy_TBps"), "copy bandwidth (measured)",
+                  "history length L (128 heads, latent 512 + rope 64)", "effective cache read TB/s",
+                  "mla_decode (absorbed, flash-decoding)")
+    return _save(fig, res, out / "kernels.png")
 
 
 def plot_qwen3_vl(res: dict, out: Path) -> Path | None:
@@ -159,11 +159,7 @@ def plot_qwen3_vl(res: dict, out: Path) -> Path | None:
     ax.set_title("Qwen3-VL-2B decode (random bf16 weights, 128-token prompts)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    _caption(fig, res)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(out / "qwen3_vl.png", dpi=110)
-    plt.close(fig)
-    return out / "qwen3_vl.png"
+    return _save(fig, res, out / "qwen3_vl.png")
 
 
 def main(argv=None) -> list[Path]:

@@ -125,6 +125,8 @@ def shard(tree, specs, mesh: Mesh):
 
 def shard_mla(params, cfg, mesh: Mesh):
     """MLA params (jaxlm.mla layout) placed on `mesh` by `mla_param_specs`; the heads must divide over tp."""
+    if any(not hasattr(v, "ndim") for v in params.values()):
+        raise ValueError("FP8 (Fp8Weight) MLA params are not sharded yet: load with keep_fp8=False for tp/dp > 1")
     if cfg.num_heads % axis_size(mesh, TP):
         raise ValueError(f"tp={axis_size(mesh, TP)} does not divide the {cfg.num_heads} attention heads: pick a tp "
                          "that does (R1's 128 heads: 1, 2, 4, 8, ...)")

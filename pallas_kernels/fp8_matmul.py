@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import cdiv, next_pow2, resolve_interpret
+from pallas_kernels.common import cdiv, next_pow2, pad_to, resolve_interpret
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -160,14 +160,6 @@ def _tile(size: int, cap: int) -> int:
     return t
 
 
-def _pad(a, axis, size):
-    if a.shape[axis] == size:
-        return a
-    pad = [(0, 0)] * a.ndim
-    pad[axis] = (0, size - a.shape[axis])
-    return jnp.pad(a, pad)
-
-
 @functools.partial(jax.jit, static_argnames=("block", "transpose_w", "activations", "block_sizes", "interpret"))
 def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, activations: str = "auto",
                block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None):
@@ -203,11 +195,11 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     bm = min(bs.block_m, max(16, next_pow2(m)))
     m_pad = cdiv(m, bm) * bm
     x3 = x[:, None] if shared_x else x
-    x3 = _pad(_pad(x3, 0, m_pad), 2, k_pad)
+    x3 = pad_to(pad_to(x3, 0, m_pad), 2, k_pad)
     if transpose_w:
-        w3 = _pad(_pad(w3, 1, n_pad), 2, k_pad)  # a copy only for sizes that are not multiples of 16
+        w3 = pad_to(pad_to(w3, 1, n_pad), 2, k_pad)  # a copy only for sizes that are not multiples of 16
     else:
-        w3 = _pad(_pad(w3, 1, k_pad), 2, n_pad)
+        w3 = pad_to(pad_to(w3, 1, k_pad), 2, n_pad)
     k_tiles, n_tiles, m_tiles = k_pad // bk, n_pad // bn, m_pad // bm
     want = bs.k_splits or (1 if fp8_act else max(1, cdiv(2 * 132, m_tiles * g * n_tiles)))
     splits = max(d for d in range(1, min(want, k_tiles) + 1) if k_tiles % d == 0)  # equal, static trip counts

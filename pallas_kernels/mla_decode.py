@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import cdiv, next_pow2, resolve_interpret
+from pallas_kernels.common import cdiv, next_pow2, pad_to, resolve_interpret
 
 LOG2E = math.log2(math.e)
 
@@ -71,14 +71,6 @@ def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, o_ref, m_ref, l_ref, *, sca
     l_ref[...] = l
 
 
-def _pad_to(x, axis, size):
-    if x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad)
-
-
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret", "return_lse"))
 def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, block_sizes: BlockSizes = BlockSizes(),
                interpret: bool | None = None, return_lse: bool = False):
@@ -103,8 +95,8 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
     # Rows are read in whole blocks of block_k, masked past each request's length; a cache whose length is not
     # a multiple of block_k is padded (a copy: jaxlm's init_cache allocates multiples of 64, so it never is).
     s_pad = cdiv(s_len, block_k) * block_k
-    kv_cache, pe_cache = _pad_to(kv_cache, 1, s_pad), _pad_to(pe_cache, 1, s_pad)
-    q_latent, q_pe = _pad_to(q_latent, 1, h_pad), _pad_to(q_pe, 1, h_pad)
+    kv_cache, pe_cache = pad_to(kv_cache, 1, s_pad), pad_to(pe_cache, 1, s_pad)
+    q_latent, q_pe = pad_to(q_latent, 1, h_pad), pad_to(q_pe, 1, h_pad)
     lengths = jnp.minimum(jnp.asarray(lengths, jnp.int32), s_len).reshape(b, 1)
     kernel = functools.partial(_kernel, scale=sm_scale * LOG2E, block_k=block_k, split_len=split_len)
     grid = (b, head_blocks, k_splits)
