@@ -81,8 +81,8 @@ def qwen3_vl_text_specs(cfg, mesh) -> dict[str, Any]:
 
 
 def qwen3_vl_cache_spec(cfg, mesh) -> P:
-    """k / v caches [layers, B, S, K, H]: batch over dp, KV heads over tp when tp divides them."""
-    return P(None, DP, None, TP if cfg.num_kv_heads % axis_size(mesh, TP) == 0 else None, None)
+    """Each layer's k / v cache [B, S, K, H]: batch over dp, KV heads over tp when tp divides them."""
+    return P(DP, None, TP if cfg.num_kv_heads % axis_size(mesh, TP) == 0 else None, None)
 
 
 def qwen3_vl_specs(cfg, mesh) -> dict[str, Any]:

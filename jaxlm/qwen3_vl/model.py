@@ -198,9 +198,9 @@ def prefill_step(params, cfg, embeds, positions, cache, row, last, visual_mask, 
     positions [3, 1, T] MRoPE (t, h, w); cache from `text.init_cache` (donated); last: the index of the prompt's last
     real token; visual_mask [1, T] bool and deepstack (tuple of [n_visual, D]) for images, else False / ().
     Returns (logits [V] float32 at `last`, cache). Compiled once per (T, image-token count), not per prompt."""
-    one = {k: jax.lax.dynamic_slice_in_dim(v, row, 1, axis=1) for k, v in cache.items()}
+    one = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, row, 1, axis=0), cache)
     hidden, one = text_step(params, cfg, embeds, positions, one, jnp.zeros((1,), jnp.int32), visual_mask, deepstack)
-    cache = {k: jax.lax.dynamic_update_slice_in_dim(cache[k], one[k], row, axis=1) for k in cache}
+    cache = jax.tree.map(lambda c, o: jax.lax.dynamic_update_slice_in_dim(c, o, row, axis=0), cache, one)
     return lm_head(params, cfg, jax.lax.dynamic_index_in_dim(hidden[0], last, keepdims=False)), cache
 
 

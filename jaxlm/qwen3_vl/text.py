@@ -1,6 +1,6 @@
 """Qwen3-VL text decoder (HF transformers 5.x `Qwen3VLTextModel`): Qwen3 layers (per-head q/k RMSNorm, GQA,
 SwiGLU) with interleaved multimodal RoPE, and DeepStack features added after the first decoder layers at
-image-token positions; a GQA KV cache [layers, B, S, K, H] written in place by each step.
+image-token positions; a GQA KV cache (one [B, S, K, H] buffer per layer) written in place by each step.
 
 Params: embed [V, D], layers [ {input_norm, q_w [D, N*H], k_w [D, K*H], v_w, o_w [N*H, D], q_norm [H], k_norm,
 post_norm, gate_w [D, F], up_w, down_w [F, D]} ... ], norm [D], lm_head [D, V] (absent when tied).
@@ -105,12 +105,13 @@ def rope_index(cfg_merge: int, input_ids: np.ndarray, image_token_id: int, video
 
 
 def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.bfloat16, mesh=None) -> dict:
-    """GQA KV cache: k, v [layers, B, S, K, H], S rounded up to a multiple of 64; with a `mesh`, laid out by
-    jaxlm.sharding.qwen3_vl_cache_spec (batch over dp, KV heads over tp)."""
+    """GQA KV cache: {"k": [per layer [B, S, K, H]], "v": [...]}, S rounded up to a multiple of 64. One buffer per
+    layer, so a donated step updates each in place (a stacked [layers, ...] array would be copied whole every
+    step). With a `mesh`, laid out by jaxlm.sharding.qwen3_vl_cache_spec (batch over dp, KV heads over tp)."""
     max_len = -(-max_len // 64) * 64
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     device = None if mesh is None else sharding.cache_sharding(sharding.qwen3_vl_cache_spec(cfg, mesh), shape, mesh)
-    return {"k": jnp.zeros(shape, dtype, device=device), "v": jnp.zeros(shape, dtype, device=device)}
+    return {name: [jnp.zeros(shape, dtype, device=device) for _ in range(cfg.num_layers)] for name in ("k", "v")}
 
 
 def _attention(lp, cfg: TextConfig, x, cos, sin, k_cache, v_cache, start):
@@ -153,7 +154,7 @@ def text_step(params, cfg: TextConfig, embeds, positions, cache, start, visual_m
         x = x + (jax.nn.silu(h @ lp["gate_w"]) * (h @ lp["up_w"])) @ lp["down_w"]
         if i < len(deepstack):
             x = x.reshape(-1, x.shape[-1]).at[flat_idx].add(deepstack[i].astype(x.dtype)).reshape(x.shape)
-    return rms_norm(x, params["norm"], cfg.rms_norm_eps), {"k": jnp.stack(ks), "v": jnp.stack(vs)}
+    return rms_norm(x, params["norm"], cfg.rms_norm_eps), {"k": ks, "v": vs}
 
 
 def lm_head(params, cfg: TextConfig, hidden):
