@@ -162,26 +162,30 @@ class Qwen3VL:
                                          jnp.int32(ids.shape[1] - 1), jnp.asarray(mask), deepstack)
             last.append(logits)
         logits = jnp.stack(last)
-        key = jax.random.key(seed)
+        key, sub = jax.random.split(jax.random.key(seed))
+        tokens = _sample(logits, sub, temperature, top_k, top_p)
         out, steps_logits = [[] for _ in range(b)], []
         done = np.zeros(b, bool)
         cache_len = jnp.asarray(lengths, jnp.int32)
         delta = jnp.asarray(deltas, jnp.int32)
         for step in range(max_new_tokens):
+            # queue the next step before reading this one's tokens, so the host work overlaps the GPU's
+            ahead = None
+            if step < max_new_tokens - 1:
+                ahead = _decode_and_sample(self.params["text"], cfg.text, tokens, cache, cache_len, delta, key,
+                                           temperature, top_k, top_p)
             if return_logits:
                 steps_logits.append(np.asarray(logits))
-            key, sub = jax.random.split(key)
-            tokens = np.asarray(_sample(logits, sub, temperature, top_k, top_p))
+            host = np.asarray(tokens)
             for r in range(b):
                 if not done[r]:
-                    out[r].append(int(tokens[r]))
-                    done[r] = int(tokens[r]) in stop_tokens
+                    out[r].append(int(host[r]))
+                    done[r] = int(host[r]) in stop_tokens
                     if on_step is not None:
                         on_step(r, out[r])
-            if done.all() or step == max_new_tokens - 1:
+            if ahead is None or done.all():
                 break
-            logits, cache = decode_step(self.params["text"], cfg.text, jnp.asarray(tokens), cache, cache_len, delta)
-            cache_len = cache_len + 1
+            tokens, logits, cache, cache_len, key = ahead
         return (out, np.stack(steps_logits)) if return_logits else out
 
 
@@ -213,6 +217,15 @@ def decode_step(params, cfg, tokens, cache, cache_len, delta):
     positions = jnp.broadcast_to((cache_len + delta)[None, :, None], (3, tokens.shape[0], 1))
     hidden, cache = text_step(params, cfg, embeds, positions, cache, cache_len)
     return lm_head(params, cfg, hidden[:, 0]), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "temperature", "top_k", "top_p"), donate_argnames=("cache",))
+def _decode_and_sample(params, cfg, tokens, cache, cache_len, delta, key, temperature, top_k, top_p):
+    """`decode_step` then sampling, one dispatch per generated token: (next tokens, logits, cache, cache_len + 1,
+    key); the tokens stay on the device so the host can queue the following step before reading them."""
+    logits, cache = decode_step(params, cfg, tokens, cache, cache_len, delta)
+    key, sub = jax.random.split(key)
+    return _sample(logits, sub, temperature, top_k, top_p), logits, cache, cache_len + 1, key
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
