@@ -9,6 +9,7 @@ post_norm, gate_w [D, F], up_w, down_w [F, D]} ... ], norm [D], lm_head [D, V] (
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -110,8 +111,15 @@ def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.bfloat16, me
     step). With a `mesh`, laid out by jaxlm.sharding.qwen3_vl_cache_spec (batch over dp, KV heads over tp)."""
     max_len = -(-max_len // 64) * 64
     shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    device = None if mesh is None else sharding.cache_sharding(sharding.qwen3_vl_cache_spec(cfg, mesh), shape, mesh)
-    return {name: [jnp.zeros(shape, dtype, device=device) for _ in range(cfg.num_layers)] for name in ("k", "v")}
+    cache = _zeros(shape, jnp.dtype(dtype), cfg.num_layers)  # one dispatch, not 2 x layers eager zeros
+    if mesh is not None:
+        cache = jax.device_put(cache, sharding.cache_sharding(sharding.qwen3_vl_cache_spec(cfg, mesh), shape, mesh))
+    return cache
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "layers"))
+def _zeros(shape, dtype, layers):
+    return {name: [jnp.zeros(shape, dtype) for _ in range(layers)] for name in ("k", "v")}
 
 
 def _attention(lp, cfg: TextConfig, x, cos, sin, k_cache, v_cache, start):
