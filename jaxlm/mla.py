@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
+from pallas_kernels.common import resolve_attention_impl
 from pallas_kernels.fp8_matmul import Fp8Weight
 from jaxlm import batching, sharding
 from jaxlm.sharding import DP, MLA_CACHE, TP
@@ -35,7 +36,6 @@ from jaxlm.layers import apply_rope, rms_norm, rope_cos_sin, rope_frequencies, y
 
 Params = dict[str, jax.Array]
 MODES = ("absorbed", "naive")
-ATTENTION_IMPLS = ("pallas", "xla")
 CACHE_ALIGN = 64  # cache positions are allocated in multiples of this, so kernels read whole blocks
 
 
@@ -425,11 +425,7 @@ def _step_jit(params, cfg, x, cache, lengths, sizes, mode, impl):
 def _check_options(mode: str, attention_impl: str | None) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if attention_impl is None:
-        return "pallas" if pallas_kernels.on_gpu() else "xla"
-    if attention_impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
-    return attention_impl
+    return resolve_attention_impl(attention_impl)
 
 
 def forward(params: Params, cfg: MLAConfig, x: jax.Array, cache: MLACache, seq_lens, past_lens, *,

@@ -171,6 +171,12 @@ def per_device(fn: Callable, in_specs, out_specs) -> Callable:
     return jax.shard_map(fn, mesh=mesh, in_specs=fix(in_specs), out_specs=fix(out_specs), check_vma=False)
 
 
+def replicated(fn: Callable) -> Callable:
+    """`fn` run whole on every device (replicated operands and results) when a mesh is in use: for kernels on
+    replicated data, e.g. the vision encoder's attention."""
+    return per_device(fn, P(), P())
+
+
 def axis_index(name: str):
     """This device's index along mesh axis `name` inside `per_device` (0 when the mesh lacks it)."""
     mesh = jax.sharding.get_abstract_mesh()

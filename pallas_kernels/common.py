@@ -17,6 +17,19 @@ def resolve_interpret(interpret: bool | None) -> bool:
     return bool(interpret)
 
 
+ATTENTION_IMPLS = ("pallas", "xla")
+
+
+def resolve_attention_impl(attention_impl: str | None) -> str:
+    """The models' one switch: "pallas" (compiled kernels on a GPU, interpret mode on CPU) or "xla" (plain XLA,
+    only when asked for by name); None picks "pallas" on a GPU and "xla" elsewhere."""
+    if attention_impl is None:
+        return "pallas" if on_gpu() else "xla"
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+    return attention_impl
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 

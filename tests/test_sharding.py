@@ -92,9 +92,11 @@ def qwen(tmp_path_factory):
     return path, qvl.load(path, dtype="float32")
 
 
-@pytest.mark.parametrize("tp,dp", [(2, 1), (4, 2)], ids=["tp2-kv-split", "tp4-kv-replicated-dp2"])
-def test_qwen3_vl_generate_sharded_same_tokens(qwen, tp, dp):
+@pytest.mark.parametrize("tp,dp,impl", [(2, 1, "xla"), (4, 2, "xla"), (2, 2, "pallas")],
+                         ids=["tp2-kv-split", "tp4-kv-replicated-dp2", "tp2-dp2-pallas"])
+def test_qwen3_vl_generate_sharded_same_tokens(qwen, tp, dp, impl):
     _, qwen = qwen
+    qwen = dataclasses.replace(qwen, attention_impl=impl)
     rng = np.random.default_rng(5)
     grid = (1, 4, 6)
     prompts = [list(prompt(rng, [grid])[0]), list(prompt(rng, [], text_len=9)[0])]

@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxlm import sharding
+from pallas_kernels.common import resolve_attention_impl
 from jaxlm.batching import bucket
 from jaxlm.qwen3_vl.processor import preprocess_image
 from jaxlm.qwen3_vl.text import TextConfig, init_cache, lm_head, rope_index, text_forward, text_step
@@ -46,6 +47,13 @@ class Qwen3VL:
     params: dict
     tokenizer: Tokenizer | None = None
     mesh: Mesh | None = None  # set by `shard`: params and caches laid out over it, every step runs under it
+    # "pallas": vision attention and text prefill through sage_attention (INT8 Q.K^T), the default on a GPU;
+    # "xla": dense XLA attention (the default on CPU; what the HF parity tests check)
+    attention_impl: str | None = None
+
+    @property
+    def _impl(self) -> str:
+        return resolve_attention_impl(self.attention_impl)
 
     def shard(self, mesh: Mesh) -> "Qwen3VL":
         """This model with its parameters laid out over `mesh` (jaxlm.sharding.make_mesh) by the Qwen3-VL table in
@@ -94,7 +102,7 @@ class Qwen3VL:
         with sharding.use(self.mesh):
             embeds, visual_mask, deepstack = self._embed(input_ids, pixel_values, grids)
             return text_forward(self.params["text"], cfg.text, embeds, jnp.asarray(positions),
-                                jnp.asarray(visual_mask), tuple(deepstack))
+                                jnp.asarray(visual_mask), tuple(deepstack), self._impl)
 
 
     def _embed(self, ids: np.ndarray, pixel_values, grids):
@@ -108,7 +116,7 @@ class Qwen3VL:
                 raise ValueError("image tokens in the prompt but no image was given")
             return embeds, mask, ()
         merged, deepstack, _ = _vision_jit(self.params["vision"], cfg.vision, jnp.asarray(pixel_values),
-                                           vision_metadata(cfg.vision, grids))
+                                           vision_metadata(cfg.vision, grids), self._impl)
         if merged.shape[0] != int(mask.sum()):
             raise ValueError(f"{int(mask.sum())} image tokens in the prompt but its images give {merged.shape[0]} "
                              "merged patches")
@@ -159,7 +167,7 @@ class Qwen3VL:
             pos = np.pad(pos, ((0, 0), (0, 0), (0, pad)))
             mask = np.pad(mask, (0, pad))[None]
             logits, cache = prefill_step(self.params["text"], cfg.text, embeds, jnp.asarray(pos), cache, jnp.int32(r),
-                                         jnp.int32(ids.shape[1] - 1), jnp.asarray(mask), deepstack)
+                                         jnp.int32(ids.shape[1] - 1), jnp.asarray(mask), deepstack, impl=self._impl)
             last.append(logits)
         logits = jnp.stack(last)
         key, sub = jax.random.split(jax.random.key(seed))
@@ -189,21 +197,23 @@ class Qwen3VL:
         return (out, np.stack(steps_logits)) if return_logits else out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _vision_jit(params, cfg, pixel_values, meta):
-    return vision_forward(params, cfg, pixel_values, meta)
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"))
+def _vision_jit(params, cfg, pixel_values, meta, impl):
+    return vision_forward(params, cfg, pixel_values, meta, impl)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def prefill_step(params, cfg, embeds, positions, cache, row, last, visual_mask, deepstack):
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+def prefill_step(params, cfg, embeds, positions, cache, row, last, visual_mask, deepstack, impl="xla"):
     """Prefill one prompt into batch row `row` (traced) of the KV cache, rows 0.. of its sequence.
 
     params/cfg: the text model's (`model.params["text"]`, `model.config.text`); embeds [1, T, D] (pad T freely);
     positions [3, 1, T] MRoPE (t, h, w); cache from `text.init_cache` (donated); last: the index of the prompt's last
-    real token; visual_mask [1, T] bool and deepstack (tuple of [n_visual, D]) for images, else False / ().
+    real token; visual_mask [1, T] bool and deepstack (tuple of [n_visual, D]) for images, else False / ();
+    impl "xla" or "pallas" (attention through sage_attention).
     Returns (logits [V] float32 at `last`, cache). Compiled once per (T, image-token count), not per prompt."""
     one = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, row, 1, axis=0), cache)
-    hidden, one = text_step(params, cfg, embeds, positions, one, jnp.zeros((1,), jnp.int32), visual_mask, deepstack)
+    hidden, one = text_step(params, cfg, embeds, positions, one, jnp.zeros((1,), jnp.int32), visual_mask, deepstack,
+                            impl)
     cache = jax.tree.map(lambda c, o: jax.lax.dynamic_update_slice_in_dim(c, o, row, axis=0), cache, one)
     return lm_head(params, cfg, jax.lax.dynamic_index_in_dim(hidden[0], last, keepdims=False)), cache
 

@@ -15,7 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+import pallas_kernels
 from jaxlm import sharding
 from jaxlm.layers import apply_rope, rms_norm
 
@@ -122,8 +124,10 @@ def _zeros(shape, dtype, layers):
     return {name: [jnp.zeros(shape, dtype) for _ in range(layers)] for name in ("k", "v")}
 
 
-def _attention(lp, cfg: TextConfig, x, cos, sin, k_cache, v_cache, start):
-    """x [B, T, D]; new keys/values go to cache rows start[b] + t; query t sees rows < start[b] + t + 1."""
+def _attention(lp, cfg: TextConfig, x, cos, sin, k_cache, v_cache, start, impl: str):
+    """x [B, T, D]; new keys/values go to cache rows start[b] + t; query t sees rows < start[b] + t + 1.
+    impl == "pallas" is for steps without history (start == 0: prefill, full sequences): causal GQA through the
+    INT8 varlen kernel over the new keys themselves; otherwise XLA attention over the cache."""
     b, t, _ = x.shape
     q = (x @ lp["q_w"]).reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = (x @ lp["k_w"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -134,6 +138,11 @@ def _attention(lp, cfg: TextConfig, x, cos, sin, k_cache, v_cache, start):
     bidx = jnp.arange(b)[:, None]
     k_cache = k_cache.at[bidx, rows].set(k.astype(k_cache.dtype), mode="drop")
     v_cache = v_cache.at[bidx, rows].set(v.astype(v_cache.dtype), mode="drop")
+    if impl == "pallas":
+        cu = jnp.arange(b + 1, dtype=jnp.int32) * t  # each row one request of t tokens
+        flat = lambda a: a.reshape(b * t, *a.shape[2:])  # noqa: E731
+        o = _gqa_kernel(cfg)(flat(q), flat(k), flat(v), cu, cu).reshape(b, t, -1)
+        return o @ lp["o_w"], k_cache, v_cache
     g = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim).astype(k_cache.dtype)
     s = jnp.einsum("bqkgh,bskh->bkgqs", q, k_cache).astype(jnp.float32) * cfg.head_dim**-0.5
@@ -143,10 +152,21 @@ def _attention(lp, cfg: TextConfig, x, cos, sin, k_cache, v_cache, start):
     return o @ lp["o_w"], k_cache, v_cache
 
 
-def text_step(params, cfg: TextConfig, embeds, positions, cache, start, visual_mask=None, deepstack=()):
+def _gqa_kernel(cfg: TextConfig):
+    """sage_attention (causal) per device: heads over tp when tp divides the KV heads (each device holds its KV
+    heads and their query heads), else replicated."""
+    mesh = jax.sharding.get_abstract_mesh()
+    split = cfg.num_kv_heads % sharding.axis_size(None if mesh.empty else mesh, sharding.TP) == 0
+    heads = P(None, sharding.TP, None) if split else P()
+    return sharding.per_device(functools.partial(pallas_kernels.sage_attention, causal=True,
+                                                 sm_scale=cfg.head_dim**-0.5), (heads, heads, heads, P(), P()), heads)
+
+
+def text_step(params, cfg: TextConfig, embeds, positions, cache, start, visual_mask=None, deepstack=(),
+              impl: str = "xla"):
     """One cached step for a batch: embeds [B, T, D] at cache rows start[b] ..., positions [3, B, T] (MRoPE).
     DeepStack (prefill): after decoder layer i, hidden[visual_mask] += deepstack[i] (rows in visual-token order).
-    Returns (hidden after the final norm [B, T, D], cache)."""
+    impl "pallas" needs start == 0 (no history). Returns (hidden after the final norm [B, T, D], cache)."""
     cos, sin = mrope_cos_sin(cfg, positions, embeds.dtype)
     x = embeds
     if deepstack:
@@ -154,7 +174,7 @@ def text_step(params, cfg: TextConfig, embeds, positions, cache, start, visual_m
     ks, vs = [], []
     for i, lp in enumerate(params["layers"]):
         a, k_i, v_i = _attention(lp, cfg, rms_norm(x, lp["input_norm"], cfg.rms_norm_eps), cos, sin,
-                                 cache["k"][i], cache["v"][i], start)
+                                 cache["k"][i], cache["v"][i], start, impl)
         ks.append(k_i)
         vs.append(v_i)
         x = x + a
@@ -170,9 +190,10 @@ def lm_head(params, cfg: TextConfig, hidden):
     return (hidden @ head).astype(jnp.float32)
 
 
-def text_forward(params, cfg: TextConfig, embeds, positions, visual_mask=None, deepstack=()):
+def text_forward(params, cfg: TextConfig, embeds, positions, visual_mask=None, deepstack=(), impl: str = "xla"):
     """Full sequences without a kept cache: embeds [B, T, D], positions [3, B, T] -> logits [B, T, V] (float32)."""
     b, t, _ = embeds.shape
     cache = init_cache(cfg, b, t, embeds.dtype)
-    hidden, _ = text_step(params, cfg, embeds, positions, cache, jnp.zeros((b,), jnp.int32), visual_mask, deepstack)
+    hidden, _ = text_step(params, cfg, embeds, positions, cache, jnp.zeros((b,), jnp.int32), visual_mask, deepstack,
+                          impl)
     return lm_head(params, cfg, hidden)

@@ -14,12 +14,15 @@ fc2_b}, deepstack [merger ...] (norm over the merged 4D).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pallas_kernels
+from jaxlm import sharding
 from jaxlm.layers import apply_rope
 
 
@@ -76,7 +79,8 @@ def _axis_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.
 
 def vision_metadata(cfg: VisionConfig, grid_thw) -> dict[str, np.ndarray]:
     """Host-side per-patch metadata for images/videos with grid_thw [n, 3]: interpolation taps [N, 4] and
-    weights [N, 4], rope positions [N, 2] (row, col), segment ids [N] (one per frame: attention stays inside)."""
+    weights [N, 4], rope positions [N, 2] (row, col), segment ids [N] (one per frame: attention stays inside) and
+    the frames' cumulative lengths [frames + 1] (the varlen layout of the Pallas attention kernel)."""
     side = int(round(cfg.num_position_embeddings**0.5))
     idx, wts, pos, seg = [], [], [], []
     s = 0
@@ -92,8 +96,10 @@ def vision_metadata(cfg: VisionConfig, grid_thw) -> dict[str, np.ndarray]:
             pos.append(np.stack([r, c], -1))
             seg.append(np.full(h * w, s))
             s += 1
+    sizes = [len(g) for g in seg]
     return {"interp_idx": np.concatenate(idx).astype(np.int32), "interp_w": np.concatenate(wts),
-            "positions": np.concatenate(pos).astype(np.int32), "segments": np.concatenate(seg).astype(np.int32)}
+            "positions": np.concatenate(pos).astype(np.int32), "segments": np.concatenate(seg).astype(np.int32),
+            "cu_seqlens": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)}
 
 
 def _layer_norm(x, w, b, eps=1e-6):
@@ -113,13 +119,17 @@ def _rope_tables(cfg: VisionConfig, positions):
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def _attention(blk, cfg: VisionConfig, x, cos, sin, segments):
+def _attention(blk, cfg: VisionConfig, x, cos, sin, segments, cu_seqlens, impl: str):
     n = x.shape[0]
     qkv = (x @ blk["qkv_w"] + blk["qkv_b"]).reshape(n, 3, cfg.num_heads, cfg.head_dim)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     f32 = jnp.float32
     q = apply_rope(q.astype(f32), cos[:, None], sin[:, None]).astype(x.dtype)  # HF rotates in float32
     k = apply_rope(k.astype(f32), cos[:, None], sin[:, None]).astype(x.dtype)
+    if impl == "pallas":  # varlen, one segment per frame, no mask materialised (the XLA form below is O(N^2))
+        o = sharding.replicated(functools.partial(pallas_kernels.sage_attention, causal=False,
+                                                  sm_scale=cfg.head_dim**-0.5))(q, k, v, cu_seqlens, cu_seqlens)
+        return o.reshape(n, -1) @ blk["proj_w"] + blk["proj_b"]
     s = jnp.einsum("qhd,khd->hqk", q, k).astype(f32) * cfg.head_dim**-0.5
     same = segments[:, None] == segments[None, :]  # full attention inside each image, never across
     p = jax.nn.softmax(jnp.where(same[None], s, -jnp.inf), axis=-1).astype(x.dtype)
@@ -135,19 +145,21 @@ def _merge(mp, cfg: VisionConfig, x, postshuffle: bool):
     return x @ mp["fc2_w"] + mp["fc2_b"]
 
 
-def vision_forward(params, cfg: VisionConfig, pixel_values, meta) -> tuple[jax.Array, list[jax.Array], jax.Array]:
+def vision_forward(params, cfg: VisionConfig, pixel_values, meta, impl: str = "xla"
+                   ) -> tuple[jax.Array, list[jax.Array], jax.Array]:
     """pixel_values [N, C*T*P*P] (processor order) -> (merged [N / m^2, out], deepstack [k x [N / m^2, out]],
-    last hidden states [N, D])."""
+    last hidden states [N, D]). impl: "xla" (dense segment-masked attention) or "pallas" (sage_attention)."""
     x = pixel_values.astype(params["patch_embed"]["w"].dtype) @ params["patch_embed"]["w"] + params["patch_embed"]["b"]
     pos = (params["pos_embed"][meta["interp_idx"]] * meta["interp_w"][..., None].astype(x.dtype)).sum(1)
     x = x + pos.astype(x.dtype)
     cos, sin = _rope_tables(cfg, jnp.asarray(meta["positions"]))
-    segments = jnp.asarray(meta["segments"])
+    segments, cu_seqlens = jnp.asarray(meta["segments"]), jnp.asarray(meta["cu_seqlens"])
     act = (lambda y: jax.nn.gelu(y, approximate=True)) if cfg.hidden_act == "gelu_pytorch_tanh" else \
         (lambda y: jax.nn.gelu(y, approximate=False))
     deepstack = []
     for i, blk in enumerate(params["blocks"]):
-        x = x + _attention(blk, cfg, _layer_norm(x, blk["norm1_w"], blk["norm1_b"]), cos, sin, segments)
+        x = x + _attention(blk, cfg, _layer_norm(x, blk["norm1_w"], blk["norm1_b"]), cos, sin, segments, cu_seqlens,
+                           impl)
         h = _layer_norm(x, blk["norm2_w"], blk["norm2_b"])
         x = x + act(h @ blk["fc1_w"] + blk["fc1_b"]) @ blk["fc2_w"] + blk["fc2_b"]
         if i in cfg.deepstack_visual_indexes:

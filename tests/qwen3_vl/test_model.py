@@ -192,3 +192,31 @@ def test_tokenizer_json_is_used_when_present(tmp_path):
     (tmp_path / "tokenizer.json").write_text((tmp_path / "tokenizer.json").read_text().replace("<|image_pad|>", "<|x|>"))
     with pytest.raises(ValueError, match="lacks the Qwen3-VL special tokens"):
         load_tokenizer(tmp_path)
+
+
+def test_pallas_attention_close_to_xla(checkpoint):
+    """attention_impl="pallas" (sage_attention in interpret mode: vision frames non-causal, text prefill causal GQA)
+    against the XLA path the HF tests check: INT8 Q.K^T, so close, not equal."""
+    import dataclasses
+
+    from pallas_kernels import on_gpu
+
+    path, _ = checkpoint
+    model = qvl.load(path, dtype="float32")
+    assert model.attention_impl is None and model._impl == ("pallas" if on_gpu() else "xla")
+    xla, pal = (dataclasses.replace(model, attention_impl=impl) for impl in ("xla", "pallas"))
+    rng = np.random.default_rng(31)
+    grids = [(1, 4, 6), (1, 6, 4)]
+    ids = prompt(rng, grids)
+    pixels = rng.standard_normal((48, 1536)).astype(np.float32)
+    a = np.asarray(pal.forward(ids, pixels, grids), np.float64)
+    b = np.asarray(xla.forward(ids, pixels, grids), np.float64)
+    cos = (a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b)
+    assert cos >= 0.9999 and np.abs(a - b).max() / np.abs(b).max() <= 0.05, cos
+    images = [[(pixels[:24], grids[0]), (pixels[24:], grids[1])]]
+    _, logits_p = pal.generate_tokens([list(ids[0])], images, max_new_tokens=3, stop_tokens=(), return_logits=True)
+    _, logits_x = xla.generate_tokens([list(ids[0])], images, max_new_tokens=3, stop_tokens=(), return_logits=True)
+    c = (logits_p * logits_x).sum() / np.linalg.norm(logits_p) / np.linalg.norm(logits_x)
+    assert c >= 0.9999, c
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        dataclasses.replace(xla, attention_impl="cudnn").forward(ids[:, :5])
