@@ -145,7 +145,8 @@ def _kernel(*refs, bk, bn, block, tiles_per_split, transpose_w, fp8_act, native_
             d = jnp.dot(xb, wb.T if transpose_w else wb, preferred_element_type=f32)
             return acc + d * (s_x * s_w)
         wd = wb.astype(xb.dtype)  # e4m3 -> bf16/f32 is exact
-        d = jnp.dot(xb, wd.T if transpose_w else wd, preferred_element_type=f32)
+        hp = jax.lax.Precision.HIGHEST if xb.dtype == f32 else None  # float32 x: IEEE, not TF32
+        d = jnp.dot(xb, wd.T if transpose_w else wd, preferred_element_type=f32, precision=hp)
         return acc + d * s_w
 
     acc = jax.lax.fori_loop(0, tiles_per_split, body, jnp.zeros(o_ref.shape, f32))

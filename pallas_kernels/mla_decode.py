@@ -52,14 +52,15 @@ def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, o_ref, m_ref, l_ref, *, sca
         valid = (k0 + rows) < stop
         kv = pltriton.load(kv_ref.at[pl.ds(k0, block_k), :], mask=valid[:, None], other=0.0)  # [bk, L]
         pe = pltriton.load(pe_ref.at[pl.ds(k0, block_k), :], mask=valid[:, None], other=0.0)  # [bk, R]
-        s = (jnp.dot(ql, kv.T, preferred_element_type=jnp.float32)
-             + jnp.dot(qp, pe.T, preferred_element_type=jnp.float32)) * scale  # log2 domain
+        hp = jax.lax.Precision.HIGHEST if kv.dtype == jnp.float32 else None  # float32 caches: IEEE, not TF32
+        s = (jnp.dot(ql, kv.T, preferred_element_type=jnp.float32, precision=hp)
+             + jnp.dot(qp, pe.T, preferred_element_type=jnp.float32, precision=hp)) * scale  # log2 domain
         s = jnp.where(valid[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
         corr = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l = l * corr + p.sum(axis=1)
-        o = o * corr[:, None] + jnp.dot(p.astype(kv.dtype), kv, preferred_element_type=jnp.float32)
+        o = o * corr[:, None] + jnp.dot(p.astype(kv.dtype), kv, preferred_element_type=jnp.float32, precision=hp)
         return o, m_new, l
 
     init = (jnp.zeros((bh, ql.shape[1]), jnp.float32), jnp.full((bh,), -jnp.inf, jnp.float32),

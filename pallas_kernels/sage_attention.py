@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import cdiv, resolve_interpret
+from pallas_kernels.common import cdiv, next_pow2, pad_to, resolve_interpret
 
 LOG2E = math.log2(math.e)
 EPS = 1e-8
@@ -121,7 +121,8 @@ def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, qs_ref, ks_ref, q_ref,
         p = jnp.exp2(s - m_safe[:, None])
         corr = jnp.exp2(m - m_safe)
         vv = pltriton.load(v_ref.at[pl.ds(k0, block_k), kv_head, :], mask=col_ok[:, None], other=0)
-        acc = acc * corr[:, None] + jnp.dot(p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
+        hp = jax.lax.Precision.HIGHEST if vv.dtype == jnp.float32 else None  # float32 V: IEEE, not TF32
+        acc = acc * corr[:, None] + jnp.dot(p.astype(vv.dtype), vv, preferred_element_type=jnp.float32, precision=hp)
         return acc, m_new, l * corr + p.sum(axis=1)
 
     init = (jnp.zeros((block_q, dv), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
@@ -172,10 +173,15 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
         v = jnp.pad(v, ((0, pad), (0, 0), (0, 0)))
         q_scale = jnp.pad(q_scale, ((0, pad), (0, 0)))
         k_scale = jnp.pad(k_scale, ((0, pad), (0, 0)))
+    # Triton dots need every operand dim >= 16 and loads need power-of-two widths: zero-pad Q.K^T's width to a
+    # multiple of 16 (zero int8 columns add nothing) and V's to a power of two >= 16 (extra output columns dropped)
+    dv = v.shape[2]
+    d_pad, dv_pad = cdiv(dqk, 16) * 16, max(16, next_pow2(dv))
+    q_i8, k_i8, v = pad_to(q_i8, 2, d_pad), pad_to(k_i8, 2, d_pad), pad_to(v, 2, dv_pad)
     tq_buf = q_i8.shape[0]
     full = lambda shape: pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))
     kernel = functools.partial(_kernel, block_q=bs.block_q, block_k=bs.block_k, group=hq // hk, causal=causal,
-                               chunks=_pow2_chunks(dqk))
+                               chunks=_pow2_chunks(d_pad))
     o, lse = pl.pallas_call(
         kernel,
         grid=(nqb, hq),
@@ -189,7 +195,7 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
         interpret=interp,
         name="sage_attention",
     )(blk_req, blk_idx, cu_q, cu_k, q_scale, k_scale, q_i8, k_i8, v)
-    o, lse = o[:tq], lse[:tq]
+    o, lse = o[:tq, :, :dv], lse[:tq]
     if not return_lse:
         return o
     if mean is not None:  # undo the smoothing's per-row shift: lse(q.k) = lse(q.(k - mean)) + scale * q.mean
