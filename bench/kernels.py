@@ -47,6 +47,7 @@ def timed(fn, *args, calls=20):
 def mla_decode_cases(scale=0.1352338):
     rows = []
     kernel = jax.jit(lambda *a: mla_decode(*a, sm_scale=scale))
+    kernel_i8 = jax.jit(lambda *a: mla_decode(*a, sm_scale=scale, qk_int8=True))
     ref = jax.jit(lambda *a: mla_decode_reference(*a, sm_scale=scale))
     for b in (16, 64):
         for length in (400, 4096, 32768):
@@ -65,7 +66,11 @@ def mla_decode_cases(scale=0.1352338):
             t_x = timed(ref, q, qp, kv, pe, lens)
             nbytes = b * length * 1152 + b * 128 * (576 + 512) * 2
             flops = 2 * b * 128 * length * (576 + 512)
+            out8 = np.asarray(kernel_i8(q, qp, kv, pe, lens), np.float32)
+            t_8 = timed(kernel_i8, q, qp, kv, pe, lens)
             rows.append({"B": b, "L": length, "pallas_ms": t_k, "xla_ms": t_x, "rel_err": err,
+                         "qk_int8_ms": t_8, "qk_int8_TBps": nbytes / t_8 / 1e9,
+                         "qk_int8_rel_err": float(np.linalg.norm(out8 - want) / np.linalg.norm(want)),
                          "pallas_TBps": nbytes / t_k / 1e9, "xla_TBps": nbytes / t_x / 1e9,
                          "pallas_TFLOPs": flops / t_k / 1e9, "speedup_vs_xla": t_x / t_k})
     # the seed's decode case: 16 requests with histories 50/100/200/400 (x4) in a 448-row cache
@@ -78,6 +83,7 @@ def mla_decode_cases(scale=0.1352338):
             jnp.asarray(DECODE_PAST, jnp.int32))
     t = timed(kernel, *args)
     rows.append({"B": b, "L": "seed 50-400", "pallas_ms": t, "xla_ms": timed(ref, *args), "seed": True,
+                 "qk_int8_ms": timed(kernel_i8, *args),
                  "pallas_TBps": (sum(DECODE_PAST) * 1152 + b * 128 * 1088 * 2) / t / 1e9})
     return rows
 
@@ -210,10 +216,12 @@ def main():
     print(f"{'B':>3} {'L':>6} {'pallas ms':>10} {'TB/s':>6} {'TFLOP/s':>8} {'xla ms':>8} {'TB/s':>6} {'speedup':>8} {'rel err':>8}")
     for r in rows:
         if r.get("seed"):
-            print(f"seed case (16 requests, 50-400): {r['pallas_ms'] * 1e3:.1f} us (XLA {r['xla_ms'] * 1e3:.1f} us)")
+            print(f"seed case (16 requests, 50-400): {r['pallas_ms'] * 1e3:.1f} us (qk_int8 {r['qk_int8_ms'] * 1e3:.1f} us, "
+                  f"XLA {r['xla_ms'] * 1e3:.1f} us)")
             continue
         print(f"{r['B']:>3} {r['L']:>6} {r['pallas_ms']:>10.3f} {r['pallas_TBps']:>6.2f} {r['pallas_TFLOPs']:>8.1f} "
-              f"{r['xla_ms']:>8.3f} {r['xla_TBps']:>6.2f} {r['speedup_vs_xla']:>7.1f}x {r['rel_err']:>8.1e}")
+              f"{r['xla_ms']:>8.3f} {r['xla_TBps']:>6.2f} {r['speedup_vs_xla']:>7.1f}x {r['rel_err']:>8.1e}  "
+              f"qk_int8 {r['qk_int8_ms']:.3f} ms {r['qk_int8_TBps']:.2f} TB/s err {r['qk_int8_rel_err']:.1e}")
     print(f"\nfp8_matmul at R1 projections, {dev.device_kind}; copy {bw / 1e12:.2f} TB/s; mgpu attention S=16k: "
           f"{res['mgpu_tflops_s16k']} TF/s")
     print(f"{'proj':<20} {'M':>4} {'fp8 ms':>8} {'bf16 ms':>8} {'floor':>7} {'TB/s':>6} {'TF/s':>6} {'speedup':>8} {'cos':>8}")

@@ -36,7 +36,16 @@ class BlockSizes:
     num_stages: int = 2
 
 
-def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, o_ref, m_ref, l_ref, *, scale, block_k, split_len):
+def _quantize_tile(x):
+    """int8 rows of a [rows, D] tile with one float32 scale per row (absmax / 127; all-zero rows get scale 1)."""
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=1)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.clip(jnp.floor(xf / scale[:, None] + 0.5), -127.0, 127.0)
+    return q.astype(jnp.int8), scale
+
+
+def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, o_ref, m_ref, l_ref, *, scale, block_k, split_len, qk_int8):
     split = pl.program_id(2)
     length = len_ref[0]
     start = split * split_len
@@ -45,6 +54,9 @@ def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, o_ref, m_ref, l_ref, *, sca
     qp = qp_ref[...]  # [bh, R]
     bh = ql.shape[0]
     rows = jnp.arange(block_k)
+    if qk_int8:  # the query rows quantised once per program, the cache rows per tile as they stream in
+        ql_i8, ql_s = _quantize_tile(ql)
+        qp_i8, qp_s = _quantize_tile(qp)
 
     def body(i, carry):
         o, m, l = carry
@@ -53,8 +65,16 @@ def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, o_ref, m_ref, l_ref, *, sca
         kv = pltriton.load(kv_ref.at[pl.ds(k0, block_k), :], mask=valid[:, None], other=0.0)  # [bk, L]
         pe = pltriton.load(pe_ref.at[pl.ds(k0, block_k), :], mask=valid[:, None], other=0.0)  # [bk, R]
         hp = jax.lax.Precision.HIGHEST if kv.dtype == jnp.float32 else None  # float32 caches: IEEE, not TF32
-        s = (jnp.dot(ql, kv.T, preferred_element_type=jnp.float32, precision=hp)
-             + jnp.dot(qp, pe.T, preferred_element_type=jnp.float32, precision=hp)) * scale  # log2 domain
+        if qk_int8:  # the 576-wide score as two int8 dots (512 + 64), each with its own row scales
+            kv_i8, kv_s = _quantize_tile(kv)
+            pe_i8, pe_s = _quantize_tile(pe)
+            s = (jnp.dot(ql_i8, kv_i8.T, preferred_element_type=jnp.int32).astype(jnp.float32)
+                 * (ql_s[:, None] * kv_s[None, :])
+                 + jnp.dot(qp_i8, pe_i8.T, preferred_element_type=jnp.int32).astype(jnp.float32)
+                 * (qp_s[:, None] * pe_s[None, :])) * scale
+        else:
+            s = (jnp.dot(ql, kv.T, preferred_element_type=jnp.float32, precision=hp)
+                 + jnp.dot(qp, pe.T, preferred_element_type=jnp.float32, precision=hp)) * scale  # log2 domain
         s = jnp.where(valid[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
         corr = jnp.exp2(m - m_new)
@@ -72,14 +92,16 @@ def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, o_ref, m_ref, l_ref, *, sca
     l_ref[...] = l
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret", "return_lse"))
-def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, block_sizes: BlockSizes = BlockSizes(),
-               interpret: bool | None = None, return_lse: bool = False):
+@functools.partial(jax.jit, static_argnames=("sm_scale", "qk_int8", "block_sizes", "interpret", "return_lse"))
+def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, qk_int8: bool = False,
+               block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None, return_lse: bool = False):
     """Absorbed MLA decode attention.
 
     q_latent [B, H, L] (q_nope . W_UK), q_pe [B, H, R], kv_cache [B, S, L], pe_cache [B, S, R], lengths [B] int32
     (cached positions each request attends, 0 allowed). Returns o [B, H, L] in q's dtype (zeros for length 0),
-    and the natural-log LSE [B, H] when `return_lse`.
+    and the natural-log LSE [B, H] when `return_lse`. `qk_int8`: Q.K^T in int8 (query rows and each cache tile's
+    rows quantised per row, absmax / 127; the latent and rope parts as two dots with their own scales); P.V stays
+    in the cache dtype.
     """
     b, h, lat = q_latent.shape
     s_len, rope = kv_cache.shape[1], pe_cache.shape[2]
@@ -99,7 +121,7 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
     kv_cache, pe_cache = pad_to(kv_cache, 1, s_pad), pad_to(pe_cache, 1, s_pad)
     q_latent, q_pe = pad_to(q_latent, 1, h_pad), pad_to(q_pe, 1, h_pad)
     lengths = jnp.minimum(jnp.asarray(lengths, jnp.int32), s_len).reshape(b, 1)
-    kernel = functools.partial(_kernel, scale=sm_scale * LOG2E, block_k=block_k, split_len=split_len)
+    kernel = functools.partial(_kernel, scale=sm_scale * LOG2E, block_k=block_k, split_len=split_len, qk_int8=qk_int8)
     grid = (b, head_blocks, k_splits)
     f32 = jnp.float32
     o, m, l = pl.pallas_call(

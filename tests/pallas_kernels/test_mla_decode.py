@@ -66,3 +66,36 @@ def test_lowers_for_h100_at_r1_sizes():
     with pytest.raises(Exception, match="power of 2"):
         export_for_h100(bad, S((16, 128, 512), bf), S((16, 128, 64), bf), S((16, 512, 512), bf),
                         S((16, 512, 64), bf), S((16,), jnp.int32))
+
+
+@pytest.mark.parametrize("outliers", [False, True], ids=["gaussian", "outlier-channels"])
+def test_qk_int8_against_float64_reference(outliers):
+    """qk_int8=True quantises Q.K^T's operands per row; measured here (interpret mode): Gaussian cosine 0.999997,
+    relative L1 0.0018; with 4 latent channels at 20x (row scales follow the outliers) cosine 0.99982, L1 0.0165."""
+    rng = np.random.default_rng(11)
+    q, qp, kv, pe = make(rng, 3, 16, 128, 32, 320, jnp.float32)
+    if outliers:
+        kv = kv.at[:, :, :4].multiply(20.0)
+    lengths = jnp.asarray([300, 7, 1], jnp.int32)
+    out = np.asarray(mla_decode(q, qp, kv, pe, lengths, sm_scale=0.05, qk_int8=True, interpret=True,
+                                block_sizes=MLADecodeBlockSizes(block_k=32, k_splits=3)), np.float64)
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    s = (np.einsum("bhl,bsl->bhs", f64(q), f64(kv)) + np.einsum("bhr,bsr->bhs", f64(qp), f64(pe))) * 0.05
+    valid = np.arange(320)[None, None, :] < np.asarray(lengths)[:, None, None]
+    s = np.where(valid, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    ref = np.einsum("bhs,bsl->bhl", p / p.sum(-1, keepdims=True), f64(kv))
+    cos = (out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref)
+    rel_l1 = np.abs(out - ref).sum() / np.abs(ref).sum()
+    assert cos >= 0.999 and rel_l1 <= 0.02, (cos, rel_l1)
+    exact = np.asarray(mla_decode(q, qp, kv, pe, lengths, sm_scale=0.05, interpret=True), np.float64)
+    assert np.abs(exact - ref).sum() / np.abs(ref).sum() < rel_l1  # the int8 path is the approximate one
+
+
+def test_qk_int8_lowers_for_h100():
+    S = jax.ShapeDtypeStruct
+    bf = jnp.bfloat16
+    fn = functools.partial(mla_decode, sm_scale=0.135, qk_int8=True, interpret=False)
+    text = export_for_h100(fn, S((16, 128, 512), bf), S((16, 128, 64), bf), S((16, 512, 512), bf),
+                           S((16, 512, 64), bf), S((16,), jnp.int32))
+    assert "mla_decode" in text
