@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import subprocess
 import sys
 from datetime import date
 from pathlib import Path
@@ -26,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.seed import median_ms
+from bench.common import commit, copy_bandwidth
+from jaxlm.seed import DECODE_PAST, median_ms
 from pallas_kernels import mla_decode, mla_decode_reference
 from pallas_kernels.sage_attention import BlockSizes, sage_attention, sage_attention_reference
 
@@ -74,8 +73,6 @@ def mla_decode_cases(scale=0.1352338):
                          "pallas_TBps": nbytes / t_k / 1e9, "xla_TBps": nbytes / t_x / 1e9,
                          "pallas_TFLOPs": flops / t_k / 1e9, "speedup_vs_xla": t_x / t_k})
     # the seed's decode case: 16 requests with histories 50/100/200/400 (x4) in a 448-row cache
-    from jaxlm.seed import DECODE_PAST
-
     keys = jax.random.split(jax.random.key(7), 4)
     bf, b = jnp.bfloat16, len(DECODE_PAST)
     args = (jax.random.normal(keys[0], (b, 128, 512), bf), jax.random.normal(keys[1], (b, 128, 64), bf),
@@ -138,11 +135,6 @@ def fp8_cases(copy_bps: float) -> list[dict]:
     return rows
 
 
-def copy_bandwidth() -> float:
-    x = jnp.ones((1 << 30,), jnp.bfloat16)
-    return 2 * x.nbytes / (timed(jax.jit(lambda a: a * 1), x, calls=5) / 1e3)
-
-
 def sage_cases(sweep=((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 3), (128, 64, 4, 3))):
     rows = []
     for s, b in ((1024, 16), (4096, 4), (16384, 1)):
@@ -194,9 +186,7 @@ def main():
     rows = mla_decode_cases()
     bw = copy_bandwidth()
     fp8 = fp8_cases(bw)
-    commit = os.environ.get("JAXLM_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                              capture_output=True, text=True).stdout.strip()
-    res = {"date": str(date.today()), "card": dev.device_kind, "commit": commit, "command": " ".join(sys.argv),
+    res = {"date": str(date.today()), "card": dev.device_kind, "commit": commit(), "command": " ".join(sys.argv),
            "copy_TBps": bw / 1e12, "sage_attention": sage, "mla_decode": rows, "fp8_matmul": fp8}
     s16k = next(r for r in sage if r["S"] == 16384)
     b64 = next(r for r in rows if r["B"] == 64 and r["L"] == 4096)

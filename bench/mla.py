@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.common import commit, copy_bandwidth
 from jaxlm import mla, seed
 
 R1_HF = dict(hidden_size=7168, num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
@@ -29,15 +28,6 @@ R1_HF = dict(hidden_size=7168, num_attention_heads=128, num_key_value_heads=128,
              rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
                               "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
                               "mscale": 1.0, "mscale_all_dim": 1.0})
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy rate in bytes/s (read + write) over a 2 GiB buffer."""
-    x = jnp.ones((1 << 30,), jnp.bfloat16)
-    f = jax.jit(lambda a: a * 1)
-    f(x).block_until_ready()
-    t = seed.median_ms(lambda: f(x).block_until_ready(), 3, 20) / 1e3
-    return 2 * x.nbytes / t
 
 
 def matmul_rate() -> float:
@@ -218,7 +208,7 @@ def main():
     y = np.asarray(pre["y"], np.float32)
     cos = lambda a, b: float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
     res = {
-        "date": str(date.today()), "card": card, "commit": _commit(), "command": " ".join(sys.argv),
+        "date": str(date.today()), "card": card, "commit": commit(), "command": " ".join(sys.argv),
         "prefill_batch_ms": pre["batch_ms"], "prefill_ttft_ms": pre["ttft_ms"], "prefill_naive_ms": naive["batch_ms"],
         "decode_step_ms": dec["step_ms"], "decode_loop_step_ms": dec["loop_step_ms"],
         "decode_tokens_per_s": dec["tokens_per_s"], "decode_loop_tokens_per_s": dec["loop_tokens_per_s"],
@@ -273,15 +263,6 @@ def main():
           f"absorbed vs naive cos {res['absorbed_vs_naive_cos']:.6f}; vs HF cos {res.get('vs_hf_cos_no_history')}; "
           f"decode pallas vs xla cos {res['decode_pallas_vs_xla_cos']:.6f}; FP8 vs bf16 cos prefill "
           f"{res['fp8_vs_bf16_cos_prefill']:.5f} decode {res['fp8_vs_bf16_cos_decode']:.5f}")
-
-
-def _commit() -> str:
-    if os.environ.get("JAXLM_COMMIT"):
-        return os.environ["JAXLM_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

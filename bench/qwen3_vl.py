@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from datetime import date
@@ -22,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.common import commit, copy_bandwidth
 from convert.qwen3_vl import text_params, vision_params
 from jaxlm.qwen3_vl import Qwen3VL, Qwen3VLConfig
 from jaxlm.qwen3_vl.demo_checkpoint import random_hf_tensors
@@ -106,19 +105,10 @@ def main():
     tensors.clear()  # free the host copies
     model = Qwen3VL(cfg, params)  # token-level generation: no tokenizer needed
     text_bytes = sum(x.nbytes for x in jax.tree.leaves(params["text"]))
-    x = jnp.ones((1 << 30,), jnp.bfloat16)
-    f = jax.jit(lambda a: a * 1)
-    f(x).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y = f(x)
-    y.block_until_ready()
-    bw = 2 * x.nbytes * 10 / (time.perf_counter() - t0)
+    bw = copy_bandwidth()
     rng = np.random.default_rng(0)
     res = {"date": str(date.today()), "card": jax.devices()[0].device_kind, "command": " ".join(sys.argv),
-           "commit": os.environ.get("JAXLM_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                                      capture_output=True, text=True).stdout.strip(),
-           "text_weight_bytes": text_bytes, "copy_TBps": bw / 1e12, "floor_decode_ms": 1e3 * text_bytes / bw}
+           "commit": commit(), "text_weight_bytes": text_bytes, "copy_TBps": bw / 1e12, "floor_decode_ms": 1e3 * text_bytes / bw}
     for b in (1, 16):
         prompts = [list(rng.integers(1000, 100000, 128)) for _ in range(b)]
 

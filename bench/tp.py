@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from datetime import date
 from pathlib import Path
@@ -25,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.common import commit
 from jaxlm import mla, seed, sharding
 
 
@@ -68,9 +67,7 @@ def main():
     tps = [t for t in (1, 2, 4, 8) if t <= n_dev]
     dev = jax.devices()[0]
     res = {"date": str(date.today()), "card": getattr(dev, "device_kind", dev.platform), "gpus": n_dev,
-           "commit": os.environ.get("JAXLM_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                                      capture_output=True, text=True).stdout.strip(),
-           "command": " ".join(sys.argv), "mla": [], "qwen3_vl": []}
+           "commit": commit(), "command": " ".join(sys.argv), "mla": [], "qwen3_vl": []}
     if args.tiny:
         from jaxlm.demo import demo_config
 

@@ -22,6 +22,7 @@ then spans `jax.devices()`, all hosts' GPUs, and the same code path runs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -148,8 +149,6 @@ def mesh_of(tree) -> Mesh | None:
 
 def use(mesh: Mesh | None):
     """Context manager: `jax.set_mesh(mesh)`, or nothing when `mesh` is None or a context mesh is already set."""
-    import contextlib
-
     if mesh is None or not jax.sharding.get_abstract_mesh().empty:
         return contextlib.nullcontext()
     return jax.set_mesh(mesh)

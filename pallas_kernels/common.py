@@ -30,6 +30,15 @@ def resolve_attention_impl(attention_impl: str | None) -> str:
     return attention_impl
 
 
+def quantize_rows_int8(x, eps: float = 1e-8):
+    """int8 x (last axis) with one float32 scale per row: absmax / 127 (floored at eps / 127), rounded half up.
+    Plain jnp: used by XLA-side passes and inside Triton kernels alike."""
+    xf = x.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1), eps) / 127.0
+    q = jnp.clip(jnp.floor(xf / scale[..., None] + 0.5), -127.0, 127.0)
+    return q.astype(jnp.int8), scale
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 

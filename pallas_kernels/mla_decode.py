@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import cdiv, next_pow2, pad_to, resolve_interpret
+from pallas_kernels.common import cdiv, next_pow2, pad_to, quantize_rows_int8, resolve_interpret
 
 LOG2E = math.log2(math.e)
 
@@ -36,15 +36,6 @@ class BlockSizes:
     num_stages: int = 2
 
 
-def _quantize_tile(x):
-    """int8 rows of a [rows, D] tile with one float32 scale per row (absmax / 127; all-zero rows get scale 1)."""
-    xf = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(xf), axis=1)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    q = jnp.clip(jnp.floor(xf / scale[:, None] + 0.5), -127.0, 127.0)
-    return q.astype(jnp.int8), scale
-
-
 def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, o_ref, m_ref, l_ref, *, scale, block_k, split_len, qk_int8):
     split = pl.program_id(2)
     length = len_ref[0]
@@ -55,8 +46,8 @@ def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, o_ref, m_ref, l_ref, *, sca
     bh = ql.shape[0]
     rows = jnp.arange(block_k)
     if qk_int8:  # the query rows quantised once per program, the cache rows per tile as they stream in
-        ql_i8, ql_s = _quantize_tile(ql)
-        qp_i8, qp_s = _quantize_tile(qp)
+        ql_i8, ql_s = quantize_rows_int8(ql)
+        qp_i8, qp_s = quantize_rows_int8(qp)
 
     def body(i, carry):
         o, m, l = carry
@@ -66,8 +57,8 @@ def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, o_ref, m_ref, l_ref, *, sca
         pe = pltriton.load(pe_ref.at[pl.ds(k0, block_k), :], mask=valid[:, None], other=0.0)  # [bk, R]
         hp = jax.lax.Precision.HIGHEST if kv.dtype == jnp.float32 else None  # float32 caches: IEEE, not TF32
         if qk_int8:  # the 576-wide score as two int8 dots (512 + 64), each with its own row scales
-            kv_i8, kv_s = _quantize_tile(kv)
-            pe_i8, pe_s = _quantize_tile(pe)
+            kv_i8, kv_s = quantize_rows_int8(kv)
+            pe_i8, pe_s = quantize_rows_int8(pe)
             s = (jnp.dot(ql_i8, kv_i8.T, preferred_element_type=jnp.int32).astype(jnp.float32)
                  * (ql_s[:, None] * kv_s[None, :])
                  + jnp.dot(qp_i8, pe_i8.T, preferred_element_type=jnp.int32).astype(jnp.float32)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import cdiv, next_pow2, pad_to, resolve_interpret
+from pallas_kernels.common import cdiv, next_pow2, pad_to, quantize_rows_int8, resolve_interpret
 
 LOG2E = math.log2(math.e)
 EPS = 1e-8
@@ -57,17 +57,6 @@ def segments(cu, total):
     t = jnp.arange(total, dtype=jnp.int32)
     seg = jnp.clip(jnp.searchsorted(cu, t, side="right") - 1, 0, cu.shape[0] - 2).astype(jnp.int32)
     return seg, t - cu[seg]
-
-
-def _quantize_rows(x):
-    """int8 x [T, H, D] with one scale per (token, head): absmax / 127, guarded against all-zero rows.
-
-    Per-token scales are the Pallas stand-in for SageAttention-2's per-thread scales (finer than its per-block
-    ones); they are an elementwise pass with no segment reductions, and cost one outer-product rescale of each
-    score tile in the kernel."""
-    x32 = x.astype(jnp.float32)
-    scale = jnp.maximum(jnp.abs(x32).max(-1), EPS) / 127.0  # [T, H]
-    return jnp.clip(jnp.round(x32 / scale[..., None]), -127, 127).astype(jnp.int8), scale
 
 
 def _request_means(x, cu):
@@ -155,8 +144,10 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     if smooth_k and tk:
         mean, seg_k = _request_means(k, cu_k)
         k = k.astype(jnp.float32) - mean[seg_k]
-    q_i8, q_scale = _quantize_rows(q)
-    k_i8, k_scale = _quantize_rows(k)
+    # one scale per (token, head): the Pallas stand-in for SageAttention-2's per-thread scales (finer than its
+    # per-block ones); an elementwise pass with no segment reductions, one outer-product rescale per score tile
+    q_i8, q_scale = quantize_rows_int8(q, EPS)
+    k_i8, k_scale = quantize_rows_int8(k, EPS)
     q_scale = q_scale * (sm_scale * LOG2E)
     # request-aligned query blocks: a static bound on their number, each (request, block index) from cu_q
     nqb = cdiv(tq, bs.block_q) + nb
