@@ -25,13 +25,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
-from pallas_kernels.common import resolve_attention_impl
-from pallas_kernels.fp8_matmul import Fp8Weight
 from jaxlm import batching, sharding
 from jaxlm.sharding import DP, MLA_CACHE, TP
-from jax.sharding import PartitionSpec as P
+from pallas_kernels.common import resolve_attention_impl
+from pallas_kernels.fp8_matmul import Fp8Weight
 from jaxlm.layers import apply_rope, rms_norm, rope_cos_sin, rope_frequencies, yarn_get_mscale
 
 Params = dict[str, jax.Array]

@@ -74,7 +74,7 @@ MLA_CACHE = P(DP, None, None)  # kv_cache [slots, S, L], pe_cache [slots, S, R]
 def qwen3_vl_text_specs(cfg, mesh) -> dict[str, Any]:
     """Qwen3-VL text parameter tree -> PartitionSpecs (q/k/v columns are heads x head_dim; k/v split only when tp
     divides the KV heads, so no device holds part of a head)."""
-    kv = TP if cfg.num_kv_heads % axis_size(mesh, TP) == 0 else None
+    kv = kv_head_axis(cfg, mesh)
     layer = {"input_norm": P(), "post_norm": P(), "q_norm": P(), "k_norm": P(),
              "q_w": P(None, TP), "k_w": P(None, kv), "v_w": P(None, kv), "o_w": P(TP, None),
              "gate_w": P(None, TP), "up_w": P(None, TP), "down_w": P(TP, None)}
@@ -83,7 +83,13 @@ def qwen3_vl_text_specs(cfg, mesh) -> dict[str, Any]:
 
 def qwen3_vl_cache_spec(cfg, mesh) -> P:
     """Each layer's k / v cache [B, S, K, H]: batch over dp, KV heads over tp when tp divides them."""
-    return P(DP, None, TP if cfg.num_kv_heads % axis_size(mesh, TP) == 0 else None, None)
+    return P(DP, None, kv_head_axis(cfg, mesh), None)
+
+
+def kv_head_axis(cfg, mesh) -> str | None:
+    """TP when tp divides the KV heads (each device then holds whole KV heads and their query heads), else None
+    (KV heads replicated): the one rule behind Qwen3-VL's k/v weights, its KV cache and its attention kernel."""
+    return TP if cfg.num_kv_heads % axis_size(mesh, TP) == 0 else None
 
 
 def qwen3_vl_specs(cfg, mesh) -> dict[str, Any]:
@@ -93,7 +99,7 @@ def qwen3_vl_specs(cfg, mesh) -> dict[str, Any]:
 
 def axis_size(mesh, name: str) -> int:
     """Size of mesh axis `name` (1 when the mesh is None or lacks it)."""
-    if mesh is None or mesh.empty:
+    if mesh is None or mesh.empty:  # no mesh, or an empty context mesh
         return 1
     return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(name, 1)
 

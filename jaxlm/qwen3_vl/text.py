@@ -153,11 +153,10 @@ def _attention(lp, cfg: TextConfig, x, cos, sin, k_cache, v_cache, start, impl: 
 
 
 def _gqa_kernel(cfg: TextConfig):
-    """sage_attention (causal) per device: heads over tp when tp divides the KV heads (each device holds its KV
-    heads and their query heads), else replicated."""
-    mesh = jax.sharding.get_abstract_mesh()
-    split = cfg.num_kv_heads % sharding.axis_size(None if mesh.empty else mesh, sharding.TP) == 0
-    heads = P(None, sharding.TP, None) if split else P()
+    """sage_attention (causal) per device: heads over tp as the KV cache is (sharding.kv_head_axis), else
+    replicated."""
+    axis = sharding.kv_head_axis(cfg, jax.sharding.get_abstract_mesh())
+    heads = P(None, axis, None) if axis else P()
     return sharding.per_device(functools.partial(pallas_kernels.sage_attention, causal=True,
                                                  sm_scale=cfg.head_dim**-0.5), (heads, heads, heads, P(), P()), heads)
 
