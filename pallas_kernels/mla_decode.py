@@ -36,7 +36,12 @@ class BlockSizes:
     num_stages: int = 2
 
 
-def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, o_ref, m_ref, l_ref, *, scale, block_k, split_len, qk_int8):
+def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, *refs, scale, block_k, split_len, qk_int8, int8_cache, paged):
+    # refs: [kv_scale_ref] [block_table_ref] o_ref m_ref l_ref
+    refs = list(refs)
+    ks_ref = refs.pop(0) if int8_cache else None
+    bt_ref = refs.pop(0) if paged else None
+    o_ref, m_ref, l_ref = refs
     split = pl.program_id(2)
     length = len_ref[0]
     start = split * split_len
@@ -45,33 +50,47 @@ def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, o_ref, m_ref, l_ref, *, sca
     qp = qp_ref[...]  # [bh, R]
     bh = ql.shape[0]
     rows = jnp.arange(block_k)
-    if qk_int8:  # the query rows quantised once per program, the cache rows per tile as they stream in
+    if qk_int8:  # the query rows quantised once per program
         ql_i8, ql_s = quantize_rows_int8(ql)
         qp_i8, qp_s = quantize_rows_int8(qp)
+
+    def at(ref, k0):
+        """Rows k0 .. k0 + block_k of this request: contiguous ([S, ...] ref) or through its page table."""
+        if not paged:
+            return ref.at[pl.ds(k0, block_k)]
+        page_size = ref.shape[1]
+        return ref.at[bt_ref[k0 // page_size], pl.ds(k0 % page_size, block_k)]
 
     def body(i, carry):
         o, m, l = carry
         k0 = start + i * block_k
         valid = (k0 + rows) < stop
-        kv = pltriton.load(kv_ref.at[pl.ds(k0, block_k), :], mask=valid[:, None], other=0.0)  # [bk, L]
-        pe = pltriton.load(pe_ref.at[pl.ds(k0, block_k), :], mask=valid[:, None], other=0.0)  # [bk, R]
-        hp = jax.lax.Precision.HIGHEST if kv.dtype == jnp.float32 else None  # float32 caches: IEEE, not TF32
-        if qk_int8:  # the 576-wide score as two int8 dots (512 + 64), each with its own row scales
+        kv = pltriton.load(at(kv_ref, k0), mask=valid[:, None], other=0)  # [bk, L]
+        pe = pltriton.load(at(pe_ref, k0), mask=valid[:, None], other=0.0)  # [bk, R]
+        hp = jax.lax.Precision.HIGHEST if pe.dtype == jnp.float32 else None  # float32 caches: IEEE, not TF32
+        if int8_cache:  # rows quantised when written: kv = kv_i8 * kv_s
+            kv_i8, kv_s = kv, pltriton.load(at(ks_ref, k0), mask=valid, other=0.0)
+            kv = kv_i8.astype(pe.dtype)  # exact: |kv_i8| <= 127
+        elif qk_int8:  # cache rows quantised per tile as they stream in
             kv_i8, kv_s = quantize_rows_int8(kv)
+        if qk_int8:  # the 576-wide score as two int8 dots (512 + 64), each with its own row scales
             pe_i8, pe_s = quantize_rows_int8(pe)
             s = (jnp.dot(ql_i8, kv_i8.T, preferred_element_type=jnp.int32).astype(jnp.float32)
                  * (ql_s[:, None] * kv_s[None, :])
                  + jnp.dot(qp_i8, pe_i8.T, preferred_element_type=jnp.int32).astype(jnp.float32)
                  * (qp_s[:, None] * pe_s[None, :])) * scale
         else:
-            s = (jnp.dot(ql, kv.T, preferred_element_type=jnp.float32, precision=hp)
-                 + jnp.dot(qp, pe.T, preferred_element_type=jnp.float32, precision=hp)) * scale  # log2 domain
+            s_lat = jnp.dot(ql.astype(kv.dtype), kv.T, preferred_element_type=jnp.float32, precision=hp)
+            if int8_cache:
+                s_lat = s_lat * kv_s[None, :]
+            s = (s_lat + jnp.dot(qp, pe.T, preferred_element_type=jnp.float32, precision=hp)) * scale  # log2 domain
         s = jnp.where(valid[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
         corr = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l = l * corr + p.sum(axis=1)
-        o = o * corr[:, None] + jnp.dot(p.astype(kv.dtype), kv, preferred_element_type=jnp.float32, precision=hp)
+        pv = p * kv_s[None, :] if int8_cache else p  # the row scales folded into the probabilities
+        o = o * corr[:, None] + jnp.dot(pv.astype(kv.dtype), kv, preferred_element_type=jnp.float32, precision=hp)
         return o, m_new, l
 
     init = (jnp.zeros((bh, ql.shape[1]), jnp.float32), jnp.full((bh,), -jnp.inf, jnp.float32),
@@ -85,34 +104,60 @@ def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, o_ref, m_ref, l_ref, *, sca
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "qk_int8", "block_sizes", "interpret", "return_lse"))
 def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, qk_int8: bool = False,
-               block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None, return_lse: bool = False):
+               kv_scale=None, block_table=None, block_sizes: BlockSizes = BlockSizes(),
+               interpret: bool | None = None, return_lse: bool = False):
     """Absorbed MLA decode attention.
 
     q_latent [B, H, L] (q_nope . W_UK), q_pe [B, H, R], kv_cache [B, S, L], pe_cache [B, S, R], lengths [B] int32
     (cached positions each request attends, 0 allowed). Returns o [B, H, L] in q's dtype (zeros for length 0),
-    and the natural-log LSE [B, H] when `return_lse`. `qk_int8`: Q.K^T in int8 (query rows and each cache tile's
-    rows quantised per row, absmax / 127; the latent and rope parts as two dots with their own scales); P.V stays
-    in the cache dtype.
+    and the natural-log LSE [B, H] when `return_lse`.
+    qk_int8: Q.K^T in int8 (query rows quantised per row, absmax / 127; the latent and rope parts as two dots with
+    their own scales; cache rows quantised per tile as read unless the cache is already int8); P.V in 16 bits.
+    kv_scale: an int8 latent cache (written by `update_cache(..., scales=)`), its [B, S] float32 row scales;
+    the rope cache stays 16-bit. block_table: [B, pages per request] int32 for paged caches [pages, page_size, ...]
+    (kv_scale [pages, page_size]); request b's position p is row p % page_size of page block_table[b, p // page_size].
     """
     b, h, lat = q_latent.shape
-    s_len, rope = kv_cache.shape[1], pe_cache.shape[2]
+    rope = pe_cache.shape[2]
     interp = resolve_interpret(interpret)
     bs = block_sizes
+    int8_cache, paged = kv_scale is not None, block_table is not None
+    if int8_cache != (kv_cache.dtype == jnp.int8):
+        raise ValueError(f"mla_decode: an int8 kv_cache goes with its kv_scale and only then (kv_cache {kv_cache.dtype}, "
+                         f"kv_scale {'given' if int8_cache else 'None'})")
+    if not interp and (lat & (lat - 1) or rope & (rope - 1) or min(lat, rope) < (32 if int8_cache or qk_int8 else 16)):
+        raise ValueError(f"mla_decode on GPU needs power-of-two latent/rope widths >= 16 (>= 32 with int8), got {lat}/{rope}")
     block_h = min(bs.block_h, max(16, next_pow2(h)))
     h_pad = cdiv(h, block_h) * block_h
-    block_k = min(bs.block_k, max(16, next_pow2(s_len)))
-    if not interp and (lat & (lat - 1) or rope & (rope - 1) or min(lat, rope) < 16):
-        raise ValueError(f"mla_decode on GPU needs power-of-two latent/rope widths >= 16, got {lat}/{rope}")
     head_blocks = h_pad // block_h
+    q_latent, q_pe = pad_to(q_latent, 1, h_pad), pad_to(q_pe, 1, h_pad)
+    caches = [kv_cache, pe_cache] + ([kv_scale] if int8_cache else [])
+    if paged:
+        block_table = jnp.asarray(block_table, jnp.int32)
+        page_size = kv_cache.shape[1]
+        if block_table.shape[0] != b:
+            raise ValueError(f"mla_decode: block_table has {block_table.shape[0]} rows for {b} requests")
+        block_k = min(bs.block_k, page_size & -page_size)  # the largest power of two that divides a page
+        if not interp and block_k < 16:
+            raise ValueError(f"mla_decode on GPU needs a page size that is a multiple of 16, got {page_size}")
+        s_len = s_pad = block_table.shape[1] * page_size
+        whole = lambda x: pl.BlockSpec(x.shape, lambda i, j, k: (0,) * x.ndim)  # pages addressed in the kernel
+        cache_specs = [whole(c) for c in caches] + [pl.BlockSpec((None, block_table.shape[1]), lambda i, j, k: (i, 0))]
+        caches.append(block_table)
+    else:
+        s_len = kv_cache.shape[1]
+        block_k = min(bs.block_k, max(16, next_pow2(s_len)))
+        # Rows are read in whole blocks of block_k, masked past each request's length; a cache whose length is not
+        # a multiple of block_k is padded (a copy: jaxlm's init_cache allocates multiples of 64, so it never is).
+        s_pad = cdiv(s_len, block_k) * block_k
+        caches = [pad_to(c, 1, s_pad) for c in caches]
+        cache_specs = [pl.BlockSpec((None, s_pad, *c.shape[2:]), lambda i, j, k, n=c.ndim: (i,) + (0,) * (n - 1))
+                       for c in caches]
     k_splits = bs.k_splits or max(1, min(cdiv(2 * 132, b * head_blocks), cdiv(s_len, 2 * block_k)))
     split_len = cdiv(cdiv(s_len, k_splits), block_k) * block_k
-    # Rows are read in whole blocks of block_k, masked past each request's length; a cache whose length is not
-    # a multiple of block_k is padded (a copy: jaxlm's init_cache allocates multiples of 64, so it never is).
-    s_pad = cdiv(s_len, block_k) * block_k
-    kv_cache, pe_cache = pad_to(kv_cache, 1, s_pad), pad_to(pe_cache, 1, s_pad)
-    q_latent, q_pe = pad_to(q_latent, 1, h_pad), pad_to(q_pe, 1, h_pad)
     lengths = jnp.minimum(jnp.asarray(lengths, jnp.int32), s_len).reshape(b, 1)
-    kernel = functools.partial(_kernel, scale=sm_scale * LOG2E, block_k=block_k, split_len=split_len, qk_int8=qk_int8)
+    kernel = functools.partial(_kernel, scale=sm_scale * LOG2E, block_k=block_k, split_len=split_len, qk_int8=qk_int8,
+                               int8_cache=int8_cache, paged=paged)
     grid = (b, head_blocks, k_splits)
     f32 = jnp.float32
     o, m, l = pl.pallas_call(
@@ -121,9 +166,9 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
         in_specs=[
             pl.BlockSpec((None, block_h, lat), lambda i, j, k: (i, j, 0)),
             pl.BlockSpec((None, block_h, rope), lambda i, j, k: (i, j, 0)),
-            pl.BlockSpec((None, s_pad, lat), lambda i, j, k: (i, 0, 0)),
-            pl.BlockSpec((None, s_pad, rope), lambda i, j, k: (i, 0, 0)),
+            *cache_specs[:2],
             pl.BlockSpec((None, 1), lambda i, j, k: (i, 0)),
+            *cache_specs[2:],
         ],
         out_specs=[
             pl.BlockSpec((None, None, block_h, lat), lambda i, j, k: (i, k, j, 0)),
@@ -136,7 +181,7 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
         compiler_params=pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interp,
         name="mla_decode",
-    )(q_latent, q_pe, kv_cache, pe_cache, lengths)
+    )(q_latent, q_pe, *caches[:2], lengths, *caches[2:])
     out, lse2 = _merge_splits(o, m, l)
     out = out[:, :h].astype(q_latent.dtype)
     return (out, lse2[:, :h] / LOG2E) if return_lse else out
@@ -153,16 +198,32 @@ def _merge_splits(o, m, l):
     return o_tot / denom[..., None], jnp.where(l_tot > 0, m_safe + jnp.log2(denom), -jnp.inf)
 
 
-def mla_decode_reference(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, return_lse: bool = False):
-    """Plain jnp, float32: softmax(scale * (q_latent kv^T + q_pe pe^T)) kv over the first lengths[b] rows."""
+def gather_pages(cache, block_table):
+    """A paged cache [pages, page_size, ...] as the contiguous [B, pages per request * page_size, ...] it stands for."""
+    g = cache[jnp.asarray(block_table, jnp.int32)]  # [B, n, page_size, ...]
+    return g.reshape(g.shape[0], -1, *g.shape[3:])
+
+
+def dequantize_rows(cache, kv_scale):
+    """An int8 cache and its row scales -> float32 values."""
+    return cache.astype(jnp.float32) * kv_scale[..., None]
+
+
+def mla_decode_reference(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, kv_scale=None,
+                         block_table=None, return_lse: bool = False):
+    """Plain jnp, float32: softmax(scale * (q_latent kv^T + q_pe pe^T)) kv over the first lengths[b] rows (int8 and
+    paged caches dequantised / gathered first)."""
     f32 = jnp.float32
-    s = (jnp.einsum("bhl,bsl->bhs", q_latent.astype(f32), kv_cache.astype(f32))
+    kv_cache = kv_cache.astype(f32) if kv_scale is None else dequantize_rows(kv_cache, kv_scale)
+    if block_table is not None:
+        kv_cache, pe_cache = gather_pages(kv_cache, block_table), gather_pages(pe_cache, block_table)
+    s = (jnp.einsum("bhl,bsl->bhs", q_latent.astype(f32), kv_cache)
          + jnp.einsum("bhr,bsr->bhs", q_pe.astype(f32), pe_cache.astype(f32))) * sm_scale
     valid = jnp.arange(kv_cache.shape[1])[None, None, :] < jnp.asarray(lengths)[:, None, None]
     s = jnp.where(valid, s, -jnp.inf)
     m = jnp.where(valid.any(-1), s.max(-1), 0.0)
     p = jnp.where(valid, jnp.exp(s - m[..., None]), 0.0)
     l = p.sum(-1)
-    o = jnp.einsum("bhs,bsl->bhl", p, kv_cache.astype(f32)) / jnp.where(l > 0, l, 1.0)[..., None]
+    o = jnp.einsum("bhs,bsl->bhl", p, kv_cache) / jnp.where(l > 0, l, 1.0)[..., None]
     o = o.astype(q_latent.dtype)
     return (o, jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)) if return_lse else o

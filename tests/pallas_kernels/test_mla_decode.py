@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import MLADecodeBlockSizes, mla_decode, mla_decode_reference
+from pallas_kernels import MLADecodeBlockSizes, mla_decode, mla_decode_reference, update_cache
+from pallas_kernels.mla_decode import gather_pages
 from pallas_kernels.lowering import export_for_h100
 
 
@@ -98,4 +99,86 @@ def test_qk_int8_lowers_for_h100():
     fn = functools.partial(mla_decode, sm_scale=0.135, qk_int8=True, interpret=False)
     text = export_for_h100(fn, S((16, 128, 512), bf), S((16, 128, 64), bf), S((16, 512, 512), bf),
                            S((16, 512, 64), bf), S((16,), jnp.int32))
+    assert "mla_decode" in text
+
+
+def int8_cache(kv):
+    """kv [B, S, L] written into an int8 latent cache through update_cache (interpret mode): (cache, scales)."""
+    b, s, lat = kv.shape
+    slots, positions = jnp.repeat(jnp.arange(b), s), jnp.tile(jnp.arange(s), b)
+    return update_cache(jnp.zeros((b, s, lat), jnp.int8), kv.reshape(-1, lat), slots, positions,
+                        scales=jnp.zeros((b, s), jnp.float32), interpret=True)
+
+
+@pytest.mark.parametrize("qk_int8", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_int8_latent_cache(qk_int8, dtype):
+    """The latent cache stored as int8 rows with per-row scales (rope cache 16-bit): the kernel matches the reference
+    on the same dequantised cache, and stays close to attention over the unquantised cache."""
+    rng = np.random.default_rng(5)
+    q, qp, kv, pe = make(rng, 3, 16, 64, 32, 320, dtype)
+    kv8, scale = int8_cache(kv)
+    lengths = jnp.asarray([300, 7, 1], jnp.int32)
+    kw = dict(sm_scale=0.1, kv_scale=scale)
+    out = mla_decode(q, qp, kv8, pe, lengths, qk_int8=qk_int8, interpret=True,
+                     block_sizes=MLADecodeBlockSizes(block_k=32, k_splits=3), **kw)
+    assert out.dtype == dtype and out.shape == (3, 16, 64)
+    same_cache = np.asarray(mla_decode_reference(q, qp, kv8, pe, lengths, **kw), np.float32)
+    unquantised = np.asarray(mla_decode_reference(q, qp, kv, pe, lengths, sm_scale=0.1), np.float32)
+    out = np.asarray(out, np.float32)
+    tol = {(False, jnp.float32): 2e-5}.get((qk_int8, dtype), 3e-2)
+    np.testing.assert_allclose(out, same_cache, atol=tol, rtol=tol)
+    rel_l1 = np.abs(out - unquantised).sum() / np.abs(unquantised).sum()
+    assert rel_l1 <= 0.02, rel_l1
+
+
+def test_int8_cache_needs_its_scales():
+    rng = np.random.default_rng(1)
+    q, qp, kv, pe = make(rng, 1, 1, 32, 16, 64, jnp.float32)
+    with pytest.raises(ValueError, match="int8 kv_cache goes with its kv_scale"):
+        mla_decode(q, qp, kv.astype(jnp.int8), pe, jnp.ones(1, jnp.int32), sm_scale=0.1, interpret=True)
+    with pytest.raises(ValueError, match="int8 kv_cache goes with its kv_scale"):
+        mla_decode(q, qp, kv, pe, jnp.ones(1, jnp.int32), sm_scale=0.1, kv_scale=jnp.ones((1, 64)), interpret=True)
+
+
+@pytest.mark.parametrize("page_size", [16, 48])
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8-latent"])
+def test_paged_cache(page_size, int8):
+    """Paged caches [pages, page_size, ...] read through a shuffled block table (lengths 0, 1, odd, a whole table)
+    equal the contiguous caches the table stands for."""
+    rng = np.random.default_rng(page_size)
+    b, pages_per_req = 4, 5
+    num_pages = b * pages_per_req + 3  # spare pages no request owns
+    q, qp, _, _ = make(rng, b, 16, 64, 32, 1, jnp.bfloat16)
+    kv = jnp.asarray(rng.standard_normal((num_pages, page_size, 64)), jnp.bfloat16)
+    pe = jnp.asarray(rng.standard_normal((num_pages, page_size, 32)), jnp.bfloat16)
+    table = jnp.asarray(rng.permutation(num_pages)[: b * pages_per_req].reshape(b, pages_per_req), jnp.int32)
+    lengths = jnp.asarray([0, 1, 2 * page_size + 5, pages_per_req * page_size], jnp.int32)
+    kw = dict(sm_scale=0.1)
+    if int8:
+        kv, kw["kv_scale"] = int8_cache(kv)
+    out = mla_decode(q, qp, kv, pe, lengths, block_table=table, interpret=True, **kw)
+    scale = kw.pop("kv_scale", None)
+    contiguous = (gather_pages(kv, table), gather_pages(pe, table))
+    if int8:
+        kw["kv_scale"] = gather_pages(scale, table)
+    ref = mla_decode_reference(q, qp, *contiguous, lengths, **kw)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2, rtol=2e-2)
+    assert np.all(np.asarray(out, np.float32)[0] == 0)
+    with pytest.raises(ValueError, match="block_table has 3 rows for 4 requests"):
+        mla_decode(q, qp, kv, pe, lengths, block_table=table[:3], interpret=True, **kw)
+
+
+@pytest.mark.parametrize("qk_int8", [False, True])
+def test_int8_and_paged_lower_for_h100(qk_int8):
+    S = jax.ShapeDtypeStruct
+    bf, i32 = jnp.bfloat16, jnp.int32
+    fn = functools.partial(mla_decode, sm_scale=0.135, qk_int8=qk_int8, interpret=False)
+    args = (S((16, 128, 512), bf), S((16, 128, 64), bf), S((16, 512, 512), jnp.int8), S((16, 512, 64), bf),
+            S((16,), i32))
+    assert "mla_decode" in export_for_h100(lambda q, qp, kv, pe, n, s: fn(q, qp, kv, pe, n, kv_scale=s), *args, S((16, 512), jnp.float32))
+    paged = (S((16, 128, 512), bf), S((16, 128, 64), bf), S((300, 64, 512), jnp.int8), S((300, 64, 64), bf),
+             S((16,), i32))
+    text = export_for_h100(lambda q, qp, kv, pe, n, s, t: fn(q, qp, kv, pe, n, kv_scale=s, block_table=t), *paged, S((300, 64), jnp.float32),
+                           S((16, 18), i32))
     assert "mla_decode" in text
