@@ -8,7 +8,8 @@ half: 2 * B * S^2 * H * D.
 
 mla_decode: 128 heads, latent 512 + rope 64, bf16 caches, B in {16, 64}, L in {400, 4096, 32768} (every request at
 length L), against the XLA einsum reference (`mla_decode_reference` jitted). Effective bandwidth counts the cache
-rows read once (L * 1152 B per request) plus q and o.
+rows read once (L * 1152 B per request) plus q and o. The int8-latent cache columns (`update_cache(..., scales=)`
+layout: int8 latent + float32 row scale + bf16 rope, 644 B per token) count the bytes that layout reads.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from bench.common import commit, copy_bandwidth
 from jaxlm.seed import DECODE_PAST, median_ms
 from pallas_kernels import mla_decode, mla_decode_reference
+from pallas_kernels.common import quantize_rows_int8
 from pallas_kernels.sage_attention import BlockSizes, sage_attention, sage_attention_reference
 
 
@@ -47,6 +49,7 @@ def mla_decode_cases(scale=0.1352338):
     rows = []
     kernel = jax.jit(lambda *a: mla_decode(*a, sm_scale=scale))
     kernel_i8 = jax.jit(lambda *a: mla_decode(*a, sm_scale=scale, qk_int8=True))
+    kernel_c8 = jax.jit(lambda *a, s: mla_decode(*a, sm_scale=scale, kv_scale=s))  # int8 latent cache
     ref = jax.jit(lambda *a: mla_decode_reference(*a, sm_scale=scale))
     for b in (16, 64):
         for length in (400, 4096, 32768):
@@ -67,7 +70,13 @@ def mla_decode_cases(scale=0.1352338):
             flops = 2 * b * 128 * length * (576 + 512)
             out8 = np.asarray(kernel_i8(q, qp, kv, pe, lens), np.float32)
             t_8 = timed(kernel_i8, q, qp, kv, pe, lens)
+            kv8, kv_s = quantize_rows_int8(kv)
+            c8 = functools.partial(kernel_c8, s=kv_s)
+            out_c8 = np.asarray(c8(q, qp, kv8, pe, lens), np.float32)
+            t_c8 = timed(c8, q, qp, kv8, pe, lens)
             rows.append({"B": b, "L": length, "pallas_ms": t_k, "xla_ms": t_x, "rel_err": err,
+                         "int8_cache_ms": t_c8, "int8_cache_TBps": (nbytes - b * length * 508) / t_c8 / 1e9,
+                         "int8_cache_rel_err": float(np.linalg.norm(out_c8 - want) / np.linalg.norm(want)),
                          "qk_int8_ms": t_8, "qk_int8_TBps": nbytes / t_8 / 1e9,
                          "qk_int8_rel_err": float(np.linalg.norm(out8 - want) / np.linalg.norm(want)),
                          "pallas_TBps": nbytes / t_k / 1e9, "xla_TBps": nbytes / t_x / 1e9,
@@ -79,7 +88,9 @@ def mla_decode_cases(scale=0.1352338):
             jax.random.normal(keys[2], (b, 448, 512), bf), jax.random.normal(keys[3], (b, 448, 64), bf),
             jnp.asarray(DECODE_PAST, jnp.int32))
     t = timed(kernel, *args)
+    kv8, kv_s = quantize_rows_int8(args[2])
     rows.append({"B": b, "L": "seed 50-400", "pallas_ms": t, "xla_ms": timed(ref, *args), "seed": True,
+                 "int8_cache_ms": timed(functools.partial(kernel_c8, s=kv_s), *args[:2], kv8, *args[3:]),
                  "qk_int8_ms": timed(kernel_i8, *args),
                  "pallas_TBps": (sum(DECODE_PAST) * 1152 + b * 128 * 1088 * 2) / t / 1e9})
     return rows
@@ -193,7 +204,9 @@ def main():
     res.update(sage_tflops_s16k=s16k["sage_TFLOPs"], cudnn_tflops_s16k=s16k["cudnn_TFLOPs"],
                mgpu_tflops_s16k=s16k.get("mgpu_TFLOPs"), sage_cosine=min(r["cos_vs_cudnn"] for r in sage),
                mla_decode_tbps_b64_l4096=b64["pallas_TBps"],
-               mla_decode_seed_us=1e3 * next(r for r in rows if r.get("seed"))["pallas_ms"])
+               mla_decode_seed_us=1e3 * next(r for r in rows if r.get("seed"))["pallas_ms"],
+               mla_decode_int8_cache_b64_l4096_ms=b64["int8_cache_ms"],
+               mla_decode_int8_cache_seed_us=1e3 * next(r for r in rows if r.get("seed"))["int8_cache_ms"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"\nsage_attention, causal, H=16, D=128, bf16, {dev.device_kind}")
@@ -207,11 +220,12 @@ def main():
     for r in rows:
         if r.get("seed"):
             print(f"seed case (16 requests, 50-400): {r['pallas_ms'] * 1e3:.1f} us (qk_int8 {r['qk_int8_ms'] * 1e3:.1f} us, "
-                  f"XLA {r['xla_ms'] * 1e3:.1f} us)")
+                  f"int8 cache {r['int8_cache_ms'] * 1e3:.1f} us, XLA {r['xla_ms'] * 1e3:.1f} us)")
             continue
         print(f"{r['B']:>3} {r['L']:>6} {r['pallas_ms']:>10.3f} {r['pallas_TBps']:>6.2f} {r['pallas_TFLOPs']:>8.1f} "
               f"{r['xla_ms']:>8.3f} {r['xla_TBps']:>6.2f} {r['speedup_vs_xla']:>7.1f}x {r['rel_err']:>8.1e}  "
-              f"qk_int8 {r['qk_int8_ms']:.3f} ms {r['qk_int8_TBps']:.2f} TB/s err {r['qk_int8_rel_err']:.1e}")
+              f"qk_int8 {r['qk_int8_ms']:.3f} ms {r['qk_int8_TBps']:.2f} TB/s err {r['qk_int8_rel_err']:.1e}  "
+              f"int8 cache {r['int8_cache_ms']:.3f} ms {r['int8_cache_TBps']:.2f} TB/s err {r['int8_cache_rel_err']:.1e}")
     print(f"\nfp8_matmul at R1 projections, {dev.device_kind}; copy {bw / 1e12:.2f} TB/s; mgpu attention S=16k: "
           f"{res['mgpu_tflops_s16k']} TF/s")
     print(f"{'proj':<20} {'M':>4} {'fp8 ms':>8} {'bf16 ms':>8} {'floor':>7} {'TB/s':>6} {'TF/s':>6} {'speedup':>8} {'cos':>8}")

@@ -21,6 +21,7 @@ import numpy as np
 
 from bench.common import commit, copy_bandwidth
 from jaxlm import mla, seed
+from pallas_kernels.common import quantize_rows_int8
 
 R1_HF = dict(hidden_size=7168, num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
              qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=163840,
@@ -149,11 +150,14 @@ SWEEP_BATCH = [(b, 1024) for b in (1, 4, 16, 64)]
 SWEEP_HISTORY = [(16, n) for n in (128, 512, 2048, 8192)]
 
 
-def our_decode_ms(params, cfg, past, steps, impl) -> float:
+def our_decode_ms(params, cfg, past, steps, impl, int8_latent=False) -> float:
     """ms per decode step inside one decode_steps() call, B = len(past) requests, caches filled at random."""
     b, key = len(past), jax.random.key(2)
     cache = mla.init_cache(cfg, b, max(past) + steps, jnp.bfloat16)
-    cache = mla.MLACache(*(jax.random.normal(key, c.shape, c.dtype) for c in cache))
+    cache = mla.MLACache(*(jax.random.normal(key, c.shape, c.dtype) for c in cache[:2]))
+    if int8_latent:
+        kv8, kv_scale = quantize_rows_int8(cache.kv_cache)
+        cache = mla.MLACache(kv8, cache.pe_cache, kv_scale)
     xs = jax.random.normal(key, (steps, b, cfg.hidden_size), jnp.bfloat16)
     state = {"cache": cache}
 
@@ -166,13 +170,15 @@ def our_decode_ms(params, cfg, past, steps, impl) -> float:
 
 def sweep(params, cfg, hf, bw, steps=20) -> list[dict]:
     """Decode ms/step over batch sizes and history lengths: jaxlm (Pallas kernels; XLA attention as the JAX peer),
-    HF transformers (same weights, padded batch) and the floor (weights + cache bytes at copy bandwidth)."""
+    HF transformers (same weights, padded batch) and the floor (weights + cache bytes at copy bandwidth); the
+    int8-latent cache (Pallas) beside them."""
     rows = []
     weight_bytes = sum(v.nbytes for v in params.values())
     for b, n in SWEEP_BATCH + SWEEP_HISTORY:
         past = [n] * b
         row = {"B": b, "history": n, "pallas_ms": our_decode_ms(params, cfg, past, steps, "pallas"),
                "xla_ms": our_decode_ms(params, cfg, past, steps, "xla"),
+               "int8_cache_ms": our_decode_ms(params, cfg, past, steps, "pallas", int8_latent=True),
                "floor_ms": 1e3 * (weight_bytes + cfg.cache_bytes_per_token() * b * n) / bw}
         if hf is not None:
             row["hf_ms"] = hf_decode_ms(*hf, past, steps)

@@ -12,7 +12,9 @@ Params (our layout, written by `convert`; rope rows already in half-split order)
 FP8 params (`load_layer(..., keep_fp8=True)`, `quantize_fp8`): q_a_proj, q_b_proj / q_proj, kv_a_proj_with_mqa,
 o_proj as `Fp8Weight` (e4m3 [out, in] + float32 scales per 128x128 block, as DeepSeek ships them), W_UK [N, P, L] and
 W_UV [N, V, L] as the per-head row blocks of kv_b_proj; every projection then runs through `fp8_matmul`.
-Cache: `MLACache(kv_cache [slots, S, L], pe_cache [slots, S, R])`, request i in slot i.
+Cache: `MLACache(kv_cache [slots, S, L], pe_cache [slots, S, R])`, request i in slot i; with
+`init_cache(..., int8_latent=True)` the latent is stored as int8 rows with one float32 scale per row (`kv_scale`
+[slots, S]) and the RoPE part stays 16-bit: 644 instead of 1152 bytes per token at R1 sizes.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from jaxlm import batching, sharding
-from jaxlm.sharding import DP, MLA_CACHE, TP
+from jaxlm.sharding import DP, MLA_CACHE, MLA_CACHE_SCALE, TP
 from pallas_kernels.common import resolve_attention_impl
 from pallas_kernels.fp8_matmul import Fp8Weight
 from jaxlm.layers import apply_rope, rms_norm, rope_cos_sin, rope_frequencies, yarn_get_mscale
@@ -92,8 +94,9 @@ class MLAConfig:
             attention_factor=self.attention_factor, truncate=self.rope_truncate,
         )
 
-    def cache_bytes_per_token(self, dtype=jnp.bfloat16) -> int:
-        return (self.kv_lora_rank + self.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
+    def cache_bytes_per_token(self, dtype=jnp.bfloat16, int8_latent: bool = False) -> int:
+        rope = self.qk_rope_head_dim * jnp.dtype(dtype).itemsize
+        return rope + (self.kv_lora_rank + 4 if int8_latent else self.kv_lora_rank * jnp.dtype(dtype).itemsize)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "MLAConfig":
@@ -156,22 +159,35 @@ class MLAConfig:
 
 
 class MLACache(NamedTuple):
-    kv_cache: jax.Array  # [slots, S, L]: kv_a_layernorm(latent)
+    kv_cache: jax.Array  # [slots, S, L]: kv_a_layernorm(latent); int8 when kv_scale is set
     pe_cache: jax.Array  # [slots, S, R]: k_pe after RoPE (half-split layout)
+    kv_scale: jax.Array | None = None  # [slots, S] float32: row scales of an int8 kv_cache
+
+    def latent(self, index, dtype) -> jax.Array:
+        """The cached latent rows kv_cache[index] as `dtype` (int8 rows times their scales)."""
+        kv = self.kv_cache[index]
+        if self.kv_scale is None:
+            return kv.astype(dtype)
+        return (kv.astype(jnp.float32) * self.kv_scale[index][..., None]).astype(dtype)
 
 
-def init_cache(cfg: MLAConfig, num_requests: int, max_len: int, dtype=jnp.bfloat16, *, mesh=None) -> MLACache:
+def init_cache(cfg: MLAConfig, num_requests: int, max_len: int, dtype=jnp.bfloat16, *, mesh=None,
+               int8_latent: bool = False) -> MLACache:
     """Zeroed caches for `num_requests` slots of at least `max_len` positions (rounded up to a multiple of 64).
-    With a `mesh` (jaxlm.sharding.make_mesh) the slots are split over its `dp` axis, replicated over `tp`."""
+    With a `mesh` (jaxlm.sharding.make_mesh) the slots are split over its `dp` axis, replicated over `tp`.
+    int8_latent: the latent cache as int8 with per-row float32 scales (quantised as it is written; the RoPE cache
+    stays `dtype`)."""
     if num_requests < 1 or max_len < 1:
         raise ValueError(f"init_cache needs num_requests >= 1 and max_len >= 1, got {num_requests}, {max_len}")
     dp = sharding.axis_size(mesh, DP)
     if num_requests % dp:
         raise ValueError(f"{num_requests} cache slots do not split over dp={dp}: use a multiple of {dp} slots")
     max_len = -(-max_len // CACHE_ALIGN) * CACHE_ALIGN
-    device = None if mesh is None else jax.sharding.NamedSharding(mesh, MLA_CACHE)
-    return MLACache(jnp.zeros((num_requests, max_len, cfg.kv_lora_rank), dtype, device=device),
-                    jnp.zeros((num_requests, max_len, cfg.qk_rope_head_dim), dtype, device=device))
+    device = (lambda spec: None) if mesh is None else (lambda spec: jax.sharding.NamedSharding(mesh, spec))
+    zeros = lambda width, dt: jnp.zeros((num_requests, max_len, width), dt, device=device(MLA_CACHE))  # noqa: E731
+    scale = jnp.zeros((num_requests, max_len), jnp.float32, device=device(MLA_CACHE_SCALE)) if int8_latent else None
+    return MLACache(zeros(cfg.kv_lora_rank, jnp.int8 if int8_latent else dtype), zeros(cfg.qk_rope_head_dim, dtype),
+                    scale)
 
 
 def init_params(cfg: MLAConfig, key: jax.Array, dtype=jnp.bfloat16, *, gate: bool = False) -> Params:
@@ -304,15 +320,24 @@ def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array,
 
 def _write_cache(cache: MLACache, meta: batching.RaggedMeta, latent, k_pe, impl: str) -> MLACache:
     """Both caches written in the same step. Padding tokens carry position max_len (out of range): dropped."""
-    if impl == "pallas":
-        def local(cache, rows, slots, positions):  # this device's slots: others go out of range and are skipped
-            return pallas_kernels.update_cache(cache, rows, slots - sharding.axis_index(DP) * cache.shape[0], positions)
+    def write(cache, rows, *scales):  # scales: the row scales of an int8 cache, quantised as the rows are written
+        scale = scales[0] if scales else None
+        if impl != "pallas":
+            return pallas_kernels.update_cache_reference(cache, rows, meta.tok_slot, meta.tok_pos, scales=scale)
 
-        write = sharding.per_device(local, (MLA_CACHE, P(), P(), P()), MLA_CACHE)
-    else:
-        write = pallas_kernels.update_cache_reference
-    return MLACache(write(cache.kv_cache, latent, meta.tok_slot, meta.tok_pos),
-                    write(cache.pe_cache, k_pe, meta.tok_slot, meta.tok_pos))
+        def local(cache, rows, slots, positions, *scales):  # this device's slots: others are out of range, skipped
+            return pallas_kernels.update_cache(cache, rows, slots - sharding.axis_index(DP) * cache.shape[0], positions,
+                                               scales=scales[0] if scales else None)
+
+        specs = (MLA_CACHE, MLA_CACHE_SCALE) if scales else MLA_CACHE
+        return sharding.per_device(local, (MLA_CACHE, P(), P(), P()) + (MLA_CACHE_SCALE,) * len(scales), specs)(
+            cache, rows, meta.tok_slot, meta.tok_pos, *scales)
+
+    pe = write(cache.pe_cache, k_pe)
+    if cache.kv_scale is None:
+        return MLACache(write(cache.kv_cache, latent), pe)
+    kv, kv_scale = write(cache.kv_cache, latent, cache.kv_scale)
+    return MLACache(kv, pe, kv_scale)
 
 
 def _softmax(scores: jax.Array, meta: batching.RaggedMeta, kv_len: int) -> jax.Array:
@@ -335,8 +360,8 @@ def _from_blocks(o: jax.Array, meta: batching.RaggedMeta) -> jax.Array:
 def _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, kv_len, impl):
     """MQA over [latent | pe] with W_UK folded into q and W_UV applied after: returns [T, N, V]."""
     q_lat = _absorb_uk(q_nope, params, impl)
-    kv = cache.kv_cache[meta.blk_slot, :kv_len]  # [NB, S, L]
     pe = cache.pe_cache[meta.blk_slot, :kv_len]  # [NB, S, R]
+    kv = cache.latent((meta.blk_slot, slice(None, kv_len)), pe.dtype)  # [NB, S, L]
     f32 = jnp.float32
     scores = (jnp.einsum("bqnl,bsl->bnqs", _to_blocks(q_lat, meta).astype(kv.dtype), kv).astype(f32)
               + jnp.einsum("bqnr,bsr->bnqs", _to_blocks(q_pe, meta).astype(pe.dtype), pe).astype(f32))
@@ -348,16 +373,22 @@ def _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, kv_len, impl):
 def _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta, seq_lens, past_lens):
     """One-token-per-request steps through the Pallas flash-decoding kernel: returns [T, N, V]."""
     slots, max_len = cache.kv_cache.shape[:2]
-    q_lat = _absorb_uk(q_nope, params, "pallas").astype(cache.kv_cache.dtype)
+    q_lat = _absorb_uk(q_nope, params, "pallas").astype(cache.pe_cache.dtype)
     dest = jnp.where(meta.tok_pos < max_len, meta.tok_slot, slots)  # padding tokens: dropped
     q_lat = jnp.zeros((slots, *q_lat.shape[1:]), q_lat.dtype).at[dest].set(q_lat, mode="drop")
     q_pe = jnp.zeros((slots, *q_pe.shape[1:]), cache.pe_cache.dtype).at[dest].set(q_pe.astype(cache.pe_cache.dtype),
                                                                                mode="drop")
     lengths = jnp.zeros((slots,), jnp.int32).at[: seq_lens.shape[0]].set(jnp.where(seq_lens > 0, past_lens + seq_lens, 0))
     heads = P(DP, TP, None)
-    decode = sharding.per_device(functools.partial(pallas_kernels.mla_decode, sm_scale=cfg.softmax_scale),
-                                 (heads, heads, MLA_CACHE, MLA_CACHE, P(DP)), heads)
-    o_lat = decode(q_lat, q_pe, cache.kv_cache, cache.pe_cache, lengths)
+    scales = () if cache.kv_scale is None else (cache.kv_scale,)
+
+    def local(q_lat, q_pe, kv, pe, lengths, *scales):
+        return pallas_kernels.mla_decode(q_lat, q_pe, kv, pe, lengths, sm_scale=cfg.softmax_scale,
+                                         kv_scale=scales[0] if scales else None)
+
+    decode = sharding.per_device(local, (heads, heads, MLA_CACHE, MLA_CACHE, P(DP)) + (MLA_CACHE_SCALE,) * len(scales),
+                                 heads)
+    o_lat = decode(q_lat, q_pe, cache.kv_cache, cache.pe_cache, lengths, *scales)
     return _expand_uv(o_lat[meta.tok_slot].astype(q_nope.dtype), params, "pallas")
 
 
@@ -369,7 +400,7 @@ def _attend_prefill_kernel(params, cfg, q_nope, q_pe, cache, seq_lens, past_lens
     cu_q = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(seq_lens)])
     cu_k = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(total)])
     k_slot, k_pos = pallas_kernels.sage_attention_segments(cu_k, kv_tokens)
-    kv = cache.kv_cache[k_slot, k_pos].astype(q_nope.dtype)  # [Tk, L]; rows past cu_k[-1] are never read
+    kv = cache.latent((k_slot, k_pos), q_nope.dtype)  # [Tk, L]; rows past cu_k[-1] are never read
     pe = cache.pe_cache[k_slot, k_pos].astype(q_nope.dtype)  # [Tk, R]
     k_nope, v = _up_project(kv, params, "pallas")
     k = jnp.concatenate([k_nope, jnp.broadcast_to(pe[:, None, :], (pe.shape[0], cfg.num_heads, pe.shape[1]))], axis=-1)
@@ -384,7 +415,7 @@ def _attend_prefill_kernel(params, cfg, q_nope, q_pe, cache, seq_lens, past_lens
 
 def _attend_naive(params, cfg, q_nope, q_pe, cache, meta, kv_len, impl):
     """Reference: up-project the cached latent to per-head K_nope and V, then ordinary attention: [T, N, V]."""
-    kv = cache.kv_cache[meta.blk_slot, :kv_len].astype(q_nope.dtype)
+    kv = cache.latent((meta.blk_slot, slice(None, kv_len)), q_nope.dtype)
     pe = cache.pe_cache[meta.blk_slot, :kv_len].astype(q_nope.dtype)
     k_nope, v = _up_project(kv, params, impl)
     f32 = jnp.float32

@@ -69,6 +69,7 @@ def mla_param_specs(cfg) -> dict[str, P]:
 
 
 MLA_CACHE = P(DP, None, None)  # kv_cache [slots, S, L], pe_cache [slots, S, R]
+MLA_CACHE_SCALE = P(DP, None)  # kv_scale [slots, S] of an int8 kv_cache
 
 
 def qwen3_vl_text_specs(cfg, mesh) -> dict[str, Any]:

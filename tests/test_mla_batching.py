@@ -262,3 +262,42 @@ def test_pallas_prefill_with_empty_requests_close_to_xla(layer):
     cos = float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
     assert cos >= 0.999 and np.abs(a - b).sum() / np.abs(b).sum() <= 0.02
     np.testing.assert_allclose(out["pallas"][1], out["xla"][1], rtol=1e-6, atol=1e-6)
+
+
+def cosine(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_int8_latent_cache(layer, impl):
+    """init_cache(..., int8_latent=True): the latent is quantised per row as it is written (scales beside it, RoPE
+    cache untouched); a history fill, a ragged prefill with an empty request and decode steps on top stay close to
+    the same steps over a float cache, and the cached rows dequantise to the float cache's within half a step."""
+    cfg, params = layer
+    rng = np.random.default_rng(9)
+    past, seq = [12, 0, 30, 7], [3, 0, 1, 5]
+    x_fill, x_new = rand(rng, sum(past), cfg), rand(rng, sum(seq), cfg)
+    xs = rng.standard_normal((3, 4, cfg.hidden_size)).astype(np.float32)
+    out = {}
+    for int8 in (False, True):
+        cache = mla.init_cache(cfg, 4, 64, jnp.float32, int8_latent=int8)
+        y0, cache = mla.forward(params, cfg, x_fill, cache, past, [0] * 4, attention_impl=impl)
+        y1, cache = mla.forward(params, cfg, x_new, cache, seq, past, attention_impl=impl)
+        ys, cache = mla.decode_steps(params, cfg, xs, cache, [p + s for p, s in zip(past, seq)], attention_impl=impl)
+        out[int8] = np.concatenate([y0, y1, np.asarray(ys).reshape(-1, cfg.hidden_size)]), cache
+    (y_f, c_f), (y_q, c_q) = out[False], out[True]
+    assert c_q.kv_cache.dtype == jnp.int8 and c_q.kv_scale.shape == c_q.kv_cache.shape[:2]
+    np.testing.assert_array_equal(np.asarray(c_q.pe_cache), np.asarray(c_f.pe_cache))
+    latent = np.asarray(c_f.kv_cache)
+    step = np.abs(latent).max(-1, keepdims=True) / 127
+    assert np.all(np.abs(np.asarray(c_q.latent(slice(None), jnp.float32)) - latent) <= step * 0.5 + 1e-6)
+    assert np.isfinite(y_q).all() and cosine(y_q, y_f) >= 0.9999, cosine(y_q, y_f)
+    assert np.abs(y_q - y_f).sum() / np.abs(y_f).sum() <= 0.01
+
+
+def test_int8_latent_cache_bytes():
+    r1 = mla.MLAConfig.r1()
+    assert r1.cache_bytes_per_token() == 1152 and r1.cache_bytes_per_token(int8_latent=True) == 512 + 4 + 128
+    cache = jax.eval_shape(lambda: mla.init_cache(r1, 2, 100, int8_latent=True))
+    assert sum(np.prod(c.shape) * c.dtype.itemsize for c in cache) == 2 * 128 * r1.cache_bytes_per_token(int8_latent=True)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulat
 
 
 def rel(a, b):
-    a, b = np.asarray(a), np.asarray(b)
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
@@ -28,13 +28,14 @@ def layer():
     return cfg, mla.init_params(cfg, jax.random.key(0), jnp.float32, gate=True)
 
 
-def seed_pattern(params, cfg, impl, mesh=None):
+def seed_pattern(params, cfg, impl, mesh=None, int8_latent=False):
     """The seed's prefill batch (history + new tokens) then 3 decode steps of its 4 requests, one call each."""
     rng = np.random.default_rng(0)
     past, seq = seed.PREFILL_PAST, seed.PREFILL_SEQ
     if mesh is not None:
         params = sharding.shard_mla(params, cfg, mesh)
-    cache = mla.init_cache(cfg, len(past), max(p + s for p, s in zip(past, seq)) + 3, jnp.float32, mesh=mesh)
+    cache = mla.init_cache(cfg, len(past), max(p + s for p, s in zip(past, seq)) + 3, jnp.float32, mesh=mesh,
+                           int8_latent=int8_latent)
     x_hist = rng.standard_normal((sum(past), cfg.hidden_size)).astype(np.float32)
     _, cache = mla.forward(params, cfg, x_hist, cache, past, [0] * 4, attention_impl=impl)
     x = rng.standard_normal((sum(seq), cfg.hidden_size)).astype(np.float32)
@@ -44,12 +45,16 @@ def seed_pattern(params, cfg, impl, mesh=None):
     return np.asarray(y), np.asarray(ys), cache
 
 
-@pytest.mark.parametrize("impl,tp,dp", [("xla", 8, 1), ("xla", 4, 2), ("pallas", 2, 4)])
-def test_mla_sharded_equals_unsharded(layer, impl, tp, dp):
+@pytest.mark.parametrize("impl,tp,dp,int8", [("xla", 8, 1, False), ("xla", 4, 2, False), ("pallas", 2, 4, False),
+                                             ("pallas", 2, 2, True)])
+def test_mla_sharded_equals_unsharded(layer, impl, tp, dp, int8):
     cfg, params = layer
-    y_ref, ys_ref, cache_ref = seed_pattern(params, cfg, impl)
+    y_ref, ys_ref, cache_ref = seed_pattern(params, cfg, impl, int8_latent=int8)
     mesh = sharding.make_mesh(tp, dp)
-    y, ys, cache = seed_pattern(params, cfg, impl, mesh)
+    y, ys, cache = seed_pattern(params, cfg, impl, mesh, int8_latent=int8)
+    if int8:  # the int8 latent's row scales live beside it, split the same way
+        assert rel(cache.kv_scale, cache_ref.kv_scale) <= 1e-5
+        assert cache.kv_scale.addressable_shards[0].data.shape[0] == 4 // dp
     assert rel(y, y_ref) <= 1e-5 and rel(ys, ys_ref) <= 1e-5, (rel(y, y_ref), rel(ys, ys_ref))
     assert rel(cache.kv_cache, cache_ref.kv_cache) <= 1e-5
     # the cache stays split by request over dp (each device holds 4/dp slots), replicated over tp
