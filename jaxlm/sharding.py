@@ -47,9 +47,9 @@ def make_mesh(tp: int = 1, dp: int | None = None, devices=None) -> Mesh:
     return jax.make_mesh((dp, tp), (DP, TP), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices[: dp * tp])
 
 
-def _fit(spec: P, shape, mesh) -> P:
+def fit_spec(spec: P, shape, mesh) -> P:
     """`spec` with axes the mesh lacks, or that do not divide their dimension, replaced by None (replicated)."""
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    sizes = {} if mesh is None or mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
     out = []
     for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         out.append(axis if axis in sizes and dim % sizes[axis] == 0 else None)
@@ -110,7 +110,7 @@ def shard(tree, specs, mesh: Mesh):
     """Place every array of `tree` on `mesh` by the matching PartitionSpec of `specs` (same structure, or a dict with
     at least `tree`'s keys). Works single- and multi-process: each process supplies its addressable shards."""
     def place(x, spec):
-        spec = _fit(spec, x.shape, mesh)
+        spec = fit_spec(spec, x.shape, mesh)
         sharding = NamedSharding(mesh, spec)
         if jax.process_count() == 1:
             return jax.device_put(x, sharding)
@@ -142,7 +142,7 @@ def shard_mla(params, cfg, mesh: Mesh):
 
 
 def cache_sharding(spec: P, shape, mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, _fit(spec, shape, mesh))
+    return NamedSharding(mesh, fit_spec(spec, shape, mesh))
 
 
 def mesh_of(tree) -> Mesh | None:

@@ -135,9 +135,7 @@ def _attention(lp, cfg: TextConfig, x, cos, sin, k_cache, v_cache, start, impl: 
     q = apply_rope(rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), cos[:, :, None], sin[:, :, None])
     k = apply_rope(rms_norm(k, lp["k_norm"], cfg.rms_norm_eps), cos[:, :, None], sin[:, :, None])
     rows = start[:, None] + jnp.arange(t)[None, :]  # [B, T]
-    bidx = jnp.arange(b)[:, None]
-    k_cache = k_cache.at[bidx, rows].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[bidx, rows].set(v.astype(v_cache.dtype), mode="drop")
+    k_cache, v_cache = (_write_kv(cfg, c, new, rows, impl) for c, new in ((k_cache, k), (v_cache, v)))
     if impl == "pallas":
         cu = jnp.arange(b + 1, dtype=jnp.int32) * t  # each row one request of t tokens
         flat = lambda a: a.reshape(b * t, *a.shape[2:])  # noqa: E731
@@ -150,6 +148,24 @@ def _attention(lp, cfg: TextConfig, x, cos, sin, k_cache, v_cache, start, impl: 
     p = jax.nn.softmax(jnp.where(visible[:, None, None], s, -jnp.inf), axis=-1).astype(v_cache.dtype)
     o = jnp.einsum("bkgqs,bskh->bqkgh", p, v_cache).reshape(b, t, -1).astype(x.dtype)
     return o @ lp["o_w"], k_cache, v_cache
+
+
+def _write_kv(cfg: TextConfig, cache, new, rows, impl: str):
+    """new [B, T, K, H] into cache [B, S, K, H] at rows[b, t] (rows past S dropped): the in-place Pallas kernel
+    (heads folded into its row width; per device under a mesh) or, with impl "xla", an XLA scatter."""
+    if impl != "pallas":
+        return cache.at[jnp.arange(cache.shape[0])[:, None], rows].set(new.astype(cache.dtype), mode="drop")
+
+    def local(cache, new, rows):
+        b, t = rows.shape
+        flat = cache.reshape(*cache.shape[:2], -1)
+        slots = jnp.repeat(jnp.arange(b, dtype=jnp.int32), t)
+        out = pallas_kernels.update_cache(flat, new.reshape(b * t, -1), slots, rows.reshape(-1))
+        return out.reshape(cache.shape)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = sharding.fit_spec(sharding.qwen3_vl_cache_spec(cfg, mesh), cache.shape, mesh)  # batch 1: not over dp
+    return sharding.per_device(local, (spec, spec, P(spec[0], None)), spec)(cache, new, rows)
 
 
 def _gqa_kernel(cfg: TextConfig):
