@@ -21,5 +21,8 @@ extras=""
 stamp=".venv/.jaxlm-install-$(cat pyproject.toml .ci/constraints.txt | sha1sum | cut -c1-12)-${extras}"
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -c .ci/constraints.txt -e ".${extras}"
+  # The kernel tests lower Mosaic GPU kernels for an H100: that needs the CUDA plugin's compiler module only, so it
+  # comes without its dependencies (no CUDA runtime, no GPU backend on a CPU-only machine).
+  case ",$*," in *,test,*) .venv/bin/python -m pip install -q --no-deps -c .ci/constraints.txt jax-cuda13-plugin ;; esac
   touch "$stamp"
 fi

@@ -43,6 +43,16 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+def pow2_chunks(d: int) -> tuple[tuple[int, int], ...]:
+    """(offset, width) power-of-two pieces of d, largest first: 192 -> ((0, 128), (128, 64))."""
+    chunks, off = [], 0
+    while off < d:
+        w = 1 << ((d - off).bit_length() - 1)
+        chunks.append((off, w))
+        off += w
+    return tuple(chunks)
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

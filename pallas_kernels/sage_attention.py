@@ -26,7 +26,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import cdiv, next_pow2, pad_to, quantize_rows_int8, resolve_interpret
+from pallas_kernels import sage_attention_mgpu
+from pallas_kernels.common import cdiv, next_pow2, pad_to, pow2_chunks, quantize_rows_int8, resolve_interpret
+from pallas_kernels.sage_attention_mgpu import MosaicBlockSizes
 
 LOG2E = math.log2(math.e)
 EPS = 1e-8
@@ -39,16 +41,6 @@ class BlockSizes:
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
-
-
-def _pow2_chunks(d: int) -> tuple[tuple[int, int], ...]:
-    """(offset, width) power-of-two pieces of d, largest first: 192 -> ((0, 128), (128, 64))."""
-    chunks, off = [], 0
-    while off < d:
-        w = 1 << ((d - off).bit_length() - 1)
-        chunks.append((off, w))
-        off += w
-    return tuple(chunks)
 
 
 def segments(cu, total):
@@ -120,23 +112,35 @@ def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, qs_ref, ks_ref, q_ref,
     has = l > 0
     out = acc / jnp.where(has, l, 1.0)[:, None]
     pltriton.store(o_ref.at[pl.ds(q0, block_q), head, :], out.astype(o_ref.dtype), mask=row_ok[:, None])
-    lse = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), -jnp.inf) / LOG2E
+    lse = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), -jnp.inf)  # base 2
     pltriton.store(lse_ref.at[pl.ds(q0, block_q), head], lse, mask=row_ok)
 
 
+BACKENDS = ("triton", "mosaic")
+
+
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "smooth_k", "return_lse", "block_sizes",
-                                             "interpret"))
+                                             "backend", "interpret"))
 def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, sm_scale: float | None = None,
-                   smooth_k: bool = True, return_lse: bool = False, block_sizes: BlockSizes = BlockSizes(),
+                   smooth_k: bool = True, return_lse: bool = False,
+                   block_sizes: BlockSizes | MosaicBlockSizes | None = None, backend: str | None = None,
                    interpret: bool | None = None):
     """Packed varlen attention with INT8 Q.K^T. Returns o [Tq, Hq, Dv] in q's dtype (zeros for rows that see no key),
-    and the natural-log LSE [Tq, Hq] of the true (unsmoothed, unquantised-scale) logits when `return_lse`."""
+    and the natural-log LSE [Tq, Hq] of the true (unsmoothed, unquantised-scale) logits when `return_lse`.
+
+    backend: "triton" (the default) or "mosaic" (Hopper wgmma kernel, sage_attention_mgpu.py; 16-bit V);
+    block_sizes: BlockSizes for the first, MosaicBlockSizes for the second (None: the backend's defaults)."""
     tq, hq, dqk = q.shape
     tk, hk, _ = k.shape
     if k.shape[2] != dqk or v.shape[:2] != (tk, hk) or hq % hk:
         raise ValueError(f"sage_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit (GQA needs Hq % Hk == 0)")
+    backend = backend or "triton"
+    if backend not in BACKENDS:
+        raise ValueError(f"sage_attention: backend must be one of {BACKENDS}, got {backend!r}")
+    bs = block_sizes or (MosaicBlockSizes() if backend == "mosaic" else BlockSizes())
+    if not isinstance(bs, MosaicBlockSizes if backend == "mosaic" else BlockSizes):
+        raise ValueError(f"sage_attention: block_sizes {bs} do not belong to backend {backend!r}")
     sm_scale = dqk**-0.5 if sm_scale is None else sm_scale
-    bs = block_sizes
     cu_q = jnp.asarray(cu_seqlens_q, jnp.int32)
     cu_k = jnp.asarray(cu_seqlens_k, jnp.int32)
     nb = cu_q.shape[0] - 1
@@ -156,38 +160,20 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     blk = jnp.arange(nqb, dtype=jnp.int32)
     blk_req = jnp.clip(jnp.searchsorted(cu_qb, blk, side="right") - 1, 0, nb - 1).astype(jnp.int32)
     blk_idx = jnp.where(blk < cu_qb[-1], blk - cu_qb[blk_req], nqb)  # past the end: a block with no rows
-    interp = resolve_interpret(interpret)
-    if interp:  # the interpreter clamps out-of-range slices instead of masking them: give every tile room
-        pad = max(bs.block_q, bs.block_k)
-        q_i8 = jnp.pad(q_i8, ((0, pad), (0, 0), (0, 0)))
-        k_i8 = jnp.pad(k_i8, ((0, pad), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, pad), (0, 0), (0, 0)))
-        q_scale = jnp.pad(q_scale, ((0, pad), (0, 0)))
-        k_scale = jnp.pad(k_scale, ((0, pad), (0, 0)))
     # Tensor-core dots need an int8 contraction of >= 32 (mma k32) and loads need power-of-two widths: zero-pad
     # Q.K^T's width to a multiple of 32 (zero int8 columns add nothing) and V's to a power of two >= 16 (extra
     # output columns dropped). No copy at the real sizes (192 = 128 + 64, 128, 64).
     dv = v.shape[2]
     d_pad, dv_pad = cdiv(dqk, 32) * 32, max(16, next_pow2(dv))
     q_i8, k_i8, v = pad_to(q_i8, 2, d_pad), pad_to(k_i8, 2, d_pad), pad_to(v, 2, dv_pad)
-    tq_buf = q_i8.shape[0]
-    full = lambda shape: pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))
-    kernel = functools.partial(_kernel, block_q=bs.block_q, block_k=bs.block_k, group=hq // hk, causal=causal,
-                               chunks=_pow2_chunks(d_pad))
-    o, lse = pl.pallas_call(
-        kernel,
-        grid=(nqb, hq),
-        in_specs=[pl.BlockSpec((1,), lambda i, h: (i,)), pl.BlockSpec((1,), lambda i, h: (i,)),
-                  full(cu_q.shape), full(cu_k.shape), full(q_scale.shape), full(k_scale.shape),
-                  full(q_i8.shape), full(k_i8.shape), full(v.shape)],
-        out_specs=[full((tq_buf, hq, v.shape[2])), full((tq_buf, hq))],
-        out_shape=[jax.ShapeDtypeStruct((tq_buf, hq, v.shape[2]), q.dtype),
-                   jax.ShapeDtypeStruct((tq_buf, hq), jnp.float32)],
-        compiler_params=pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
-        interpret=interp,
-        name="sage_attention",
-    )(blk_req, blk_idx, cu_q, cu_k, q_scale, k_scale, q_i8, k_i8, v)
-    o, lse = o[:tq, :, :dv], lse[:tq]
+    interp = resolve_interpret(interpret)
+    if backend == "mosaic":
+        o, lse2 = sage_attention_mgpu.attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_qb,
+                                                group=hq // hk, causal=causal, block_sizes=bs, interpret=interp)
+    else:
+        o, lse2 = _triton(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, causal=causal,
+                          group=hq // hk, out_dtype=q.dtype, block_sizes=bs, interpret=interp)
+    o, lse = o[:, :, :dv].astype(q.dtype), lse2 / LOG2E
     if not return_lse:
         return o
     if mean is not None:  # undo the smoothing's per-row shift: lse(q.k) = lse(q.(k - mean)) + scale * q.mean
@@ -195,6 +181,35 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
         mk = jnp.repeat(mean, hq // hk, axis=1)[seg_q]  # [Tq, Hq, D]
         lse = lse + sm_scale * jnp.einsum("thd,thd->th", q.astype(jnp.float32), mk)
     return o, lse
+
+
+def _triton(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, *, causal, group, out_dtype, block_sizes,
+            interpret):
+    """The Triton kernel over the prepared operands: (o [Tq, Hq, Dv], base-2 LSE [Tq, Hq])."""
+    bs = block_sizes
+    tq, hq = q_scale.shape
+    if interpret:  # the interpreter clamps out-of-range slices instead of masking them: give every tile room
+        pad = max(bs.block_q, bs.block_k)
+        q_i8, k_i8, v = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (q_i8, k_i8, v))
+        q_scale, k_scale = (jnp.pad(x, ((0, pad), (0, 0))) for x in (q_scale, k_scale))
+    tq_buf = q_i8.shape[0]
+    full = lambda shape: pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))  # noqa: E731
+    kernel = functools.partial(_kernel, block_q=bs.block_q, block_k=bs.block_k, group=group, causal=causal,
+                               chunks=pow2_chunks(q_i8.shape[2]))
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(blk_req.shape[0], hq),
+        in_specs=[pl.BlockSpec((1,), lambda i, h: (i,)), pl.BlockSpec((1,), lambda i, h: (i,)),
+                  full(cu_q.shape), full(cu_k.shape), full(q_scale.shape), full(k_scale.shape),
+                  full(q_i8.shape), full(k_i8.shape), full(v.shape)],
+        out_specs=[full((tq_buf, hq, v.shape[2])), full((tq_buf, hq))],
+        out_shape=[jax.ShapeDtypeStruct((tq_buf, hq, v.shape[2]), out_dtype),
+                   jax.ShapeDtypeStruct((tq_buf, hq), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        interpret=interpret,
+        name="sage_attention",
+    )(blk_req, blk_idx, cu_q, cu_k, q_scale, k_scale, q_i8, k_i8, v)
+    return o[:tq], lse[:tq]
 
 
 def sage_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.lowering import export_for_h100
-from pallas_kernels.sage_attention import BlockSizes, sage_attention, sage_attention_reference
+from pallas_kernels.sage_attention import BlockSizes, MosaicBlockSizes, sage_attention, sage_attention_reference
 
 SMALL = BlockSizes(block_q=16, block_k=16)
 
@@ -91,3 +91,53 @@ def test_lowers_for_h100(d, dv):
     text = export_for_h100(fn, S((704, 16, d), bf), S((1472, 8, d), bf), S((1472, 8, dv), bf),
                            S((5,), jnp.int32), S((5,), jnp.int32))
     assert "sage_attention" in text
+
+
+# ------------------------------------------------------------------ the Mosaic GPU kernel (Hopper wgmma, TMA)
+MOSAIC = MosaicBlockSizes(block_q=64, block_k=64)
+
+
+@pytest.mark.parametrize("lq,lk,hq,hk,d,dv", CASES)
+def test_mosaic_matches_reference(lq, lk, hq, hk, d, dv):
+    """backend="mosaic" in the Mosaic GPU interpreter: same bounds as the Triton kernel, bf16 inputs (its P.V MMA
+    is 16-bit), block tails and zero-length requests included."""
+    rng = np.random.default_rng(sum(lq) + hq + 1)
+    q, k, v, cq, ck = make(rng, lq, lk, hq, hk, d, dv, jnp.bfloat16)
+    out, lse = sage_attention(q, k, v, cq, ck, return_lse=True, backend="mosaic", block_sizes=MOSAIC, interpret=True)
+    ref, ref_lse = sage_attention_reference(q, k, v, cq, ck, return_lse=True)
+    assert out.shape == (q.shape[0], hq, dv) and out.dtype == jnp.bfloat16
+    cos, rel_l1 = metrics(out, ref)
+    assert cos >= 0.999 and rel_l1 <= 0.02, (cos, rel_l1)
+    finite = np.isfinite(np.asarray(ref_lse))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], atol=0.1)
+
+
+def test_mosaic_non_causal_longer_keys_and_errors():
+    """Vision-style non-causal attention over several key tiles (block_k 128, 3 stages of prefetch), rows without
+    keys, and the errors for what the kernel cannot take."""
+    rng = np.random.default_rng(5)
+    q, k, v, cq, ck = make(rng, [70, 3], [300, 0], 2, 1, 64, 64, jnp.bfloat16, k_offset=5.0)
+    bs = MosaicBlockSizes(block_q=64, block_k=128, stages=3)
+    out = sage_attention(q, k, v, cq, ck, causal=False, backend="mosaic", block_sizes=bs, interpret=True)
+    ref = sage_attention_reference(q, k, v, cq, ck, causal=False)
+    cos, rel_l1 = metrics(out[:70], ref[:70])
+    assert cos >= 0.999 and rel_l1 <= 0.02, (cos, rel_l1)
+    np.testing.assert_array_equal(np.asarray(out[70:], np.float32), 0)  # request 1 has no keys
+    with pytest.raises(ValueError, match="V must be bfloat16 or float16"):
+        sage_attention(q, k, v.astype(jnp.float32), cq, ck, backend="mosaic", interpret=True)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sage_attention(q, k, v, cq, ck, backend="cuda")
+    with pytest.raises(ValueError, match="do not belong to backend 'mosaic'"):
+        sage_attention(q, k, v, cq, ck, backend="mosaic", block_sizes=SMALL)
+
+
+@pytest.mark.parametrize("d,dv", [(128, 128), (192, 128), (64, 64)])
+def test_mosaic_lowers_for_h100(d, dv):
+    pytest.importorskip("jax_cuda13_plugin", reason="Mosaic GPU lowering needs jax_cuda13_plugin (.ci/env.sh test)")
+    S = jax.ShapeDtypeStruct
+    bf = jnp.bfloat16
+    fn = functools.partial(sage_attention, backend="mosaic", interpret=False)
+    text = export_for_h100(fn, S((704, 16, d), bf), S((1472, 8, d), bf), S((1472, 8, dv), bf),
+                           S((5,), jnp.int32), S((5,), jnp.int32))
+    assert "mosaic_gpu" in text

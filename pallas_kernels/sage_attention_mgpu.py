@@ -1,0 +1,206 @@
+"""sage_attention's inner kernel for Hopper on the Mosaic GPU backend (`plgpu.kernel`, TMA copies, `plgpu.wgmma`).
+
+The same computation as the Triton kernel in sage_attention.py (which prepares the int8 Q / K, their row scales
+and the request-aligned query blocks): per program one block of `block_q` query rows of one request and one head;
+Q.K^T as int8 x int8 -> int32 warpgroup MMAs (a head dim that is not a power of two, MLA's 192, as 128 + 64 chunks
+accumulating into one int32 tile), rescaled by the outer product of the row scales; online softmax in base 2; P
+through shared memory into a 16-bit x 16-bit -> float32 MMA with V. K / V tiles stream through `stages` shared
+memory buffers fed by TMA (the next tiles are in flight while the current one is multiplied).
+
+TMA wants tile offsets it can prove aligned, so each request's rows are first moved to a multiple of the block
+(`aligned_rows`: one gather that XLA fuses into the quantisation pass for Q and K; V is copied) and every program
+writes its own [block_q, Dv] output tile, which a gather maps back to the packed rows (the tail of a request's last
+block belongs to no request and is dropped, so no program writes rows another one owns).
+
+On CPU it runs in the Mosaic GPU interpreter (`plgpu.InterpretGPUParams`), which the tests use; lowering for an
+H100 needs the `jax_cuda13_plugin` package (the CPU CI installs it without its CUDA runtime).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.common import cdiv, pow2_chunks
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBlockSizes:
+    block_q: int = 64  # query rows per program: one warpgroup's MMA tile
+    block_k: int = 64  # keys per step
+    stages: int = 2  # K / V tiles in flight
+
+
+def unsupported(dqk: int, dv: int, v_dtype) -> str | None:
+    """Why this kernel cannot take these sizes (None when it can). dqk: the int8 width (a multiple of 32)."""
+    if jnp.dtype(v_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"V must be bfloat16 or float16 for the 16-bit P.V MMA, got {jnp.dtype(v_dtype)}"
+    if dqk % 32:
+        return f"the int8 head dim must be a multiple of 32, got {dqk}"
+    if dv < 16 or dv & (dv - 1) or dv > 256:
+        return f"the V head dim must be a power of two in [16, 256], got {dv}"
+    return None
+
+
+def _smem(shape, dtype):
+    """A shared-memory buffer laid out for TMA and wgmma: (8, row) tiles, swizzled by the row's bytes (<= 128)."""
+    item = jnp.dtype(dtype).itemsize
+    swizzle = min(128, shape[-1] * item)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // item)),
+                                                plgpu.SwizzleTransform(swizzle)))
+
+
+def aligned_rows(cu, total: int, align: int):
+    """Each request's packed rows moved to start at a multiple of `align`: (base [B] int32 row of each request,
+    src [size] int32 packed row of each padded row, -1 where none). `size` is a static bound with `align` rows of
+    headroom, so a tile starting inside a request never reads past the buffer."""
+    nb = cu.shape[0] - 1
+    lens = cu[1:] - cu[:-1]
+    base = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(cdiv(lens, align) * align)])[:-1].astype(jnp.int32)
+    size = cdiv(total + nb * (align - 1), align) * align + align
+    r = jnp.arange(size, dtype=jnp.int32)
+    seg = jnp.clip(jnp.searchsorted(base, r, side="right") - 1, 0, nb - 1)
+    off = r - base[seg]
+    return base, jnp.where(off < lens[seg], cu[seg] + off, -1).astype(jnp.int32)
+
+
+def gather_rows(x, src):
+    """x[src] along axis 0 with zeros where src < 0."""
+    keep = (src >= 0).reshape(-1, *([1] * (x.ndim - 1)))
+    return jnp.where(keep, x[jnp.maximum(src, 0)], 0).astype(x.dtype)
+
+
+def attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, group: int, causal: bool,
+              block_sizes: MosaicBlockSizes = MosaicBlockSizes(), interpret: bool = False):
+    """q_i8 [Tq, Hq, D] / k_i8 [Tk, Hk, D] int8 with row scales q_scale [Tq, Hq] (sm_scale * log2(e) folded in) /
+    k_scale [Tk, Hk]; v [Tk, Hk, Dv] 16-bit; cu_q / cu_k [B+1]; the query blocks (blk_req, blk_idx [NQB], cu_qb
+    [B+1]) as sage_attention plans them. Returns (o [Tq, Hq, Dv] in v's dtype, lse2 [Tq, Hq] base-2 LSE)."""
+    bs = block_sizes
+    bq, bk, stages = bs.block_q, bs.block_k, bs.stages
+    tq, hq, d = q_i8.shape
+    tk = k_i8.shape[0]
+    dv, vdt = v.shape[2], v.dtype
+    why = unsupported(d, dv, vdt)
+    if why:
+        raise ValueError(f"sage_attention backend='mosaic': {why}; use backend='triton'")
+    nqb = blk_req.shape[0]
+    chunks = pow2_chunks(d)
+    base_q, src_q = aligned_rows(cu_q, tq, bq)
+    base_k, src_k = aligned_rows(cu_k, tk, bk)
+    q_i8, q_scale = gather_rows(q_i8, src_q), gather_rows(q_scale, src_q)
+    k_i8, k_scale, v = gather_rows(k_i8, src_k), gather_rows(k_scale, src_k), gather_rows(v, src_k)
+    qs_t, ks_t = q_scale.T, k_scale.T  # [H, rows]: each tile's scales contiguous for TMA
+    wgmma = plgpu.Layout.WGMMA
+    n_chunks = len(chunks)
+    split = lambda x: [x[..., off:off + w] for off, w in chunks]  # noqa: E731  (TMA rows of one chunk each)
+
+    def body(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, base_q_ref, base_k_ref, *refs):
+        q_refs, k_refs = refs[:n_chunks], refs[n_chunks:2 * n_chunks]
+        v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs[2 * n_chunks:2 * n_chunks + 5]
+        scratch = refs[2 * n_chunks + 5:]
+        q_smem, k_smem = scratch[:n_chunks], scratch[n_chunks:2 * n_chunks]
+        v_smem, ks_smem, p_smem, o_smem, lse_smem, q_bar, k_bar, v_bar = scratch[2 * n_chunks:]
+        blk, h = lax.axis_index("qb"), lax.axis_index("h")
+        kv_head = lax.div(h, jnp.int32(group))
+        req, i = blk_req_ref[blk], blk_idx_ref[blk]
+        len_q = cu_q_ref[req + 1] - cu_q_ref[req]
+        len_k = cu_k_ref[req + 1] - cu_k_ref[req]
+        live = i * bq < len_q  # blocks past the plan's end: read row 0, compute nothing, write their own tile
+        q0 = pl.multiple_of(jnp.where(live, base_q_ref[req] + i * bq, 0), bq)
+        k_start = base_k_ref[req]
+        diag = len_k - len_q  # bottom-right causal alignment
+        k_end = jnp.minimum(len_k, (i + 1) * bq + diag) if causal else len_k
+        steps = jnp.where(live, jnp.maximum(lax.div(k_end + (bk - 1), jnp.int32(bk)), 0), 0)
+
+        for c in range(n_chunks):
+            plgpu.copy_gmem_to_smem(q_refs[c].at[pl.ds(q0, bq), h], q_smem[c], q_bar.at[0])
+
+        def fetch(j, slot):
+            k0 = pl.multiple_of(k_start + j * bk, bk)
+            for c in range(n_chunks):
+                plgpu.copy_gmem_to_smem(k_refs[c].at[pl.ds(k0, bk), kv_head], k_smem[c].at[slot], k_bar.at[slot])
+            plgpu.copy_gmem_to_smem(ks_ref.at[kv_head, pl.ds(k0, bk)], ks_smem.at[slot], k_bar.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[pl.ds(k0, bk), kv_head], v_smem.at[slot], v_bar.at[slot])
+
+        for s in range(stages):
+            pl.when(s < steps)(lambda s=s: fetch(s, s))
+        plgpu.barrier_wait(q_bar.at[0])
+        qs = plgpu.load(qs_ref.at[h, pl.ds(q0, bq)], layout=wgmma.reduce(1), optimized=False)
+        rows = i * bq + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma)
+        cols0 = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma)
+
+        def step(j, carry):
+            acc, m, l = carry
+            slot = lax.rem(j, jnp.int32(stages))
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            def qk(acc_ref):
+                for c in range(n_chunks):
+                    plgpu.wgmma(acc_ref, q_smem[c], k_smem[c].at[slot].transpose((1, 0)))
+                return acc_ref[...]
+
+            s_int = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.int32))
+            ks = plgpu.load(ks_smem.at[slot], layout=wgmma.reduce(0), optimized=False)
+            s = (s_int.astype(jnp.float32) * lax.broadcast_in_dim(qs, (bq, bk), [0])
+                 * lax.broadcast_in_dim(ks, (bq, bk), [1]))  # base-2 logits
+            cols = cols0 + j * bk
+            ok = cols < len_k
+            if causal:
+                ok = ok & (cols <= rows + diag)
+            s = jnp.where(ok, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, (bq, bk), [0]))
+            corr = jnp.exp2(m - m_safe)
+            l = l * corr + p.sum(axis=1)
+            p_smem[...] = p.astype(vdt)
+            plgpu.commit_smem()
+            plgpu.barrier_wait(v_bar.at[slot])
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                return acc_ref[...]
+
+            acc = acc * lax.broadcast_in_dim(corr, (bq, dv), [0]) + pl.run_scoped(pv, plgpu.ACC((bq, dv), jnp.float32))
+            pl.when(j + stages < steps)(lambda: fetch(j + stages, slot))  # this slot's tiles are consumed
+            return acc, m_new, l
+
+        init = (plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), wgmma),
+                plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), wgmma.reduce(1)),
+                plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), wgmma.reduce(1)))
+        acc, m, l = lax.fori_loop(0, steps, step, init)
+        has = l > 0
+        l_safe = jnp.where(has, l, 1.0)
+        o_smem[...] = (acc / lax.broadcast_in_dim(l_safe, (bq, dv), [0])).astype(vdt)
+        lse_smem[...] = jnp.where(has, m + jnp.log2(l_safe), -jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[blk, h])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[blk, h])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = ([_smem((bq, w), jnp.int8) for _, w in chunks] + [_smem((stages, bk, w), jnp.int8) for _, w in chunks]
+               + [_smem((stages, bk, dv), vdt), plgpu.SMEM((stages, bk), jnp.float32), _smem((bq, bk), vdt),
+                  _smem((bq, dv), vdt), plgpu.SMEM((bq,), jnp.float32),
+                  plgpu.Barrier(num_arrivals=n_chunks, num_barriers=1),
+                  plgpu.Barrier(num_arrivals=n_chunks + 1, num_barriers=stages),
+                  plgpu.Barrier(num_barriers=stages)])
+    o_tiles, lse_tiles = plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct((nqb, hq, bq, dv), vdt), jax.ShapeDtypeStruct((nqb, hq, bq), jnp.float32)),
+        scratch_types=scratch,
+        grid=(nqb, hq),
+        grid_names=("qb", "h"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+    )(blk_req, blk_idx, cu_q, cu_k, base_q, base_k, *split(q_i8), *split(k_i8), v, qs_t, ks_t)
+    # packed row t of request r (offset o) sits in tile cu_qb[r] + o // bq at row o % bq
+    t = jnp.arange(tq, dtype=jnp.int32)
+    seg = jnp.clip(jnp.searchsorted(cu_q, t, side="right") - 1, 0, cu_q.shape[0] - 2)
+    off = t - cu_q[seg]
+    tile = jnp.minimum(cu_qb[seg] + off // bq, nqb - 1)
+    return o_tiles[tile, :, off % bq], lse_tiles[tile, :, off % bq]
