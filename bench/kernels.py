@@ -29,7 +29,7 @@ from bench.common import commit, copy_bandwidth
 from jaxlm.seed import DECODE_PAST, median_ms
 from pallas_kernels import mla_decode, mla_decode_reference
 from pallas_kernels.common import quantize_rows_int8
-from pallas_kernels.sage_attention import BlockSizes, sage_attention, sage_attention_reference
+from pallas_kernels.sage_attention import BlockSizes, MosaicBlockSizes, sage_attention, sage_attention_reference
 
 
 def timed(fn, *args, calls=20):
@@ -146,6 +146,9 @@ def fp8_cases(copy_bps: float) -> list[dict]:
     return rows
 
 
+MOSAIC_SWEEP = ((64, 64, 2), (64, 128, 2), (64, 128, 3), (64, 64, 4))
+
+
 def sage_cases(sweep=((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 3), (128, 64, 4, 3))):
     rows = []
     for s, b in ((1024, 16), (4096, 4), (16384, 1)):
@@ -174,13 +177,28 @@ def sage_cases(sweep=((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32,
                 best = (t, (bq, bk, w, st), fn)
         out = np.asarray(best[2](flat(q), flat(k), flat(v), cu), np.float64)
         want = want.astype(np.float64)
-        row.update(sage_ms=best[0], sage_blocks=best[1],
-                   cos_vs_cudnn=float((out * want).sum() / np.linalg.norm(out) / np.linalg.norm(want)))
+        cos = lambda a: float((a * want).sum() / np.linalg.norm(a) / np.linalg.norm(want))  # noqa: E731
+        row.update(sage_ms=best[0], sage_blocks=best[1], cos_vs_cudnn=cos(out))
+        mosaic = None  # the Mosaic GPU kernel (backend="mosaic") over its block sizes
+        for bq, bk, st in MOSAIC_SWEEP:
+            fn = jax.jit(lambda q, k, v, cu, bs=MosaicBlockSizes(bq, bk, st): sage_attention(
+                q, k, v, cu, cu, backend="mosaic", block_sizes=bs))
+            try:
+                t = timed(fn, flat(q), flat(k), flat(v), cu)
+            except Exception as e:  # a compile or launch failure on the card: record and go on
+                row[f"mosaic_{bq}_{bk}_{st}"] = f"failed: {str(e)[:200]}"
+                continue
+            row[f"mosaic_{bq}_{bk}_{st}_ms"] = t
+            if mosaic is None or t < mosaic[0]:
+                mosaic = (t, (bq, bk, st), fn)
+        if mosaic is not None:
+            row.update(mosaic_ms=mosaic[0], mosaic_blocks=mosaic[1],
+                       mosaic_cos_vs_cudnn=cos(np.asarray(mosaic[2](flat(q), flat(k), flat(v), cu), np.float64)))
         if s == 1024:  # the dense float32 reference on the first request
             one = jnp.array([0, s], jnp.int32)
             ref = np.asarray(sage_attention_reference(q[0], k[0], v[0], one, one), np.float32)
             row["rel_l1_vs_f32_reference"] = float(np.abs(out[:s] - ref).sum() / np.abs(ref).sum())
-        for name in ("sage", "cudnn", "xla", "mgpu"):
+        for name in ("sage", "mosaic", "cudnn", "xla", "mgpu"):
             if row.get(f"{name}_ms"):
                 row[f"{name}_TFLOPs"] = flops / row[f"{name}_ms"] / 1e9
         row["sage_vs_cudnn"] = row["cudnn_ms"] / row["sage_ms"]
@@ -202,6 +220,7 @@ def main():
     s16k = next(r for r in sage if r["S"] == 16384)
     b64 = next(r for r in rows if r["B"] == 64 and r["L"] == 4096)
     res.update(sage_tflops_s16k=s16k["sage_TFLOPs"], cudnn_tflops_s16k=s16k["cudnn_TFLOPs"],
+               sage_mosaic_tflops_s16k=s16k.get("mosaic_TFLOPs"),
                mgpu_tflops_s16k=s16k.get("mgpu_TFLOPs"), sage_cosine=min(r["cos_vs_cudnn"] for r in sage),
                mla_decode_tbps_b64_l4096=b64["pallas_TBps"],
                mla_decode_seed_us=1e3 * next(r for r in rows if r.get("seed"))["pallas_ms"],
@@ -215,6 +234,9 @@ def main():
         xla_tf = f"{r['xla_TFLOPs']:.0f}" if r.get("xla_TFLOPs") else "-"
         print(f"{r['S']:>6} {r['B']:>3} {r['sage_ms']:>8.3f} {r['sage_TFLOPs']:>6.0f} {r['cudnn_ms']:>9.3f} "
               f"{r['cudnn_TFLOPs']:>6.0f} {xla_tf:>8} {r['sage_vs_cudnn']:>7.2f}x {r['cos_vs_cudnn']:>9.6f} {r['sage_blocks']}")
+        mosaic = (f"{r['mosaic_ms']:.3f} ms, {r['mosaic_TFLOPs']:.0f} TF/s, {r['cudnn_ms'] / r['mosaic_ms']:.2f}x cuDNN, "
+                  f"cos {r['mosaic_cos_vs_cudnn']:.6f}, blocks {r['mosaic_blocks']}") if r.get("mosaic_ms") else "failed"
+        print(f"{'':>6} mosaic backend: {mosaic}")
     print(f"\nmla_decode, 128 heads, bf16, {dev.device_kind}")
     print(f"{'B':>3} {'L':>6} {'pallas ms':>10} {'TB/s':>6} {'TFLOP/s':>8} {'xla ms':>8} {'TB/s':>6} {'speedup':>8} {'rel err':>8}")
     for r in rows:
