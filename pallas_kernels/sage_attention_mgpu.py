@@ -4,7 +4,7 @@ The same computation as the Triton kernel in sage_attention.py (which prepares t
 and the request-aligned query blocks): per program one block of `block_q` query rows of one request and one head;
 Q.K^T as int8 x int8 -> int32 warpgroup MMAs (a head dim that is not a power of two, MLA's 192, as 128 + 64 chunks
 accumulating into one int32 tile), rescaled by the outer product of the row scales; online softmax in base 2; P
-through shared memory into a 16-bit x 16-bit -> float32 MMA with V. K / V tiles stream through `stages` shared
+in registers (through shared memory in the interpreter) into a 16-bit x 16-bit -> float32 MMA with V. K / V tiles stream through `stages` shared
 memory buffers fed by TMA (the next tiles are in flight while the current one is multiplied).
 
 TMA wants tile offsets it can prove aligned, so each request's rows are first moved to a multiple of the block
@@ -104,7 +104,7 @@ def attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_
         v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs[2 * n_chunks:2 * n_chunks + 5]
         scratch = refs[2 * n_chunks + 5:]
         q_smem, k_smem = scratch[:n_chunks], scratch[n_chunks:2 * n_chunks]
-        v_smem, ks_smem, p_smem, o_smem, lse_smem, q_bar, k_bar, v_bar = scratch[2 * n_chunks:]
+        v_smem, ks_smem, o_smem, lse_smem, q_bar, k_bar, v_bar, *p_smem = scratch[2 * n_chunks:]
         blk, h = lax.axis_index("qb"), lax.axis_index("h")
         kv_head = lax.div(h, jnp.int32(group))
         req, i = blk_req_ref[blk], blk_idx_ref[blk]
@@ -158,12 +158,16 @@ def attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_
             p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, (bq, bk), [0]))
             corr = jnp.exp2(m - m_safe)
             l = l * corr + p.sum(axis=1)
-            p_smem[...] = p.astype(vdt)
-            plgpu.commit_smem()
+            if interpret:  # the interpreter's wgmma reads its left operand from shared memory only
+                p_smem[0][...] = p.astype(vdt)
+                plgpu.commit_smem()
+                p_op = p_smem[0]
+            else:  # on the GPU P stays in registers (wgmma's register A operand)
+                p_op = p.astype(vdt)
             plgpu.barrier_wait(v_bar.at[slot])
 
             def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                plgpu.wgmma(acc_ref, p_op, v_smem.at[slot])
                 return acc_ref[...]
 
             acc = acc * lax.broadcast_in_dim(corr, (bq, dv), [0]) + pl.run_scoped(pv, plgpu.ACC((bq, dv), jnp.float32))
@@ -184,11 +188,11 @@ def attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_
         plgpu.wait_smem_to_gmem(0)
 
     scratch = ([_smem((bq, w), jnp.int8) for _, w in chunks] + [_smem((stages, bk, w), jnp.int8) for _, w in chunks]
-               + [_smem((stages, bk, dv), vdt), plgpu.SMEM((stages, bk), jnp.float32), _smem((bq, bk), vdt),
+               + [_smem((stages, bk, dv), vdt), plgpu.SMEM((stages, bk), jnp.float32),
                   _smem((bq, dv), vdt), plgpu.SMEM((bq,), jnp.float32),
                   plgpu.Barrier(num_arrivals=n_chunks, num_barriers=1),
                   plgpu.Barrier(num_arrivals=n_chunks + 1, num_barriers=stages),
-                  plgpu.Barrier(num_barriers=stages)])
+                  plgpu.Barrier(num_barriers=stages)] + ([_smem((bq, bk), vdt)] if interpret else []))
     o_tiles, lse_tiles = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((nqb, hq, bq, dv), vdt), jax.ShapeDtypeStruct((nqb, hq, bq), jnp.float32)),
