@@ -146,7 +146,7 @@ def fp8_cases(copy_bps: float) -> list[dict]:
     return rows
 
 
-MOSAIC_SWEEP = ((64, 64, 2), (64, 128, 2), (64, 128, 3), (64, 64, 4))
+MOSAIC_SWEEP = ((64, 64, 2, 2), (64, 128, 2, 2), (64, 64, 3, 2), (64, 128, 2, 1), (64, 64, 2, 1))  # bq, bk, stages, wgs
 
 
 def sage_cases(sweep=((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 3), (128, 64, 4, 3))):
@@ -180,17 +180,17 @@ def sage_cases(sweep=((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32,
         cos = lambda a: float((a * want).sum() / np.linalg.norm(a) / np.linalg.norm(want))  # noqa: E731
         row.update(sage_ms=best[0], sage_blocks=best[1], cos_vs_cudnn=cos(out))
         mosaic = None  # the Mosaic GPU kernel (backend="mosaic") over its block sizes
-        for bq, bk, st in MOSAIC_SWEEP:
-            fn = jax.jit(lambda q, k, v, cu, bs=MosaicBlockSizes(bq, bk, st): sage_attention(
+        for bq, bk, st, wgs in MOSAIC_SWEEP:
+            fn = jax.jit(lambda q, k, v, cu, bs=MosaicBlockSizes(bq, bk, st, wgs): sage_attention(
                 q, k, v, cu, cu, backend="mosaic", block_sizes=bs))
             try:
                 t = timed(fn, flat(q), flat(k), flat(v), cu)
             except Exception as e:  # a compile or launch failure on the card: record and go on
-                row[f"mosaic_{bq}_{bk}_{st}"] = f"failed: {str(e)[:200]}"
+                row[f"mosaic_{bq}_{bk}_{st}_{wgs}"] = f"failed: {str(e)[:200]}"
                 continue
-            row[f"mosaic_{bq}_{bk}_{st}_ms"] = t
+            row[f"mosaic_{bq}_{bk}_{st}_{wgs}_ms"] = t
             if mosaic is None or t < mosaic[0]:
-                mosaic = (t, (bq, bk, st), fn)
+                mosaic = (t, (bq, bk, st, wgs), fn)
         if mosaic is not None:
             row.update(mosaic_ms=mosaic[0], mosaic_blocks=mosaic[1],
                        mosaic_cos_vs_cudnn=cos(np.asarray(mosaic[2](flat(q), flat(k), flat(v), cu), np.float64)))

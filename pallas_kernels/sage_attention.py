@@ -42,6 +42,10 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 3
 
+    @property
+    def program_rows(self) -> int:
+        return self.block_q
+
 
 def segments(cu, total):
     """For `total` packed rows and cumulative lengths cu [B+1]: (request of each row, offset within it).
@@ -154,8 +158,9 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     k_i8, k_scale = quantize_rows_int8(k, EPS)
     q_scale = q_scale * (sm_scale * LOG2E)
     # request-aligned query blocks: a static bound on their number, each (request, block index) from cu_q
-    nqb = cdiv(tq, bs.block_q) + nb
-    blocks_per_req = (cu_q[1:] - cu_q[:-1] + bs.block_q - 1) // bs.block_q
+    rows = bs.program_rows  # query rows per program
+    nqb = cdiv(tq, rows) + nb
+    blocks_per_req = (cu_q[1:] - cu_q[:-1] + rows - 1) // rows
     cu_qb = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks_per_req)])
     blk = jnp.arange(nqb, dtype=jnp.int32)
     blk_req = jnp.clip(jnp.searchsorted(cu_qb, blk, side="right") - 1, 0, nb - 1).astype(jnp.int32)

@@ -31,9 +31,14 @@ from pallas_kernels.common import cdiv, pow2_chunks
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBlockSizes:
-    block_q: int = 64  # query rows per program: one warpgroup's MMA tile
+    block_q: int = 64  # query rows per compute warpgroup (one wgmma M tile)
     block_k: int = 64  # keys per step
     stages: int = 2  # K / V tiles in flight
+    compute_wgs: int = 2  # compute warpgroups per program, sharing every K / V tile (plus one TMA warpgroup)
+
+    @property
+    def program_rows(self) -> int:
+        return self.block_q * self.compute_wgs
 
 
 def unsupported(dqk: int, dv: int, v_dtype) -> str | None:
@@ -78,10 +83,12 @@ def gather_rows(x, src):
 def attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, group: int, causal: bool,
               block_sizes: MosaicBlockSizes = MosaicBlockSizes(), interpret: bool = False):
     """q_i8 [Tq, Hq, D] / k_i8 [Tk, Hk, D] int8 with row scales q_scale [Tq, Hq] (sm_scale * log2(e) folded in) /
-    k_scale [Tk, Hk]; v [Tk, Hk, Dv] 16-bit; cu_q / cu_k [B+1]; the query blocks (blk_req, blk_idx [NQB], cu_qb
-    [B+1]) as sage_attention plans them. Returns (o [Tq, Hq, Dv] in v's dtype, lse2 [Tq, Hq] base-2 LSE)."""
+    k_scale [Tk, Hk]; v [Tk, Hk, Dv] 16-bit; cu_q / cu_k [B+1]; the query blocks of `block_sizes.program_rows` rows
+    (blk_req, blk_idx [NQB], cu_qb [B+1]) as sage_attention plans them. Returns (o [Tq, Hq, Dv] in v's dtype,
+    lse2 [Tq, Hq] base-2 LSE)."""
     bs = block_sizes
-    bq, bk, stages = bs.block_q, bs.block_k, bs.stages
+    bq, bk, stages, wgs = bs.block_q, bs.block_k, bs.stages, bs.compute_wgs
+    rows_per_blk = bs.program_rows
     tq, hq, d = q_i8.shape
     tk = k_i8.shape[0]
     dv, vdt = v.shape[2], v.dtype
@@ -90,121 +97,163 @@ def attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_
         raise ValueError(f"sage_attention backend='mosaic': {why}; use backend='triton'")
     nqb = blk_req.shape[0]
     chunks = pow2_chunks(d)
-    base_q, src_q = aligned_rows(cu_q, tq, bq)
+    n_chunks = len(chunks)
+    base_q, src_q = aligned_rows(cu_q, tq, rows_per_blk)
     base_k, src_k = aligned_rows(cu_k, tk, bk)
     q_i8, q_scale = gather_rows(q_i8, src_q), gather_rows(q_scale, src_q)
     k_i8, k_scale, v = gather_rows(k_i8, src_k), gather_rows(k_scale, src_k), gather_rows(v, src_k)
     qs_t, ks_t = q_scale.T, k_scale.T  # [H, rows]: each tile's scales contiguous for TMA
-    wgmma = plgpu.Layout.WGMMA
-    n_chunks = len(chunks)
     split = lambda x: [x[..., off:off + w] for off, w in chunks]  # noqa: E731  (TMA rows of one chunk each)
+    wgmma = plgpu.Layout.WGMMA
 
     def body(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, base_q_ref, base_k_ref, *refs):
         q_refs, k_refs = refs[:n_chunks], refs[n_chunks:2 * n_chunks]
-        v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs[2 * n_chunks:2 * n_chunks + 5]
-        scratch = refs[2 * n_chunks + 5:]
-        q_smem, k_smem = scratch[:n_chunks], scratch[n_chunks:2 * n_chunks]
-        v_smem, ks_smem, o_smem, lse_smem, q_bar, k_bar, v_bar, *p_smem = scratch[2 * n_chunks:]
-        blk, h = lax.axis_index("qb"), lax.axis_index("h")
+        v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs[2 * n_chunks:]
+        blk, h, wg = lax.axis_index("qb"), lax.axis_index("h"), lax.axis_index("wg")
         kv_head = lax.div(h, jnp.int32(group))
         req, i = blk_req_ref[blk], blk_idx_ref[blk]
         len_q = cu_q_ref[req + 1] - cu_q_ref[req]
         len_k = cu_k_ref[req + 1] - cu_k_ref[req]
-        live = i * bq < len_q  # blocks past the plan's end: read row 0, compute nothing, write their own tile
-        q0 = pl.multiple_of(jnp.where(live, base_q_ref[req] + i * bq, 0), bq)
+        live = i * rows_per_blk < len_q  # blocks past the plan's end: read row 0, compute nothing
+        blk_q0 = pl.multiple_of(jnp.where(live, base_q_ref[req] + i * rows_per_blk, 0), rows_per_blk)
         k_start = base_k_ref[req]
         diag = len_k - len_q  # bottom-right causal alignment
-        k_end = jnp.minimum(len_k, (i + 1) * bq + diag) if causal else len_k
-        steps = jnp.where(live, jnp.maximum(lax.div(k_end + (bk - 1), jnp.int32(bk)), 0), 0)
 
-        for c in range(n_chunks):
-            plgpu.copy_gmem_to_smem(q_refs[c].at[pl.ds(q0, bq), h], q_smem[c], q_bar.at[0])
+        def steps_until(row_end):  # key tiles that rows < row_end (request-local) can see
+            k_end = jnp.minimum(len_k, row_end + diag) if causal else len_k
+            return jnp.where(live, jnp.maximum(lax.div(k_end + (bk - 1), jnp.int32(bk)), 0), 0)
 
-        def fetch(j, slot):
-            k0 = pl.multiple_of(k_start + j * bk, bk)
-            for c in range(n_chunks):
-                plgpu.copy_gmem_to_smem(k_refs[c].at[pl.ds(k0, bk), kv_head], k_smem[c].at[slot], k_bar.at[slot])
-            plgpu.copy_gmem_to_smem(ks_ref.at[kv_head, pl.ds(k0, bk)], ks_smem.at[slot], k_bar.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[pl.ds(k0, bk), kv_head], v_smem.at[slot], v_bar.at[slot])
+        blk_steps = steps_until((i + 1) * rows_per_blk)  # what the program's last warpgroup needs
 
-        for s in range(stages):
-            pl.when(s < steps)(lambda s=s: fetch(s, s))
-        plgpu.barrier_wait(q_bar.at[0])
-        qs = plgpu.load(qs_ref.at[h, pl.ds(q0, bq)], layout=wgmma.reduce(1), optimized=False)
-        rows = i * bq + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma)
-        cols0 = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma)
-
-        def step(j, carry):
-            acc, m, l = carry
-            slot = lax.rem(j, jnp.int32(stages))
-            plgpu.barrier_wait(k_bar.at[slot])
-
-            def qk(acc_ref):
+        def scoped(q_smem, k_smem, v_smem, ks_smem, o_smem, lse_smem, p_smem, q_bar, k_bar, v_bar, k_free, v_free):
+            def fetch(j, slot):
+                k0 = pl.multiple_of(k_start + j * bk, bk)
                 for c in range(n_chunks):
-                    plgpu.wgmma(acc_ref, q_smem[c], k_smem[c].at[slot].transpose((1, 0)))
-                return acc_ref[...]
+                    plgpu.copy_gmem_to_smem(k_refs[c].at[pl.ds(k0, bk), kv_head], k_smem[c].at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(ks_ref.at[kv_head, pl.ds(k0, bk)], ks_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[pl.ds(k0, bk), kv_head], v_smem.at[slot], v_bar.at[slot])
 
-            s_int = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.int32))
-            ks = plgpu.load(ks_smem.at[slot], layout=wgmma.reduce(0), optimized=False)
-            s = (s_int.astype(jnp.float32) * lax.broadcast_in_dim(qs, (bq, bk), [0])
-                 * lax.broadcast_in_dim(ks, (bq, bk), [1]))  # base-2 logits
-            cols = cols0 + j * bk
-            ok = cols < len_k
-            if causal:
-                ok = ok & (cols <= rows + diag)
-            s = jnp.where(ok, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=1))
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, (bq, bk), [0]))
-            corr = jnp.exp2(m - m_safe)
-            l = l * corr + p.sum(axis=1)
-            if interpret:  # the interpreter's wgmma reads its left operand from shared memory only
-                p_smem[0][...] = p.astype(vdt)
+            @pl.when(wg == wgs)
+            def _memory():  # the TMA warpgroup: fills the stages, refills a slot once every compute group freed it
+                plgpu.set_max_registers(40, action="decrease")
+                for s in range(stages):
+                    pl.when(s < blk_steps)(lambda s=s: fetch(s, s))
+
+                @pl.loop(stages, blk_steps + stages)
+                def _(j):  # step j reuses the slot of step j - stages once both are free; past the end: drain
+                    slot = lax.rem(j, jnp.int32(stages))
+
+                    @pl.when(j - stages < blk_steps)
+                    def _():
+                        plgpu.barrier_wait(k_free.at[slot])
+                        plgpu.barrier_wait(v_free.at[slot])
+
+                    pl.when(j < blk_steps)(lambda: fetch(j, slot))
+
+            @pl.when(wg < wgs)
+            def _compute():
+                plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
+                q0 = blk_q0 + wg * bq
+                for c in range(n_chunks):
+                    plgpu.copy_gmem_to_smem(q_refs[c].at[pl.ds(q0, bq), h], q_smem[c].at[wg], q_bar.at[wg])
+                plgpu.barrier_wait(q_bar.at[wg])
+                qs = plgpu.load(qs_ref.at[h, pl.ds(q0, bq)], layout=wgmma.reduce(1), optimized=False)
+                row_base = i * rows_per_blk + wg * bq
+                rows = row_base + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma)
+                cols0 = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma)
+                my_steps = jnp.where(row_base < len_q, steps_until(row_base + bq), 0)
+
+                def step(j, carry):
+                    acc, m, l = carry
+                    slot = lax.rem(j, jnp.int32(stages))
+                    plgpu.barrier_wait(k_bar.at[slot])
+
+                    def qk(acc_ref):
+                        for c in range(n_chunks):
+                            plgpu.wgmma(acc_ref, q_smem[c].at[wg], k_smem[c].at[slot].transpose((1, 0)))
+                        return acc_ref[...]
+
+                    s_int = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.int32))
+                    ks = plgpu.load(ks_smem.at[slot], layout=wgmma.reduce(0), optimized=False)
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    s = (s_int.astype(jnp.float32) * lax.broadcast_in_dim(qs, (bq, bk), [0])
+                         * lax.broadcast_in_dim(ks, (bq, bk), [1]))  # base-2 logits
+                    cols = cols0 + j * bk
+                    ok = cols < len_k
+                    if causal:
+                        ok = ok & (cols <= rows + diag)
+                    s = jnp.where(ok, s, -jnp.inf)
+                    m_new = jnp.maximum(m, s.max(axis=1))
+                    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                    p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, (bq, bk), [0]))
+                    corr = jnp.exp2(m - m_safe)
+                    l = l * corr + p.sum(axis=1)
+                    if interpret:  # the interpreter's wgmma reads its left operand from shared memory only
+                        p_smem.at[wg][...] = p.astype(vdt)
+                        plgpu.commit_smem()
+                        p_op = p_smem.at[wg]
+                    else:  # on the GPU P stays in registers (wgmma's register A operand)
+                        p_op = p.astype(vdt)
+                    plgpu.barrier_wait(v_bar.at[slot])
+
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p_op, v_smem.at[slot])
+                        return acc_ref[...]
+
+                    o = pl.run_scoped(pv, plgpu.ACC((bq, dv), jnp.float32))
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return acc * lax.broadcast_in_dim(corr, (bq, dv), [0]) + o, m_new, l
+
+                init = (plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), wgmma),
+                        plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), wgmma.reduce(1)),
+                        plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), wgmma.reduce(1)))
+                acc, m, l = lax.fori_loop(0, my_steps, step, init)
+
+                @pl.loop(my_steps, blk_steps)
+                def _(j):  # tiles only a later warpgroup needs (causal): see them land, free them unread
+                    slot = lax.rem(j, jnp.int32(stages))
+                    plgpu.barrier_wait(k_bar.at[slot])
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    plgpu.barrier_arrive(v_free.at[slot])
+
+                has = l > 0
+                l_safe = jnp.where(has, l, 1.0)
+                o_smem.at[wg][...] = (acc / lax.broadcast_in_dim(l_safe, (bq, dv), [0])).astype(vdt)
+                lse_smem.at[wg][...] = jnp.where(has, m + jnp.log2(l_safe), -jnp.inf)
                 plgpu.commit_smem()
-                p_op = p_smem[0]
-            else:  # on the GPU P stays in registers (wgmma's register A operand)
-                p_op = p.astype(vdt)
-            plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[blk, h, pl.ds(wg * bq, bq)])
+                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[blk, h, pl.ds(wg * bq, bq)])
+                plgpu.wait_smem_to_gmem(0)
 
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p_op, v_smem.at[slot])
-                return acc_ref[...]
+        pl.run_scoped(
+            scoped,
+            tuple(_smem((wgs, bq, w), jnp.int8) for _, w in chunks),  # Q and K per power-of-two chunk of D
+            tuple(_smem((stages, bk, w), jnp.int8) for _, w in chunks),
+            _smem((stages, bk, dv), vdt), plgpu.SMEM((stages, bk), jnp.float32), _smem((wgs, bq, dv), vdt),
+            plgpu.SMEM((wgs, bq), jnp.float32), _smem((wgs, bq, bk), vdt) if interpret else None,
+            plgpu.Barrier(num_arrivals=n_chunks, num_barriers=wgs),
+            plgpu.Barrier(num_arrivals=n_chunks + 1, num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            collective_axes="wg",
+        )
 
-            acc = acc * lax.broadcast_in_dim(corr, (bq, dv), [0]) + pl.run_scoped(pv, plgpu.ACC((bq, dv), jnp.float32))
-            pl.when(j + stages < steps)(lambda: fetch(j + stages, slot))  # this slot's tiles are consumed
-            return acc, m_new, l
-
-        init = (plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), wgmma),
-                plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), wgmma.reduce(1)),
-                plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), wgmma.reduce(1)))
-        acc, m, l = lax.fori_loop(0, steps, step, init)
-        has = l > 0
-        l_safe = jnp.where(has, l, 1.0)
-        o_smem[...] = (acc / lax.broadcast_in_dim(l_safe, (bq, dv), [0])).astype(vdt)
-        lse_smem[...] = jnp.where(has, m + jnp.log2(l_safe), -jnp.inf)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[blk, h])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[blk, h])
-        plgpu.wait_smem_to_gmem(0)
-
-    scratch = ([_smem((bq, w), jnp.int8) for _, w in chunks] + [_smem((stages, bk, w), jnp.int8) for _, w in chunks]
-               + [_smem((stages, bk, dv), vdt), plgpu.SMEM((stages, bk), jnp.float32),
-                  _smem((bq, dv), vdt), plgpu.SMEM((bq,), jnp.float32),
-                  plgpu.Barrier(num_arrivals=n_chunks, num_barriers=1),
-                  plgpu.Barrier(num_arrivals=n_chunks + 1, num_barriers=stages),
-                  plgpu.Barrier(num_barriers=stages)] + ([_smem((bq, bk), vdt)] if interpret else []))
     o_tiles, lse_tiles = plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct((nqb, hq, bq, dv), vdt), jax.ShapeDtypeStruct((nqb, hq, bq), jnp.float32)),
-        scratch_types=scratch,
+        out_type=(jax.ShapeDtypeStruct((nqb, hq, rows_per_blk, dv), vdt),
+                  jax.ShapeDtypeStruct((nqb, hq, rows_per_blk), jnp.float32)),
         grid=(nqb, hq),
         grid_names=("qb", "h"),
+        num_threads=wgs + 1,
+        thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
     )(blk_req, blk_idx, cu_q, cu_k, base_q, base_k, *split(q_i8), *split(k_i8), v, qs_t, ks_t)
-    # packed row t of request r (offset o) sits in tile cu_qb[r] + o // bq at row o % bq
+    # packed row t of request r (offset o) sits in tile cu_qb[r] + o // rows at row o % rows
     t = jnp.arange(tq, dtype=jnp.int32)
     seg = jnp.clip(jnp.searchsorted(cu_q, t, side="right") - 1, 0, cu_q.shape[0] - 2)
     off = t - cu_q[seg]
-    tile = jnp.minimum(cu_qb[seg] + off // bq, nqb - 1)
-    return o_tiles[tile, :, off % bq], lse_tiles[tile, :, off % bq]
+    tile = jnp.minimum(cu_qb[seg] + off // rows_per_blk, nqb - 1)
+    return o_tiles[tile, :, off % rows_per_blk], lse_tiles[tile, :, off % rows_per_blk]

@@ -94,7 +94,7 @@ def test_lowers_for_h100(d, dv):
 
 
 # ------------------------------------------------------------------ the Mosaic GPU kernel (Hopper wgmma, TMA)
-MOSAIC = MosaicBlockSizes(block_q=64, block_k=64)
+MOSAIC = MosaicBlockSizes(block_q=64, block_k=64, compute_wgs=2)
 
 
 @pytest.mark.parametrize("lq,lk,hq,hk,d,dv", CASES)
@@ -113,12 +113,13 @@ def test_mosaic_matches_reference(lq, lk, hq, hk, d, dv):
     np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], atol=0.1)
 
 
-def test_mosaic_non_causal_longer_keys_and_errors():
-    """Vision-style non-causal attention over several key tiles (block_k 128, 3 stages of prefetch), rows without
-    keys, and the errors for what the kernel cannot take."""
+@pytest.mark.parametrize("wgs", [1, 2])
+def test_mosaic_non_causal_longer_keys_and_errors(wgs):
+    """Vision-style non-causal attention over several key tiles (block_k 128, 3 stages of prefetch, one or two
+    compute warpgroups), rows without keys, and the errors for what the kernel cannot take."""
     rng = np.random.default_rng(5)
     q, k, v, cq, ck = make(rng, [70, 3], [300, 0], 2, 1, 64, 64, jnp.bfloat16, k_offset=5.0)
-    bs = MosaicBlockSizes(block_q=64, block_k=128, stages=3)
+    bs = MosaicBlockSizes(block_q=64, block_k=128, stages=3, compute_wgs=wgs)
     out = sage_attention(q, k, v, cq, ck, causal=False, backend="mosaic", block_sizes=bs, interpret=True)
     ref = sage_attention_reference(q, k, v, cq, ck, causal=False)
     cos, rel_l1 = metrics(out[:70], ref[:70])
