@@ -1,0 +1,99 @@
+"""Every kernel compiled on the GPU against its reference at real sizes: skipped without a GPU (the CPU suite runs
+the same kernels in interpret mode and lowers them for an H100; neither can see a miscompile). On the GPU machine:
+
+    PYTHONPATH=. JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python -m pytest -q \
+        tests/pallas_kernels/test_compiled_on_gpu.py
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels.common import quantize_rows_int8
+from pallas_kernels.fp8_matmul import quantize
+from pallas_kernels.mla_decode import gather_pages
+from pallas_kernels.sage_attention import MosaicBlockSizes
+
+pytestmark = pytest.mark.skipif(not pk.on_gpu(), reason="compiled kernels need a GPU")
+
+
+def cos_rel(out, ref):
+    o, r = np.asarray(out, np.float64).ravel(), np.asarray(ref, np.float64).ravel()
+    return float(o @ r / np.linalg.norm(o) / np.linalg.norm(r)), float(np.abs(o - r).sum() / np.abs(r).sum())
+
+
+def close(out, ref, cos=0.999, rel_l1=0.02):
+    c, r = cos_rel(out, ref)
+    assert np.isfinite(np.asarray(out, np.float32)).all() and c >= cos and r <= rel_l1, (c, r)
+
+
+@pytest.mark.parametrize("backend,bs", [("triton", None), ("mosaic", MosaicBlockSizes()),
+                                        ("mosaic", MosaicBlockSizes(block_k=128, compute_wgs=1))])
+@pytest.mark.parametrize("d,dv,causal", [(128, 128, True), (192, 128, True), (64, 64, False)])
+def test_sage_attention(backend, bs, d, dv, causal):
+    rng = np.random.default_rng(d + dv)
+    lq, lk = [1, 300, 1000, 0], [700, 300, 1000, 0]  # decode-like with history, odd, long, empty
+    cq, ck = (np.concatenate([[0], np.cumsum(x)]).astype(np.int32) for x in (lq, lk))
+    q = jnp.asarray(rng.standard_normal((cq[-1], 8, d)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((ck[-1], 2, d)) + 3 * rng.standard_normal(d), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((ck[-1], 2, dv)), jnp.bfloat16)
+    out, lse = pk.sage_attention(q, k, v, cq, ck, causal=causal, return_lse=True, backend=backend, block_sizes=bs)
+    ref, ref_lse = pk.sage_attention_reference(q, k, v, cq, ck, causal=causal, return_lse=True)
+    close(out, ref)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=0.1)
+
+
+@pytest.mark.parametrize("cache", ["bf16", "int8", "paged", "paged-int8"])
+@pytest.mark.parametrize("qk_int8", [False, True])
+def test_mla_decode(cache, qk_int8):
+    rng = np.random.default_rng(1)
+    b, h, s = 16, 128, 1024
+    bf = jnp.bfloat16
+    q = jnp.asarray(rng.standard_normal((b, h, 512)), bf)
+    qp = jnp.asarray(rng.standard_normal((b, h, 64)), bf)
+    kv = jnp.asarray(rng.standard_normal((b, s, 512)), bf)
+    pe = jnp.asarray(rng.standard_normal((b, s, 64)), bf)
+    lengths = jnp.asarray(rng.integers(0, s + 1, b), jnp.int32).at[0].set(0).at[1].set(1).at[2].set(s)
+    ref = pk.mla_decode_reference(q, qp, kv, pe, lengths, sm_scale=0.135)
+    kw = {}
+    if "int8" in cache:
+        kv, kw["kv_scale"] = quantize_rows_int8(kv)
+    if "paged" in cache:  # the same rows in shuffled 64-row pages
+        page = 64
+        perm = rng.permutation(b * s // page)
+        table = jnp.asarray(np.argsort(perm).reshape(b, s // page), jnp.int32)
+        shuffle = lambda x: x.reshape(b * s // page, page, *x.shape[2:])[perm]  # noqa: E731
+        pe_contiguous = pe
+        kv, pe = shuffle(kv), shuffle(pe)
+        kw = {k: shuffle(x) for k, x in kw.items()}
+        kw["block_table"] = table
+        np.testing.assert_array_equal(np.asarray(gather_pages(pe, table)), np.asarray(pe_contiguous))  # the table
+    out = pk.mla_decode(q, qp, kv, pe, lengths, sm_scale=0.135, qk_int8=qk_int8, **kw)
+    close(out, ref, cos=0.999, rel_l1=0.03)
+
+
+def test_update_cache_int8_and_paged():
+    rng = np.random.default_rng(2)
+    rows = jnp.asarray(rng.standard_normal((40, 512)), jnp.bfloat16)
+    slots = jnp.asarray(rng.integers(0, 4, 40), jnp.int32)
+    positions = jnp.asarray(rng.permutation(256)[:40], jnp.int32)
+    table = jnp.asarray(rng.permutation(20)[:16].reshape(4, 4), jnp.int32)
+    for kw, shape in (({}, (4, 256, 512)), ({"block_table": table}, (20, 64, 512))):
+        cache = jnp.zeros(shape, jnp.int8)
+        scales = jnp.zeros(shape[:2], jnp.float32)
+        got = pk.update_cache(cache, rows, slots, positions, scales=scales, **kw)
+        want = pk.update_cache_reference(jnp.zeros(shape, jnp.int8), rows, slots, positions,
+                                         scales=jnp.zeros(shape[:2], jnp.float32), **kw)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_fp8_matmul(m):
+    rng = np.random.default_rng(m)
+    w, s = quantize(rng.standard_normal((1536, 7168)).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((m, 7168)), jnp.bfloat16)
+    close(pk.fp8_matmul(x, w, s), pk.fp8_matmul_reference(x, w, s), cos=0.9995, rel_l1=0.03)
