@@ -39,6 +39,16 @@ def quantize_rows_int8(x, eps: float = 1e-8):
     return q.astype(jnp.int8), scale
 
 
+def smem(shape, dtype):
+    """A shared-memory buffer laid out for TMA and wgmma: (8, row) tiles, swizzled by the row's bytes (<= 128)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    item = jnp.dtype(dtype).itemsize
+    swizzle = min(128, shape[-1] * item)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // item)),
+                                                plgpu.SwizzleTransform(swizzle)))
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 

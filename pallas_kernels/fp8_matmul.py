@@ -27,7 +27,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import fp8_matmul_mgpu
 from pallas_kernels.common import cdiv, next_pow2, pad_to, resolve_interpret
+from pallas_kernels.fp8_matmul_mgpu import MosaicBlockSizes
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -153,6 +155,25 @@ def _kernel(*refs, bk, bn, block, tiles_per_split, transpose_w, fp8_act, native_
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
+def _mosaic(x, w, w_scale, *, block, transpose_w, activations, block_sizes, interpret):
+    """The Mosaic GPU FP8 x FP8 kernel: activations quantised here (one XLA pass), shapes padded to its tiles."""
+    if not (x.ndim == 2 and w.ndim == 2 and transpose_w and block == fp8_matmul_mgpu.BLOCK
+            and _use_fp8_activations(activations, x.shape[0])):
+        raise ValueError("fp8_matmul backend='mosaic' runs the FP8-activation path of x [M, K] @ w [N, K]^T with "
+                         "128-blocks (activations='fp8', or 'auto' with M >= 128): use backend='triton'")
+    if not isinstance(block_sizes, MosaicBlockSizes):
+        raise ValueError(f"fp8_matmul: block_sizes {block_sizes} do not belong to backend 'mosaic'")
+    if w.dtype != E4M3 or x.shape[1] != w.shape[1] or w_scale.shape != (cdiv(w.shape[0], block), cdiv(w.shape[1], block)):
+        raise ValueError(f"fp8_matmul: x {x.shape}, w {w.shape} {w.dtype}, scale {w_scale.shape} do not fit")
+    m, n = x.shape[0], w.shape[0]
+    m_pad = cdiv(m, block_sizes.block_m) * block_sizes.block_m
+    k_pad, n_pad = cdiv(x.shape[1], block) * block, cdiv(n, block) * block
+    xq, xs = quantize_activations(pad_to(pad_to(x, 0, m_pad), 1, k_pad), block)
+    y = fp8_matmul_mgpu.matmul(xq, xs.T, pad_to(pad_to(w, 0, n_pad), 1, k_pad), w_scale.astype(jnp.float32),
+                               out_dtype=x.dtype, block_sizes=block_sizes, interpret=interpret)
+    return y[:m, :n]
+
+
 def _tile(size: int, cap: int) -> int:
     """Largest of cap, cap/2, ..., 16 dividing `size`; 16 when none does (the caller pads to it)."""
     t = cap
@@ -161,14 +182,30 @@ def _tile(size: int, cap: int) -> int:
     return t
 
 
-@functools.partial(jax.jit, static_argnames=("block", "transpose_w", "activations", "block_sizes", "interpret"))
+BACKENDS = ("triton", "mosaic")
+
+
+@functools.partial(jax.jit, static_argnames=("block", "transpose_w", "activations", "block_sizes", "backend",
+                                             "interpret"))
 def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, activations: str = "auto",
-               block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None):
+               block_sizes: BlockSizes | MosaicBlockSizes | None = None, backend: str | None = None,
+               interpret: bool | None = None):
     """x @ dequant(w)^T (or x @ dequant(w) with transpose_w=False) in x's dtype; see the module docstring.
 
     activations: "auto" (bf16 x with FP8 weights below 128 tokens, FP8 x at 128 and above), "bf16" or "fp8".
+    backend: "triton" (the default; every layout) or "mosaic" (fp8_matmul_mgpu.py: FP8 x FP8 wgmma; the
+    FP8-activation path of a 2-D x and a 2-D HF-layout weight with 128-blocks).
     """
     interp = resolve_interpret(interpret)
+    backend = backend or "triton"
+    if backend not in BACKENDS:
+        raise ValueError(f"fp8_matmul: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "mosaic":
+        return _mosaic(x, w, w_scale, block=block, transpose_w=transpose_w, activations=activations,
+                       block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp)
+    block_sizes = block_sizes or BlockSizes()
+    if not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"fp8_matmul: block_sizes {block_sizes} do not belong to backend 'triton'")
     if w.dtype != E4M3:
         raise ValueError(f"fp8_matmul needs float8_e4m3fn weights, got {w.dtype}")
     grouped = w.ndim == 3

@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import cdiv, pow2_chunks
+from pallas_kernels.common import cdiv, pow2_chunks, smem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,14 +50,6 @@ def unsupported(dqk: int, dv: int, v_dtype) -> str | None:
     if dv < 16 or dv & (dv - 1) or dv > 256:
         return f"the V head dim must be a power of two in [16, 256], got {dv}"
     return None
-
-
-def _smem(shape, dtype):
-    """A shared-memory buffer laid out for TMA and wgmma: (8, row) tiles, swizzled by the row's bytes (<= 128)."""
-    item = jnp.dtype(dtype).itemsize
-    swizzle = min(128, shape[-1] * item)
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // item)),
-                                                plgpu.SwizzleTransform(swizzle)))
 
 
 def aligned_rows(cu, total: int, align: int):
@@ -228,10 +220,10 @@ def attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_
 
         pl.run_scoped(
             scoped,
-            tuple(_smem((wgs, bq, w), jnp.int8) for _, w in chunks),  # Q and K per power-of-two chunk of D
-            tuple(_smem((stages, bk, w), jnp.int8) for _, w in chunks),
-            _smem((stages, bk, dv), vdt), plgpu.SMEM((stages, bk), jnp.float32), _smem((wgs, bq, dv), vdt),
-            plgpu.SMEM((wgs, bq), jnp.float32), _smem((wgs, bq, bk), vdt) if interpret else None,
+            tuple(smem((wgs, bq, w), jnp.int8) for _, w in chunks),  # Q and K per power-of-two chunk of D
+            tuple(smem((stages, bk, w), jnp.int8) for _, w in chunks),
+            smem((stages, bk, dv), vdt), plgpu.SMEM((stages, bk), jnp.float32), smem((wgs, bq, dv), vdt),
+            plgpu.SMEM((wgs, bq), jnp.float32), smem((wgs, bq, bk), vdt) if interpret else None,
             plgpu.Barrier(num_arrivals=n_chunks, num_barriers=wgs),
             plgpu.Barrier(num_arrivals=n_chunks + 1, num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
