@@ -17,6 +17,20 @@ def resolve_interpret(interpret: bool | None) -> bool:
     return bool(interpret)
 
 
+# Which Pallas GPU backend each kernel uses when the caller does not say (backend=None): "triton" everywhere until
+# the Mosaic GPU kernels (sage_attention_mgpu.py, fp8_matmul_mgpu.py) have been measured faster on the GPU
+# (bench/kernels.py; tests/pallas_kernels/test_compiled_on_gpu.py checks them compiled). The one place to flip;
+# fp8_matmul's Mosaic kernel covers its FP8-activation path only, so a "mosaic" default leaves the rest on Triton.
+DEFAULT_BACKEND = {"sage_attention": "triton", "fp8_matmul": "triton"}
+
+
+def resolve_backend(kernel: str, backend: str | None) -> str:
+    backend = backend or DEFAULT_BACKEND[kernel]
+    if backend not in ("triton", "mosaic"):
+        raise ValueError(f"{kernel}: backend must be one of ('triton', 'mosaic'), got {backend!r}")
+    return backend
+
+
 ATTENTION_IMPLS = ("pallas", "xla")
 
 

@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import fp8_matmul_mgpu
-from pallas_kernels.common import cdiv, next_pow2, pad_to, resolve_interpret
+from pallas_kernels.common import cdiv, next_pow2, pad_to, resolve_backend, resolve_interpret
 from pallas_kernels.fp8_matmul_mgpu import MosaicBlockSizes
 
 E4M3 = jnp.float8_e4m3fn
@@ -155,15 +155,22 @@ def _kernel(*refs, bk, bn, block, tiles_per_split, transpose_w, fp8_act, native_
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
+def _mosaic_applies(x, w, block, transpose_w, activations) -> bool:
+    """The Mosaic kernel's scope: the FP8-activation path of x [M, K] @ w [N, K]^T with 128-blocks (a default of
+    "mosaic" sends only these calls there; the rest stay on the Triton kernel)."""
+    return (x.ndim == 2 and w.ndim == 2 and transpose_w and block == fp8_matmul_mgpu.BLOCK
+            and _use_fp8_activations(activations, x.shape[0]))
+
+
 def _mosaic(x, w, w_scale, *, block, transpose_w, activations, block_sizes, interpret):
     """The Mosaic GPU FP8 x FP8 kernel: activations quantised here (one XLA pass), shapes padded to its tiles."""
-    if not (x.ndim == 2 and w.ndim == 2 and transpose_w and block == fp8_matmul_mgpu.BLOCK
-            and _use_fp8_activations(activations, x.shape[0])):
+    if not _mosaic_applies(x, w, block, transpose_w, activations):
         raise ValueError("fp8_matmul backend='mosaic' runs the FP8-activation path of x [M, K] @ w [N, K]^T with "
                          "128-blocks (activations='fp8', or 'auto' with M >= 128): use backend='triton'")
     if not isinstance(block_sizes, MosaicBlockSizes):
         raise ValueError(f"fp8_matmul: block_sizes {block_sizes} do not belong to backend 'mosaic'")
-    if w.dtype != E4M3 or x.shape[1] != w.shape[1] or w_scale.shape != (cdiv(w.shape[0], block), cdiv(w.shape[1], block)):
+    scale_shape = (cdiv(w.shape[0], block), cdiv(w.shape[1], block))
+    if w.dtype != E4M3 or x.shape[1] != w.shape[1] or w_scale.shape != scale_shape:
         raise ValueError(f"fp8_matmul: x {x.shape}, w {w.shape} {w.dtype}, scale {w_scale.shape} do not fit")
     m, n = x.shape[0], w.shape[0]
     m_pad = cdiv(m, block_sizes.block_m) * block_sizes.block_m
@@ -182,9 +189,6 @@ def _tile(size: int, cap: int) -> int:
     return t
 
 
-BACKENDS = ("triton", "mosaic")
-
-
 @functools.partial(jax.jit, static_argnames=("block", "transpose_w", "activations", "block_sizes", "backend",
                                              "interpret"))
 def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, activations: str = "auto",
@@ -193,14 +197,13 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     """x @ dequant(w)^T (or x @ dequant(w) with transpose_w=False) in x's dtype; see the module docstring.
 
     activations: "auto" (bf16 x with FP8 weights below 128 tokens, FP8 x at 128 and above), "bf16" or "fp8".
-    backend: "triton" (the default; every layout) or "mosaic" (fp8_matmul_mgpu.py: FP8 x FP8 wgmma; the
-    FP8-activation path of a 2-D x and a 2-D HF-layout weight with 128-blocks).
+    backend: "triton" (every layout) or "mosaic" (fp8_matmul_mgpu.py: FP8 x FP8 wgmma; the
+    FP8-activation path of a 2-D x and a 2-D HF-layout weight with 128-blocks); None: common.DEFAULT_BACKEND.
     """
     interp = resolve_interpret(interpret)
-    backend = backend or "triton"
-    if backend not in BACKENDS:
-        raise ValueError(f"fp8_matmul: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "mosaic":
+    explicit = backend is not None
+    backend = resolve_backend("fp8_matmul", backend)
+    if backend == "mosaic" and (explicit or _mosaic_applies(x, w, block, transpose_w, activations)):
         return _mosaic(x, w, w_scale, block=block, transpose_w=transpose_w, activations=activations,
                        block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp)
     block_sizes = block_sizes or BlockSizes()

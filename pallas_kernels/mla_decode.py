@@ -123,10 +123,11 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
     bs = block_sizes
     int8_cache, paged = kv_scale is not None, block_table is not None
     if int8_cache != (kv_cache.dtype == jnp.int8):
-        raise ValueError(f"mla_decode: an int8 kv_cache goes with its kv_scale and only then (kv_cache {kv_cache.dtype}, "
-                         f"kv_scale {'given' if int8_cache else 'None'})")
+        raise ValueError(f"mla_decode: an int8 kv_cache goes with its kv_scale and only then (kv_cache "
+                         f"{kv_cache.dtype}, kv_scale {'given' if int8_cache else 'None'})")
     if not interp and (lat & (lat - 1) or rope & (rope - 1) or min(lat, rope) < (32 if int8_cache or qk_int8 else 16)):
-        raise ValueError(f"mla_decode on GPU needs power-of-two latent/rope widths >= 16 (>= 32 with int8), got {lat}/{rope}")
+        raise ValueError(f"mla_decode on GPU needs power-of-two latent/rope widths >= 16 (>= 32 with int8), got "
+                         f"{lat}/{rope}")
     block_h = min(bs.block_h, max(16, next_pow2(h)))
     h_pad = cdiv(h, block_h) * block_h
     head_blocks = h_pad // block_h

@@ -27,7 +27,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import sage_attention_mgpu
-from pallas_kernels.common import cdiv, next_pow2, pad_to, pow2_chunks, quantize_rows_int8, resolve_interpret
+from pallas_kernels.common import (cdiv, next_pow2, pad_to, pow2_chunks, quantize_rows_int8, resolve_backend,
+                                   resolve_interpret)
 from pallas_kernels.sage_attention_mgpu import MosaicBlockSizes
 
 LOG2E = math.log2(math.e)
@@ -120,9 +121,6 @@ def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, qs_ref, ks_ref, q_ref,
     pltriton.store(lse_ref.at[pl.ds(q0, block_q), head], lse, mask=row_ok)
 
 
-BACKENDS = ("triton", "mosaic")
-
-
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "smooth_k", "return_lse", "block_sizes",
                                              "backend", "interpret"))
 def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, sm_scale: float | None = None,
@@ -132,15 +130,14 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     """Packed varlen attention with INT8 Q.K^T. Returns o [Tq, Hq, Dv] in q's dtype (zeros for rows that see no key),
     and the natural-log LSE [Tq, Hq] of the true (unsmoothed, unquantised-scale) logits when `return_lse`.
 
-    backend: "triton" (the default) or "mosaic" (Hopper wgmma kernel, sage_attention_mgpu.py; 16-bit V);
+    backend: "triton" or "mosaic" (Hopper wgmma kernel, sage_attention_mgpu.py; 16-bit V); None: the kernel's
+    entry in common.DEFAULT_BACKEND;
     block_sizes: BlockSizes for the first, MosaicBlockSizes for the second (None: the backend's defaults)."""
     tq, hq, dqk = q.shape
     tk, hk, _ = k.shape
     if k.shape[2] != dqk or v.shape[:2] != (tk, hk) or hq % hk:
         raise ValueError(f"sage_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit (GQA needs Hq % Hk == 0)")
-    backend = backend or "triton"
-    if backend not in BACKENDS:
-        raise ValueError(f"sage_attention: backend must be one of {BACKENDS}, got {backend!r}")
+    backend = resolve_backend("sage_attention", backend)
     bs = block_sizes or (MosaicBlockSizes() if backend == "mosaic" else BlockSizes())
     if not isinstance(bs, MosaicBlockSizes if backend == "mosaic" else BlockSizes):
         raise ValueError(f"sage_attention: block_sizes {bs} do not belong to backend {backend!r}")

@@ -1,16 +1,18 @@
 """sage_attention's inner kernel for Hopper on the Mosaic GPU backend (`plgpu.kernel`, TMA copies, `plgpu.wgmma`).
 
 The same computation as the Triton kernel in sage_attention.py (which prepares the int8 Q / K, their row scales
-and the request-aligned query blocks): per program one block of `block_q` query rows of one request and one head;
-Q.K^T as int8 x int8 -> int32 warpgroup MMAs (a head dim that is not a power of two, MLA's 192, as 128 + 64 chunks
-accumulating into one int32 tile), rescaled by the outer product of the row scales; online softmax in base 2; P
-in registers (through shared memory in the interpreter) into a 16-bit x 16-bit -> float32 MMA with V. K / V tiles stream through `stages` shared
-memory buffers fed by TMA (the next tiles are in flight while the current one is multiplied).
+and the request-aligned query blocks). Each program takes `compute_wgs` x `block_q` query rows of one request and
+one head: a TMA warpgroup streams K (int8), K's row scales and V through `stages` shared-memory buffers, and each
+compute warpgroup (64 query rows) runs Q.K^T as int8 x int8 -> int32 warpgroup MMAs (a head dim that is not a
+power of two, MLA's 192, as 128 + 64 chunks accumulating into one int32 tile), rescales by the outer product of
+the row scales, runs the online softmax in base 2 and multiplies P (in registers; through shared memory in the
+interpreter) with V in a 16-bit MMA with float32 accumulation. A slot is refilled once every compute warpgroup
+has freed it (barriers); in causal blocks the earlier warpgroup frees the tiles it does not need unread.
 
 TMA wants tile offsets it can prove aligned, so each request's rows are first moved to a multiple of the block
 (`aligned_rows`: one gather that XLA fuses into the quantisation pass for Q and K; V is copied) and every program
-writes its own [block_q, Dv] output tile, which a gather maps back to the packed rows (the tail of a request's last
-block belongs to no request and is dropped, so no program writes rows another one owns).
+writes its own output tile, which a gather maps back to the packed rows (the tail of a request's last block
+belongs to no request and is dropped, so no program writes rows another one owns).
 
 On CPU it runs in the Mosaic GPU interpreter (`plgpu.InterpretGPUParams`), which the tests use; lowering for an
 H100 needs the `jax_cuda13_plugin` package (the CPU CI installs it without its CUDA runtime).
