@@ -378,7 +378,8 @@ def _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta, seq_lens, past
     q_lat = jnp.zeros((slots, *q_lat.shape[1:]), q_lat.dtype).at[dest].set(q_lat, mode="drop")
     q_pe = jnp.zeros((slots, *q_pe.shape[1:]), cache.pe_cache.dtype).at[dest].set(q_pe.astype(cache.pe_cache.dtype),
                                                                                mode="drop")
-    lengths = jnp.zeros((slots,), jnp.int32).at[: seq_lens.shape[0]].set(jnp.where(seq_lens > 0, past_lens + seq_lens, 0))
+    lengths = jnp.where(seq_lens > 0, past_lens + seq_lens, 0)
+    lengths = jnp.zeros((slots,), jnp.int32).at[: seq_lens.shape[0]].set(lengths)
     heads = P(DP, TP, None)
     scales = () if cache.kv_scale is None else (cache.kv_scale,)
 

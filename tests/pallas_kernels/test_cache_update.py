@@ -60,7 +60,8 @@ def test_int8_rows_with_scales(dtype):
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-6)
     kept = (np.asarray(positions) >= 0) & (np.asarray(positions) < 40)
-    back = np.asarray(got[0], np.float32)[slots[kept], positions[kept]] * np.asarray(got[1])[slots[kept], positions[kept], None]
+    at = (slots[kept], positions[kept])
+    back = np.asarray(got[0], np.float32)[at] * np.asarray(got[1])[at][:, None]
     x = np.asarray(rows, np.float32)[kept]
     assert np.all(np.abs(back - x) <= np.abs(x).max(-1, keepdims=True) / 127 * 0.5 + 1e-6)
     with pytest.raises(ValueError, match="needs its per-row `scales`"):

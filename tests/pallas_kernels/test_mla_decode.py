@@ -176,9 +176,10 @@ def test_int8_and_paged_lower_for_h100(qk_int8):
     fn = functools.partial(mla_decode, sm_scale=0.135, qk_int8=qk_int8, interpret=False)
     args = (S((16, 128, 512), bf), S((16, 128, 64), bf), S((16, 512, 512), jnp.int8), S((16, 512, 64), bf),
             S((16,), i32))
-    assert "mla_decode" in export_for_h100(lambda q, qp, kv, pe, n, s: fn(q, qp, kv, pe, n, kv_scale=s), *args, S((16, 512), jnp.float32))
+    int8 = lambda q, qp, kv, pe, n, s: fn(q, qp, kv, pe, n, kv_scale=s)  # noqa: E731
+    assert "mla_decode" in export_for_h100(int8, *args, S((16, 512), jnp.float32))
     paged = (S((16, 128, 512), bf), S((16, 128, 64), bf), S((300, 64, 512), jnp.int8), S((300, 64, 64), bf),
              S((16,), i32))
-    text = export_for_h100(lambda q, qp, kv, pe, n, s, t: fn(q, qp, kv, pe, n, kv_scale=s, block_table=t), *paged, S((300, 64), jnp.float32),
-                           S((16, 18), i32))
+    paged_fn = lambda q, qp, kv, pe, n, s, t: fn(q, qp, kv, pe, n, kv_scale=s, block_table=t)  # noqa: E731
+    text = export_for_h100(paged_fn, *paged, S((300, 64), jnp.float32), S((16, 18), i32))
     assert "mla_decode" in text
