@@ -20,8 +20,9 @@ def resolve_interpret(interpret: bool | None) -> bool:
 # Which Pallas GPU backend each kernel uses when the caller does not say (backend=None): "triton" everywhere until
 # the Mosaic GPU kernels (sage_attention_mgpu.py, fp8_matmul_mgpu.py) have been measured faster on the GPU
 # (bench/kernels.py; tests/pallas_kernels/test_compiled_on_gpu.py checks them compiled). The one place to flip;
-# fp8_matmul's Mosaic kernel covers its FP8-activation path only, so a "mosaic" default leaves the rest on Triton.
-DEFAULT_BACKEND = {"sage_attention": "triton", "fp8_matmul": "triton"}
+# the Mosaic kernels of fp8_matmul (FP8-activation path) and mla_decode (16-bit contiguous caches) cover part of
+# their kernel's options, so a "mosaic" default sends only those calls there and leaves the rest on Triton.
+DEFAULT_BACKEND = {"sage_attention": "triton", "mla_decode": "triton", "fp8_matmul": "triton"}
 
 
 def resolve_backend(kernel: str, backend: str | None) -> str:

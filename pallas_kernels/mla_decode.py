@@ -20,7 +20,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import cdiv, next_pow2, pad_to, quantize_rows_int8, resolve_interpret
+from pallas_kernels import mla_decode_mgpu
+from pallas_kernels.common import cdiv, next_pow2, pad_to, quantize_rows_int8, resolve_backend, resolve_interpret
+from pallas_kernels.mla_decode_mgpu import MosaicBlockSizes
 
 LOG2E = math.log2(math.e)
 
@@ -102,10 +104,11 @@ def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, *refs, scale, block_k, spli
     l_ref[...] = l
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "qk_int8", "block_sizes", "interpret", "return_lse"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "qk_int8", "block_sizes", "backend", "interpret",
+                                             "return_lse"))
 def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, qk_int8: bool = False,
-               kv_scale=None, block_table=None, block_sizes: BlockSizes = BlockSizes(),
-               interpret: bool | None = None, return_lse: bool = False):
+               kv_scale=None, block_table=None, block_sizes: BlockSizes | MosaicBlockSizes | None = None,
+               backend: str | None = None, interpret: bool | None = None, return_lse: bool = False):
     """Absorbed MLA decode attention.
 
     q_latent [B, H, L] (q_nope . W_UK), q_pe [B, H, R], kv_cache [B, S, L], pe_cache [B, S, R], lengths [B] int32
@@ -116,11 +119,25 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
     kv_scale: an int8 latent cache (written by `update_cache(..., scales=)`), its [B, S] float32 row scales;
     the rope cache stays 16-bit. block_table: [B, pages per request] int32 for paged caches [pages, page_size, ...]
     (kv_scale [pages, page_size]); request b's position p is row p % page_size of page block_table[b, p // page_size].
+    backend: "triton" (every option) or "mosaic" (Hopper TMA + wgmma kernel, mla_decode_mgpu.py: 16-bit contiguous
+    caches, latent a multiple of 128); None: common.DEFAULT_BACKEND. block_sizes: that backend's BlockSizes /
+    MosaicBlockSizes.
     """
     b, h, lat = q_latent.shape
     rope = pe_cache.shape[2]
     interp = resolve_interpret(interpret)
-    bs = block_sizes
+    explicit = backend is not None
+    backend = resolve_backend("mla_decode", backend)
+    # a "mosaic" default takes the calls its kernel covers (16-bit contiguous caches); the rest stay on Triton
+    covered = not (qk_int8 or kv_scale is not None or block_table is not None) and mla_decode_mgpu.unsupported(
+        lat, pe_cache.shape[2], q_latent.dtype, kv_cache.dtype) is None
+    if backend == "mosaic" and (explicit or covered):
+        return _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, sm_scale=sm_scale, qk_int8=qk_int8,
+                       kv_scale=kv_scale, block_table=block_table, block_sizes=block_sizes or MosaicBlockSizes(),
+                       interpret=interp, return_lse=return_lse)
+    bs = block_sizes or BlockSizes()
+    if not isinstance(bs, BlockSizes):
+        raise ValueError(f"mla_decode: block_sizes {bs} do not belong to backend 'triton'")
     int8_cache, paged = kv_scale is not None, block_table is not None
     if int8_cache != (kv_cache.dtype == jnp.int8):
         raise ValueError(f"mla_decode: an int8 kv_cache goes with its kv_scale and only then (kv_cache "
@@ -184,6 +201,34 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
         name="mla_decode",
     )(q_latent, q_pe, *caches[:2], lengths, *caches[2:])
     out, lse2 = _merge_splits(o, m, l)
+    out = out[:, :h].astype(q_latent.dtype)
+    return (out, lse2[:, :h] / LOG2E) if return_lse else out
+
+
+def _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale, qk_int8, kv_scale, block_table, block_sizes,
+            interpret, return_lse):
+    """The Mosaic GPU kernel: heads padded to its 64-head tiles, the cache to whole key tiles; splits merged here."""
+    if qk_int8 or kv_scale is not None or block_table is not None:
+        raise ValueError("mla_decode backend='mosaic' takes 16-bit contiguous caches only (no qk_int8, int8 latent "
+                         "cache or block_table yet): use backend='triton'")
+    if not isinstance(block_sizes, MosaicBlockSizes):
+        raise ValueError(f"mla_decode: block_sizes {block_sizes} do not belong to backend 'mosaic'")
+    b, h, lat = q_latent.shape
+    why = mla_decode_mgpu.unsupported(lat, pe_cache.shape[2], q_latent.dtype, kv_cache.dtype)
+    if why or pe_cache.dtype != kv_cache.dtype or q_pe.dtype != q_latent.dtype:
+        raise ValueError(f"mla_decode backend='mosaic': {why or 'q_pe / pe_cache dtypes differ'}; use backend='triton'")
+    bk = block_sizes.block_k
+    s_len = kv_cache.shape[1]
+    s_pad = cdiv(s_len, bk) * bk
+    h_pad = cdiv(h, mla_decode_mgpu.HEADS) * mla_decode_mgpu.HEADS
+    programs = b * (h_pad // mla_decode_mgpu.HEADS)
+    k_splits = block_sizes.k_splits or max(1, min(cdiv(132, programs), cdiv(s_len, 4 * bk)))
+    o, lse2 = mla_decode_mgpu.decode(
+        pad_to(q_latent, 1, h_pad), pad_to(q_pe, 1, h_pad), pad_to(kv_cache, 1, s_pad), pad_to(pe_cache, 1, s_pad),
+        jnp.minimum(jnp.asarray(lengths, jnp.int32), s_len), scale_log2=sm_scale * LOG2E, block_sizes=block_sizes,
+        k_splits=k_splits, interpret=interpret)
+    # each split's output is normalised: merge with weights 2^lse (l = 1 for a split that saw keys)
+    out, lse2 = _merge_splits(o.astype(jnp.float32), lse2, jnp.isfinite(lse2).astype(jnp.float32))
     out = out[:, :h].astype(q_latent.dtype)
     return (out, lse2[:, :h] / LOG2E) if return_lse else out
 

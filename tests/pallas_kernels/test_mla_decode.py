@@ -183,3 +183,38 @@ def test_int8_and_paged_lower_for_h100(qk_int8):
     paged_fn = lambda q, qp, kv, pe, n, s, t: fn(q, qp, kv, pe, n, kv_scale=s, block_table=t)  # noqa: E731
     text = export_for_h100(paged_fn, *paged, S((300, 64), jnp.float32), S((16, 18), i32))
     assert "mla_decode" in text
+
+
+# ------------------------------------------------------------------ the Mosaic GPU kernel (TMA, two warpgroups)
+@pytest.mark.parametrize("b,h,s,lengths,splits", [(3, 20, 100, [0, 37, 100], 2), (2, 128, 256, [1, 200], 3)])
+def test_mosaic_matches_reference(b, h, s, lengths, splits):
+    """backend="mosaic" in the Mosaic GPU interpreter (bf16): heads padded to its 64-head tiles, caches to whole key
+    tiles, splits merged by their LSE; empty requests give zeros and -inf."""
+    from pallas_kernels.mla_decode_mgpu import MosaicBlockSizes
+
+    rng = np.random.default_rng(b + h)
+    q, qp, kv, pe = make(rng, b, h, 128, 64, s, jnp.bfloat16)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    out, lse = mla_decode(q, qp, kv, pe, lengths, sm_scale=0.1, return_lse=True, backend="mosaic", interpret=True,
+                          block_sizes=MosaicBlockSizes(k_splits=splits))
+    ref, ref_lse = mla_decode_reference(q, qp, kv, pe, lengths, sm_scale=0.1, return_lse=True)
+    assert out.shape == (b, h, 128) and out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2, rtol=2e-2)
+    empty = np.asarray(lengths) == 0
+    assert np.all(np.asarray(out, np.float32)[empty] == 0) and np.all(np.isneginf(np.asarray(lse)[empty]))
+    np.testing.assert_allclose(np.asarray(lse)[~empty], np.asarray(ref_lse)[~empty], atol=1e-2)
+    with pytest.raises(ValueError, match="16-bit contiguous caches only"):
+        mla_decode(q, qp, kv, pe, lengths, sm_scale=0.1, qk_int8=True, backend="mosaic", interpret=True)
+    with pytest.raises(ValueError, match="share a 16-bit dtype"):
+        mla_decode(q.astype(jnp.float32), qp.astype(jnp.float32), kv.astype(jnp.float32), pe.astype(jnp.float32),
+                   lengths, sm_scale=0.1, backend="mosaic", interpret=True)
+
+
+def test_mosaic_lowers_for_h100_at_r1_sizes():
+    pytest.importorskip("jax_cuda13_plugin", reason="Mosaic GPU lowering needs jax_cuda13_plugin (.ci/env.sh test)")
+    S = jax.ShapeDtypeStruct
+    bf = jnp.bfloat16
+    fn = functools.partial(mla_decode, sm_scale=0.135, backend="mosaic", interpret=False)
+    text = export_for_h100(fn, S((64, 128, 512), bf), S((64, 128, 64), bf), S((64, 4096, 512), bf),
+                           S((64, 4096, 64), bf), S((64,), jnp.int32))
+    assert "mosaic_gpu" in text
