@@ -34,6 +34,7 @@ from jaxlm import batching, sharding
 from jaxlm.sharding import DP, MLA_CACHE, MLA_CACHE_SCALE, TP
 from pallas_kernels.common import resolve_attention_impl
 from pallas_kernels.fp8_matmul import Fp8Weight
+from pallas_kernels.mla_decode import dequantize_rows
 from jaxlm.layers import apply_rope, rms_norm, rope_cos_sin, rope_frequencies, yarn_get_mscale
 
 Params = dict[str, jax.Array]
@@ -168,7 +169,7 @@ class MLACache(NamedTuple):
         kv = self.kv_cache[index]
         if self.kv_scale is None:
             return kv.astype(dtype)
-        return (kv.astype(jnp.float32) * self.kv_scale[index][..., None]).astype(dtype)
+        return dequantize_rows(kv, self.kv_scale[index]).astype(dtype)
 
 
 def init_cache(cfg: MLAConfig, num_requests: int, max_len: int, dtype=jnp.bfloat16, *, mesh=None,

@@ -129,9 +129,8 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
     explicit = backend is not None
     backend = resolve_backend("mla_decode", backend)
     # a "mosaic" default takes the calls its kernel covers (16-bit contiguous caches); the rest stay on Triton
-    covered = not (qk_int8 or kv_scale is not None or block_table is not None) and mla_decode_mgpu.unsupported(
-        lat, pe_cache.shape[2], q_latent.dtype, kv_cache.dtype) is None
-    if backend == "mosaic" and (explicit or covered):
+    not_covered = _mosaic_unsupported(q_latent, q_pe, kv_cache, pe_cache, qk_int8, kv_scale, block_table)
+    if backend == "mosaic" and (explicit or not not_covered):
         return _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, sm_scale=sm_scale, qk_int8=qk_int8,
                        kv_scale=kv_scale, block_table=block_table, block_sizes=block_sizes or MosaicBlockSizes(),
                        interpret=interp, return_lse=return_lse)
@@ -205,18 +204,24 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
     return (out, lse2[:, :h] / LOG2E) if return_lse else out
 
 
+def _mosaic_unsupported(q_latent, q_pe, kv_cache, pe_cache, qk_int8, kv_scale, block_table) -> str | None:
+    """Why the Mosaic kernel cannot take this call (None when it can)."""
+    if qk_int8 or kv_scale is not None or block_table is not None:
+        return "it takes 16-bit contiguous caches only (no qk_int8, int8 latent cache or block_table yet)"
+    if pe_cache.dtype != kv_cache.dtype or q_pe.dtype != q_latent.dtype:
+        return "q_pe / pe_cache dtypes differ from q_latent / kv_cache"
+    return mla_decode_mgpu.unsupported(q_latent.shape[2], pe_cache.shape[2], q_latent.dtype, kv_cache.dtype)
+
+
 def _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale, qk_int8, kv_scale, block_table, block_sizes,
             interpret, return_lse):
     """The Mosaic GPU kernel: heads padded to its 64-head tiles, the cache to whole key tiles; splits merged here."""
-    if qk_int8 or kv_scale is not None or block_table is not None:
-        raise ValueError("mla_decode backend='mosaic' takes 16-bit contiguous caches only (no qk_int8, int8 latent "
-                         "cache or block_table yet): use backend='triton'")
+    why = _mosaic_unsupported(q_latent, q_pe, kv_cache, pe_cache, qk_int8, kv_scale, block_table)
+    if why:
+        raise ValueError(f"mla_decode backend='mosaic': {why}; use backend='triton'")
     if not isinstance(block_sizes, MosaicBlockSizes):
         raise ValueError(f"mla_decode: block_sizes {block_sizes} do not belong to backend 'mosaic'")
     b, h, lat = q_latent.shape
-    why = mla_decode_mgpu.unsupported(lat, pe_cache.shape[2], q_latent.dtype, kv_cache.dtype)
-    if why or pe_cache.dtype != kv_cache.dtype or q_pe.dtype != q_latent.dtype:
-        raise ValueError(f"mla_decode backend='mosaic': {why or 'q_pe / pe_cache dtypes differ'}; use backend='triton'")
     bk = block_sizes.block_k
     s_len = kv_cache.shape[1]
     s_pad = cdiv(s_len, bk) * bk
