@@ -151,17 +151,18 @@ def _attention(lp, cfg: TextConfig, x, cos, sin, k_cache, v_cache, start, impl: 
 
 
 def _write_kv(cfg: TextConfig, cache, new, rows, impl: str):
-    """new [B, T, K, H] into cache [B, S, K, H] at rows[b, t] (rows past S dropped): the in-place Pallas kernel
-    (heads folded into its row width; per device under a mesh) or, with impl "xla", an XLA scatter."""
-    if impl != "pallas":
-        return cache.at[jnp.arange(cache.shape[0])[:, None], rows].set(new.astype(cache.dtype), mode="drop")
+    """new [B, T, K, H] into cache [B, S, K, H] at rows[b, t] (rows past S dropped), heads folded into the row
+    width: the in-place Pallas kernel (per device under a mesh) or, with impl "xla", its jnp reference."""
+    write = pallas_kernels.update_cache if impl == "pallas" else pallas_kernels.update_cache_reference
 
     def local(cache, new, rows):
         b, t = rows.shape
         flat = cache.reshape(*cache.shape[:2], -1)
         slots = jnp.repeat(jnp.arange(b, dtype=jnp.int32), t)
-        out = pallas_kernels.update_cache(flat, new.reshape(b * t, -1), slots, rows.reshape(-1))
-        return out.reshape(cache.shape)
+        return write(flat, new.reshape(b * t, -1), slots, rows.reshape(-1)).reshape(cache.shape)
+
+    if impl != "pallas":
+        return local(cache, new, rows)
 
     mesh = jax.sharding.get_abstract_mesh()
     spec = sharding.fit_spec(sharding.qwen3_vl_cache_spec(cfg, mesh), cache.shape, mesh)  # batch 1: not over dp
