@@ -17,12 +17,14 @@ def resolve_interpret(interpret: bool | None) -> bool:
     return bool(interpret)
 
 
-# Which Pallas GPU backend each kernel uses when the caller does not say (backend=None): "triton" everywhere until
-# the Mosaic GPU kernels (sage_attention_mgpu.py, fp8_matmul_mgpu.py) have been measured faster on the GPU
-# (bench/kernels.py; tests/pallas_kernels/test_compiled_on_gpu.py checks them compiled). The one place to flip;
-# the Mosaic kernels of fp8_matmul (FP8-activation path) and mla_decode (16-bit contiguous caches) cover part of
-# their kernel's options, so a "mosaic" default sends only those calls there and leaves the rest on Triton.
-DEFAULT_BACKEND = {"sage_attention": "triton", "mla_decode": "triton", "fp8_matmul": "triton"}
+# Which Pallas GPU backend each kernel uses when the caller does not say (backend=None); the one place to flip.
+# Measured on one H100 (bench/RESULTS.md, 2026-11-25 at adadebc): fp8_matmul's Mosaic FP8 x FP8 kernel beat the
+# Triton one at every R1 projection at 704 tokens (o_proj 0.295 vs 0.520 ms, q_b 0.126 vs 0.166), so it is the
+# default for the FP8-activation path (the weight-only decode path has no Mosaic kernel and stays on Triton);
+# sage_attention's Mosaic kernel was 0.81x / 1.0x / 1.06x the Triton one's speed at S = 1k / 4k / 16k and
+# mla_decode's 0.93x at B=64 L=4096, so both stay "triton". A "mosaic" default sends only the calls a Mosaic
+# kernel covers there (fp8_matmul: FP8 activations; mla_decode: 16-bit contiguous caches).
+DEFAULT_BACKEND = {"sage_attention": "triton", "mla_decode": "triton", "fp8_matmul": "mosaic"}
 
 
 def resolve_backend(kernel: str, backend: str | None) -> str:
