@@ -1,9 +1,15 @@
-"""Shared by the benchmark scripts: the commit a run measured and the copy-bandwidth ceiling."""
+"""Shared by the benchmark scripts: the commit a run measured, the copy-bandwidth ceiling, GPU kernel times from a
+jax.profiler trace."""
 
 from __future__ import annotations
 
+import collections
+import gzip
+import json
 import os
 import subprocess
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,3 +33,27 @@ def copy_bandwidth() -> float:
     f = jax.jit(lambda a: a * 1)
     f(x).block_until_ready()
     return 2 * x.nbytes / (median_ms(lambda: f(x).block_until_ready(), 3, 20) / 1e3)
+
+
+def gpu_kernel_times(run, calls: int, out_dir: str | None = None) -> dict:
+    """Trace `calls` calls of `run()` (which must block until its device work is done) with jax.profiler and read the
+    GPU events back: {"busy_ms": GPU kernel time per call, "span_ms": first kernel start to last kernel end per call,
+    "kernels": kernels per call, "top": [(ms per call, kernel name), ...] largest first}. Warm `run` up first."""
+    out = out_dir or tempfile.mkdtemp(prefix="jaxlm_trace_")
+    jax.profiler.start_trace(out)
+    for _ in range(calls):
+        run()
+    jax.profiler.stop_trace()
+    trace = max(Path(out).rglob("*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    events = json.loads(gzip.open(trace).read())["traceEvents"]
+    pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = [e for e in events if e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), "")]
+    if not gpu:
+        return {"busy_ms": None, "span_ms": None, "kernels": 0, "top": []}
+    per_name = collections.Counter()
+    for e in gpu:
+        per_name[e["name"]] += e["dur"]
+    span = max(e["ts"] + e["dur"] for e in gpu) - min(e["ts"] for e in gpu)
+    return {"busy_ms": sum(per_name.values()) / 1e3 / calls, "span_ms": span / 1e3 / calls,
+            "kernels": len(gpu) / calls,
+            "top": [(d / 1e3 / calls, name[:120]) for name, d in per_name.most_common(12)]}

@@ -7,16 +7,13 @@ GPU kernel time per step vs wall time per step, kernel count per step, and the t
 from __future__ import annotations
 
 import argparse
-import collections
-import gzip
-import json
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.common import gpu_kernel_times
 from bench.qwen3_vl import CONFIG_2B
 from convert.qwen3_vl import text_params
 from jaxlm.qwen3_vl import Qwen3VLConfig, decode_step
@@ -54,25 +51,17 @@ def main():
         tokens, cache = step(params, tokens, cache, cache_len, delta)
         np.asarray(tokens)
     sync_ms = 1e3 * (time.perf_counter() - t0) / args.steps
-    jax.profiler.start_trace(args.out)
-    for _ in range(args.steps):
+
+    def run():
+        nonlocal tokens, cache
         tokens, cache = step(params, tokens, cache, cache_len, delta)
-    jax.block_until_ready(tokens)
-    jax.profiler.stop_trace()
-    trace = next(Path(args.out).rglob("*.trace.json.gz"))
-    events = json.loads(gzip.open(trace).read())["traceEvents"]
-    pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = [e for e in events if e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), "")]
-    kernels = collections.Counter()
-    total = 0.0
-    for e in gpu:
-        kernels[e["name"]] += e["dur"]
-        total += e["dur"]
-    span = (max(e["ts"] + e["dur"] for e in gpu) - min(e["ts"] for e in gpu)) / args.steps
-    print(f"async {async_ms:.3f} ms/step, with host sync {sync_ms:.3f} ms/step; GPU busy {total / 1e3 / args.steps:.3f} "
-          f"ms/step over a {span / 1e3:.3f} ms span; {len(gpu) / args.steps:.0f} GPU events per step")
-    for name, dur in kernels.most_common(15):
-        print(f"  {dur / 1e3 / args.steps:8.3f} ms/step  {name[:110]}")
+        jax.block_until_ready(tokens)
+
+    prof = gpu_kernel_times(run, args.steps, args.out)
+    print(f"async {async_ms:.3f} ms/step, with host sync {sync_ms:.3f} ms/step; GPU busy {prof['busy_ms']:.3f} "
+          f"ms/step over a {prof['span_ms']:.3f} ms span; {prof['kernels']:.0f} GPU events per step")
+    for ms, name in prof["top"]:
+        print(f"  {ms:8.3f} ms/step  {name[:110]}")
 
 
 if __name__ == "__main__":

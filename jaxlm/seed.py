@@ -41,12 +41,18 @@ def _filled_cache(params, cfg, past, max_len, dtype, rng):
     return mla.forward(params, cfg, x, cache, past, [0] * len(past))[1]
 
 
-def prefill(params, cfg, *, dtype=jnp.bfloat16, warmup=10, runs=100, seed=0, mode="absorbed") -> dict:
-    """Time the seed prefill case; returns batch_ms, ttft_ms, compile_s and the output of the batched call."""
+def prefill_inputs(params, cfg, *, dtype=jnp.bfloat16, seed=0):
+    """The seed prefill case's inputs: hidden states x [sum(PREFILL_SEQ), hidden] and a cache holding the histories."""
     rng = np.random.default_rng(seed)
     max_len = max(p + s for p, s in zip(PREFILL_PAST, PREFILL_SEQ))
-    state = {"cache": _filled_cache(params, cfg, PREFILL_PAST, max_len, dtype, rng)}
-    x = jnp.asarray(rng.standard_normal((sum(PREFILL_SEQ), cfg.hidden_size)), dtype)
+    cache = _filled_cache(params, cfg, PREFILL_PAST, max_len, dtype, rng)
+    return jnp.asarray(rng.standard_normal((sum(PREFILL_SEQ), cfg.hidden_size)), dtype), cache
+
+
+def prefill(params, cfg, *, dtype=jnp.bfloat16, warmup=10, runs=100, seed=0, mode="absorbed") -> dict:
+    """Time the seed prefill case; returns batch_ms, ttft_ms, compile_s and the output of the batched call."""
+    x, cache = prefill_inputs(params, cfg, dtype=dtype, seed=seed)
+    state = {"cache": cache}
 
     def batch():
         y, state["cache"] = mla.forward(params, cfg, x, state["cache"], PREFILL_SEQ, PREFILL_PAST, mode=mode)

@@ -1,0 +1,115 @@
+"""Where the kernels' calls and the MLA layer's seed prefill spend their GPU time: a jax.profiler trace of each case,
+GPU kernel time per call beside the wall time per call, and the largest kernels (the Pallas kernel itself vs the
+XLA passes around it). Writes bench/results/profile_kernels.json (or --out) and prints a table.
+
+    PYTHONPATH=. python bench/profile_kernels.py [--out bench/results/profile_kernels.json]
+
+Cases: sage_attention (Triton and Mosaic backends) at S = 1k (B = 16) and 16k (B = 1), 16 heads, D = 128, causal;
+mla_decode (Triton, Mosaic, the XLA reference) on the seed's decode case (16 requests, histories 50-400) and on
+B = 64, L = 4096 (the seed case also timed as 8 calls inside one jitted program); the MLA layer's seed prefill at R1 sizes in bf16 and on FP8 weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from datetime import date
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from bench.common import commit, gpu_kernel_times
+from bench.kernels import timed_in_graph
+from jaxlm import mla, seed
+from jaxlm.seed import DECODE_PAST, median_ms
+from pallas_kernels import mla_decode, mla_decode_reference
+from pallas_kernels.sage_attention import MosaicBlockSizes, sage_attention
+
+CALLS = 10
+
+
+def case(name: str, fn, *args) -> dict:
+    """Wall ms per synchronous call of fn(*args) (or of fn() when it takes none), and the traced GPU time of `CALLS`
+    calls."""
+    run = lambda: jax.block_until_ready(fn(*args))  # noqa: E731
+    run()
+    wall = median_ms(run, 3, 20)
+    prof = gpu_kernel_times(run, CALLS)
+    print(f"\n{name}: wall {wall:.3f} ms/call, GPU busy {prof['busy_ms']:.3f} ms/call over a {prof['span_ms']:.3f} ms "
+          f"span, {prof['kernels']:.0f} kernels/call")
+    for ms, kname in prof["top"][:8]:
+        print(f"  {ms:8.4f} ms  {kname[:100]}")
+    return {"case": name, "wall_ms": wall, **prof}
+
+
+def sage_cases() -> list[dict]:
+    rows = []
+    for s, b in ((1024, 16), (16384, 1)):
+        h, d = 16, 128
+        keys = jax.random.split(jax.random.key(s), 3)
+        q, k, v = (jax.random.normal(kk, (b * s, h, d), jnp.bfloat16) for kk in keys)
+        cu = jnp.arange(b + 1, dtype=jnp.int32) * s
+        for backend, bs in (("triton", None), ("mosaic", MosaicBlockSizes(64, 128, 2, 2))):
+            fn = jax.jit(functools.partial(sage_attention, backend=backend, block_sizes=bs))
+            rows.append(case(f"sage_attention {backend} S={s} B={b}", fn, q, k, v, cu, cu))
+    return rows
+
+
+def mla_decode_cases(scale=0.1352338) -> list[dict]:
+    rows = []
+    bf = jnp.bfloat16
+    for label, b, s, lengths in (("seed 16 x 50-400", 16, 448, DECODE_PAST), ("B=64 L=4096", 64, 4096, [4096] * 64)):
+        keys = jax.random.split(jax.random.key(b), 4)
+        args = (jax.random.normal(keys[0], (b, 128, 512), bf), jax.random.normal(keys[1], (b, 128, 64), bf),
+                jax.random.normal(keys[2], (b, s, 512), bf), jax.random.normal(keys[3], (b, s, 64), bf),
+                jnp.asarray(lengths, jnp.int32))
+        sets = [tuple(jax.random.normal(kk, x.shape, x.dtype) for kk, x in
+                      zip(jax.random.split(jax.random.key(100 + i), 4), args[:4])) + (args[4],) for i in range(8)]
+        for name, fn in (("triton", functools.partial(mla_decode, sm_scale=scale, backend="triton")),
+                         ("mosaic", functools.partial(mla_decode, sm_scale=scale, backend="mosaic")),
+                         ("xla", functools.partial(mla_decode_reference, sm_scale=scale))):
+            row = case(f"mla_decode {name} {label}", jax.jit(fn), *args)
+            if b == 16:  # small enough for the host's dispatch to matter: also 8 calls inside one jitted program
+                row["in_graph_ms"] = timed_in_graph(jax.jit(fn), sets)
+                print(f"  inside one jitted program (8 calls on distinct data): {row['in_graph_ms'] * 1e3:.1f} us/call")
+            rows.append(row)
+    return rows
+
+
+def layer_cases() -> list[dict]:
+    cfg = mla.MLAConfig.r1()
+    params = mla.init_params(cfg, jax.random.key(0), jnp.bfloat16)
+    rows = []
+    for name, p in (("bf16", params), ("fp8", mla.quantize_fp8(params, cfg))):
+        x, cache = seed.prefill_inputs(p, cfg)
+        state = {"cache": cache}
+
+        def call(p=p, x=x, state=state):  # the cache is donated: carry it from call to call, as seed.prefill does
+            y, state["cache"] = mla.forward(p, cfg, x, state["cache"], seed.PREFILL_SEQ, seed.PREFILL_PAST)
+            return y
+
+        rows.append(case(f"MLA layer seed prefill, {name} weights", call))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/profile_kernels.json")
+    args = ap.parse_args()
+    res = {"date": str(date.today()), "card": jax.devices()[0].device_kind, "commit": commit(),
+           "command": " ".join(sys.argv), "calls_traced": CALLS}
+    for key, fn in (("sage_attention", sage_cases), ("mla_decode", mla_decode_cases), ("mla_layer", layer_cases)):
+        try:
+            res[key] = fn()
+        except Exception as e:  # one failing group must not lose the others' numbers
+            res[key] = f"failed: {str(e)[:300]}"
+            print(f"{key}: failed: {e}")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
