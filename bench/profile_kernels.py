@@ -26,6 +26,7 @@ from bench.kernels import timed_in_graph
 from jaxlm import mla, seed
 from jaxlm.seed import DECODE_PAST, median_ms
 from pallas_kernels import mla_decode, mla_decode_reference
+from pallas_kernels.mla_decode import BlockSizes
 from pallas_kernels.sage_attention import MosaicBlockSizes, sage_attention
 
 CALLS = 10
@@ -76,6 +77,13 @@ def mla_decode_cases(scale=0.1352338) -> list[dict]:
                 row["in_graph_ms"] = timed_in_graph(jax.jit(fn), sets)
                 print(f"  inside one jitted program (8 calls on distinct data): {row['in_graph_ms'] * 1e3:.1f} us/call")
             rows.append(row)
+        if b == 16:  # the Triton kernel's block sizes on the small case, in-graph
+            for bh, ks in ((32, 1), (32, 2), (32, 7), (64, 2), (16, 4)):
+                fn = jax.jit(functools.partial(mla_decode, sm_scale=scale, backend="triton",
+                                               block_sizes=BlockSizes(block_h=bh, k_splits=ks)))
+                ms = timed_in_graph(fn, sets)
+                rows.append({"case": f"mla_decode triton {label} block_h={bh} k_splits={ks}", "in_graph_ms": ms})
+                print(f"mla_decode triton {label} block_h={bh} k_splits={ks}: {ms * 1e3:.1f} us/call in-graph")
     return rows
 
 
