@@ -61,8 +61,11 @@ def _request_means(x, cu):
     seg, off = segments(cu, x.shape[0])
     member = (jnp.arange(cu.shape[0] - 1)[:, None] == seg[None, :]) & (off < (cu[1:] - cu[:-1])[seg])[None, :]
     count = jnp.maximum(cu[1:] - cu[:-1], 1).astype(jnp.float32)
-    sums = jnp.einsum("bt,thd->bhd", member.astype(jnp.float32), x.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
+    if x.dtype in (jnp.bfloat16, jnp.float16):  # 0/1 times a 16-bit value is exact: a 16-bit matmul, f32 sums
+        sums = jnp.einsum("bt,thd->bhd", member.astype(x.dtype), x, preferred_element_type=jnp.float32)
+    else:
+        sums = jnp.einsum("bt,thd->bhd", member.astype(jnp.float32), x.astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST)
     return sums / count[:, None, None], seg
 
 

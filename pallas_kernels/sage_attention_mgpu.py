@@ -6,10 +6,14 @@ one head: a TMA warpgroup streams K (int8), K's row scales and V through `stages
 compute warpgroup (64 query rows) runs Q.K^T as int8 x int8 -> int32 warpgroup MMAs (a head dim that is not a
 power of two, MLA's 192, as 128 + 64 chunks accumulating into one int32 tile), rescales by the outer product of
 the row scales, runs the online softmax in base 2 and multiplies P (in registers; through shared memory in the
-interpreter) with V in a 16-bit MMA with float32 accumulation. A slot is refilled once every compute warpgroup
-has freed it (barriers); in causal blocks the earlier warpgroup frees the tiles it does not need unread.
+interpreter) with V in a 16-bit MMA that accumulates into the running float32 output. A slot is refilled once
+every compute warpgroup has freed it (barriers); in causal blocks the earlier warpgroup frees the tiles it does
+not need unread. Key tiles that every row of a warpgroup sees whole run without the mask; with two compute
+warpgroups a shared barrier alternates them (one's softmax runs while the other's MMAs do, as in JAX's
+attention_mgpu), and the wait for the next K tile overlaps the P.V MMA.
 
-TMA wants tile offsets it can prove aligned, so each request's rows are first moved to a multiple of the block
+TMA wants tile offsets it can prove aligned (Mosaic GPU's layout inference checks that a copy's dynamic row index
+is a multiple of the shared-memory tiling), so each request's rows are first moved to a multiple of the block
 (`aligned_rows`: one gather that XLA fuses into the quantisation pass for Q and K; V is copied) and every program
 writes its own output tile, which a gather maps back to the packed rows (the tail of a request's last block
 belongs to no request and is dropped, so no program writes rows another one owns).
@@ -84,7 +88,6 @@ def attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_
     bq, bk, stages, wgs = bs.block_q, bs.block_k, bs.stages, bs.compute_wgs
     rows_per_blk = bs.program_rows
     tq, hq, d = q_i8.shape
-    tk = k_i8.shape[0]
     dv, vdt = v.shape[2], v.dtype
     why = unsupported(d, dv, vdt)
     if why:
@@ -93,7 +96,7 @@ def attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_
     chunks = pow2_chunks(d)
     n_chunks = len(chunks)
     base_q, src_q = aligned_rows(cu_q, tq, rows_per_blk)
-    base_k, src_k = aligned_rows(cu_k, tk, bk)
+    base_k, src_k = aligned_rows(cu_k, k_i8.shape[0], bk)
     q_i8, q_scale = gather_rows(q_i8, src_q), gather_rows(q_scale, src_q)
     k_i8, k_scale, v = gather_rows(k_i8, src_k), gather_rows(k_scale, src_k), gather_rows(v, src_k)
     qs_t, ks_t = q_scale.T, k_scale.T  # [H, rows]: each tile's scales contiguous for TMA
@@ -119,13 +122,19 @@ def attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_
 
         blk_steps = steps_until((i + 1) * rows_per_blk)  # what the program's last warpgroup needs
 
-        def scoped(q_smem, k_smem, v_smem, ks_smem, o_smem, lse_smem, p_smem, q_bar, k_bar, v_bar, k_free, v_free):
+        def scoped(q_smem, k_smem, v_smem, ks_smem, o_smem, lse_smem, p_smem, q_bar, k_bar, v_bar, k_free, v_free,
+                   turn):
             def fetch(j, slot):
                 k0 = pl.multiple_of(k_start + j * bk, bk)
                 for c in range(n_chunks):
                     plgpu.copy_gmem_to_smem(k_refs[c].at[pl.ds(k0, bk), kv_head], k_smem[c].at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(ks_ref.at[kv_head, pl.ds(k0, bk)], ks_smem.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[pl.ds(k0, bk), kv_head], v_smem.at[slot], v_bar.at[slot])
+
+            def take_turn():  # two compute warpgroups alternate on the tensor cores (a no-op with one)
+                if wgs == 2:
+                    plgpu.barrier_arrive(turn)
+                    plgpu.barrier_wait(turn)
 
             @pl.when(wg == wgs)
             def _memory():  # the TMA warpgroup: fills the stages, refills a slot once every compute group freed it
@@ -150,21 +159,24 @@ def attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_
                 q0 = blk_q0 + wg * bq
                 for c in range(n_chunks):
                     plgpu.copy_gmem_to_smem(q_refs[c].at[pl.ds(q0, bq), h], q_smem[c].at[wg], q_bar.at[wg])
-                plgpu.barrier_wait(q_bar.at[wg])
                 qs = plgpu.load(qs_ref.at[h, pl.ds(q0, bq)], layout=wgmma.reduce(1), optimized=False)
+                plgpu.barrier_wait(q_bar.at[wg])
                 row_base = i * rows_per_blk + wg * bq
                 rows = row_base + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma)
                 cols0 = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma)
                 my_steps = jnp.where(row_base < len_q, steps_until(row_base + bq), 0)
+                # tiles every row of this warpgroup sees whole (no mask): keys < min(len_k, row_base + diag + 1)
+                seen = jnp.minimum(len_k, row_base + diag + 1) if causal else len_k
+                full_steps = jnp.minimum(my_steps, lax.div(jnp.maximum(seen, 0), jnp.int32(bk)))
 
-                def step(j, carry):
+                def step(j, carry, masked):
                     acc, m, l = carry
                     slot = lax.rem(j, jnp.int32(stages))
-                    plgpu.barrier_wait(k_bar.at[slot])
 
-                    def qk(acc_ref):
+                    def qk(acc_ref):  # K's tile has landed (waited before the loop or in the previous P.V)
                         for c in range(n_chunks):
                             plgpu.wgmma(acc_ref, q_smem[c].at[wg], k_smem[c].at[slot].transpose((1, 0)))
+                        take_turn()
                         return acc_ref[...]
 
                     s_int = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.int32))
@@ -172,15 +184,17 @@ def attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_
                     plgpu.barrier_arrive(k_free.at[slot])
                     s = (s_int.astype(jnp.float32) * lax.broadcast_in_dim(qs, (bq, bk), [0])
                          * lax.broadcast_in_dim(ks, (bq, bk), [1]))  # base-2 logits
-                    cols = cols0 + j * bk
-                    ok = cols < len_k
-                    if causal:
-                        ok = ok & (cols <= rows + diag)
-                    s = jnp.where(ok, s, -jnp.inf)
+                    if masked:
+                        cols = cols0 + j * bk
+                        ok = cols < len_k
+                        if causal:
+                            ok = ok & (cols <= rows + diag)
+                        s = jnp.where(ok, s, -jnp.inf)
                     m_new = jnp.maximum(m, s.max(axis=1))
-                    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
                     p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, (bq, bk), [0]))
                     corr = jnp.exp2(m - m_safe)
+                    acc = acc * lax.broadcast_in_dim(corr, (bq, dv), [0])
                     l = l * corr + p.sum(axis=1)
                     if interpret:  # the interpreter's wgmma reads its left operand from shared memory only
                         p_smem.at[wg][...] = p.astype(vdt)
@@ -188,20 +202,36 @@ def attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_
                         p_op = p_smem.at[wg]
                     else:  # on the GPU P stays in registers (wgmma's register A operand)
                         p_op = p.astype(vdt)
-                    plgpu.barrier_wait(v_bar.at[slot])
+                    if wgs == 2:  # softmax done: let the other warpgroup's Q.K^T go, then wait for the MMA turn
+                        plgpu.barrier_arrive(turn)
+                        plgpu.barrier_wait(v_bar.at[slot])
+                        plgpu.barrier_wait(turn)
+                    else:
+                        plgpu.barrier_wait(v_bar.at[slot])
 
                     def pv(acc_ref):
                         plgpu.wgmma(acc_ref, p_op, v_smem.at[slot])
-                        return acc_ref[...]
+                        nxt = j + 1  # wait for the next K tile while the MMA runs
 
-                    o = pl.run_scoped(pv, plgpu.ACC((bq, dv), jnp.float32))
+                        @pl.when(nxt < my_steps)
+                        def _():
+                            plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
+
+                    if interpret:  # the interpreter cannot run an MMA into an initialised accumulator: add after
+                        acc = acc + pl.run_scoped(lambda r: (pv(r), r[...])[1], plgpu.ACC((bq, dv), jnp.float32))
+                    else:  # on the GPU P.V accumulates into the running output (no second accumulator)
+                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                     plgpu.barrier_arrive(v_free.at[slot])
-                    return acc * lax.broadcast_in_dim(corr, (bq, dv), [0]) + o, m_new, l
+                    return acc, m_new, l
 
                 init = (plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), wgmma),
                         plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), wgmma.reduce(1)),
                         plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), wgmma.reduce(1)))
-                acc, m, l = lax.fori_loop(0, my_steps, step, init)
+                pl.when(my_steps > 0)(lambda: plgpu.barrier_wait(k_bar.at[0]))
+                if wgs == 2:
+                    pl.when(wg == 1)(take_turn)  # the second warpgroup starts half a step behind
+                carry = lax.fori_loop(0, full_steps, lambda j, c: step(j, c, False), init)
+                acc, m, l = lax.fori_loop(full_steps, my_steps, lambda j, c: step(j, c, True), carry)
 
                 @pl.loop(my_steps, blk_steps)
                 def _(j):  # tiles only a later warpgroup needs (causal): see them land, free them unread
@@ -210,7 +240,11 @@ def attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_
                     plgpu.barrier_arrive(k_free.at[slot])
                     plgpu.barrier_wait(v_bar.at[slot])
                     plgpu.barrier_arrive(v_free.at[slot])
+                    take_turn()  # keep alternating with the warpgroup that still runs
+                    take_turn()
 
+                if wgs == 2:
+                    pl.when(wg == 0)(take_turn)  # match the second warpgroup's extra turn
                 has = l > 0
                 l_safe = jnp.where(has, l, 1.0)
                 o_smem.at[wg][...] = (acc / lax.broadcast_in_dim(l_safe, (bq, dv), [0])).astype(vdt)
@@ -231,6 +265,7 @@ def attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
             plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=wgs),  # the compute warpgroups' turns
             collective_axes="wg",
         )
 
