@@ -4,8 +4,9 @@
 
 mla.png: the MLA layer at R1 sizes, decode ms/step against batch and against history length, and the seed cases;
 jaxlm (Pallas kernels), jaxlm with XLA attention (the JAX peer), HF transformers and the floor on the same axes.
-kernels.png: sage_attention TFLOP/s against sequence length beside cuDNN, XLA (and JAX's Mosaic-GPU attention when
-measured), under the measured bf16 matmul rate; mla_decode effective TB/s beside XLA under the copy bandwidth.
+kernels.png: sage_attention TFLOP/s (Triton and Mosaic GPU backends) against sequence length beside cuDNN, XLA
+(and JAX's Mosaic-GPU attention when measured), under the measured bf16 matmul rate; mla_decode effective TB/s
+(both backends) beside XLA under the copy bandwidth.
 qwen3_vl.png: Qwen3-VL-2B decode ms/step at batch 1 and 16 for jaxlm, HF transformers and the floor.
 Needs matplotlib (the `notebooks` extra). A missing results file or field just leaves its series out.
 """
@@ -23,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 STYLE = {  # one look per series across all plots
     "jaxlm": dict(color="#1f6feb", marker="o", label="jaxlm (Pallas)"),
+    "jaxlm_mosaic": dict(color="#1a7f37", marker="P", label="jaxlm (Pallas, Mosaic GPU backend)"),
     "jax_peer": dict(color="#8250df", marker="s", ls="--", label="jaxlm, XLA attention (JAX peer)"),
     "hf": dict(color="#cf222e", marker="^", label="HF transformers"),
     "cudnn": dict(color="#cf222e", marker="^", label="cuDNN (jax.nn.dot_product_attention)"),
@@ -120,6 +122,7 @@ def plot_kernels(res: dict, mla_res: dict, out: Path) -> Path | None:
     rows = sorted(res.get("sage_attention", []), key=lambda r: r["S"])
     xs = [r["S"] for r in rows]
     _series(ax, xs, [r.get("sage_TFLOPs") for r in rows], "jaxlm")
+    _series(ax, xs, [r.get("mosaic_TFLOPs") for r in rows], "jaxlm_mosaic")
     _series(ax, xs, [r.get("cudnn_TFLOPs") for r in rows], "cudnn")
     _series(ax, xs, [r.get("mgpu_TFLOPs") for r in rows], "mgpu")
     _series(ax, xs, [r.get("xla_TFLOPs") for r in rows], "xla")
@@ -130,7 +133,7 @@ def plot_kernels(res: dict, mla_res: dict, out: Path) -> Path | None:
     for b, alpha in ((16, 0.55), (64, 1.0)):
         rows = sorted([r for r in dec if r["B"] == b and not r.get("seed")], key=lambda r: r["L"])
         xs = [r["L"] for r in rows]
-        for key, field in (("jaxlm", "pallas_TBps"), ("xla", "xla_TBps")):
+        for key, field in (("jaxlm", "pallas_TBps"), ("jaxlm_mosaic", "mosaic_TBps"), ("xla", "xla_TBps")):
             pts = [(x, r.get(field)) for x, r in zip(xs, rows) if r.get(field)]
             if pts:
                 ax.plot(*zip(*pts), **{**STYLE[key], "alpha": alpha, "label": f"{STYLE[key]['label']}, B={b}"})
