@@ -1,6 +1,8 @@
 """Pallas kernels on the GPU beside their peers, in one run. Writes bench/results/kernels.json and prints a table.
 
-    PYTHONPATH=. python bench/kernels.py [--out bench/results/kernels.json]
+    PYTHONPATH=. python bench/kernels.py [--out bench/results/kernels.json] [--parts sage,mla,fp8] [--quick]
+
+(--parts: which kernels; --quick: sage_attention at the fastest block sizes of the full sweeps only.)
 
 sage_attention: D=128, causal, 16 heads, S in {1k, 4k, 16k} with B = 16, 4, 1 requests of length S, against
 `jax.nn.dot_product_attention` with cuDNN and with XLA (same bf16 inputs, [B, S, H, D]). TFLOP/s count the causal
@@ -166,7 +168,7 @@ def fp8_cases(copy_bps: float) -> list[dict]:
         w16 = (w.astype(jnp.float32) * jnp.repeat(jnp.repeat(s, 128, 0), 128, 1)[:n, :k]).astype(jnp.bfloat16)
         for m in (16, 704):
             x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-            f8 = jax.jit(fp8_matmul)
+            f8 = jax.jit(functools.partial(fp8_matmul, backend="triton"))  # the Mosaic kernel: its own column
             bf = jax.jit(lambda x, w: x @ w.T)
             y8, y16 = np.asarray(f8(x, w, s), np.float32), np.asarray(bf(x, w16), np.float32)
             row = {"proj": name, "M": m, "N": n, "K": k, "fp8_ms": timed(f8, x, w, s), "bf16_xla_ms": timed(bf, x, w16),
@@ -188,10 +190,11 @@ def fp8_cases(copy_bps: float) -> list[dict]:
     return rows
 
 
-MOSAIC_SWEEP = ((64, 64, 2, 2), (64, 128, 2, 2), (64, 64, 3, 2), (64, 128, 2, 1), (64, 64, 2, 1))  # bq, bk, stages, wgs
+MOSAIC_SWEEP = ((64, 64, 2, 2), (64, 128, 2, 2), (64, 64, 3, 2), (64, 128, 3, 2), (64, 128, 2, 1), (64, 64, 2, 1))  # bq, bk, stages, wgs
 
 
-def sage_cases(sweep=((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 3), (128, 64, 4, 3))):
+def sage_cases(sweep=((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 3), (128, 64, 4, 3)),
+               mosaic_sweep=MOSAIC_SWEEP):
     rows = []
     for s, b in ((1024, 16), (4096, 4), (16384, 1)):
         h, d = 16, 128
@@ -222,7 +225,7 @@ def sage_cases(sweep=((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32,
         cos = lambda a: float((a * want).sum() / np.linalg.norm(a) / np.linalg.norm(want))  # noqa: E731
         row.update(sage_ms=best[0], sage_blocks=best[1], cos_vs_cudnn=cos(out))
         mosaic = None  # the Mosaic GPU kernel (backend="mosaic") over its block sizes
-        for bq, bk, st, wgs in MOSAIC_SWEEP:
+        for bq, bk, st, wgs in mosaic_sweep:
             fn = jax.jit(lambda q, k, v, cu, bs=MosaicBlockSizes(bq, bk, st, wgs): sage_attention(
                 q, k, v, cu, cu, backend="mosaic", block_sizes=bs))
             try:
@@ -248,32 +251,25 @@ def sage_cases(sweep=((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32,
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="bench/results/kernels.json")
-    args = ap.parse_args()
-    dev = jax.devices()[0]
-    sage = sage_cases()
-    rows = mla_decode_cases()
-    bw = copy_bandwidth()
-    fp8 = fp8_cases(bw)
-    res = {"date": str(date.today()), "card": dev.device_kind, "commit": commit(), "command": " ".join(sys.argv),
-           "copy_TBps": bw / 1e12, "sage_attention": sage, "mla_decode": rows, "fp8_matmul": fp8}
+def sage_summary(sage: list[dict]) -> dict:
     s16k = next(r for r in sage if r["S"] == 16384)
+    return dict(sage_tflops_s16k=s16k["sage_TFLOPs"], cudnn_tflops_s16k=s16k["cudnn_TFLOPs"],
+                sage_mosaic_tflops_s16k=s16k.get("mosaic_TFLOPs"), mgpu_tflops_s16k=s16k.get("mgpu_TFLOPs"),
+                sage_cosine=min(r["cos_vs_cudnn"] for r in sage))
+
+
+def mla_decode_summary(rows: list[dict]) -> dict:
     b64 = next(r for r in rows if r["B"] == 64 and r["L"] == 4096)
     seed_row = next(r for r in rows if r.get("seed"))
-    res.update(sage_tflops_s16k=s16k["sage_TFLOPs"], cudnn_tflops_s16k=s16k["cudnn_TFLOPs"],
-               sage_mosaic_tflops_s16k=s16k.get("mosaic_TFLOPs"),
-               mgpu_tflops_s16k=s16k.get("mgpu_TFLOPs"), sage_cosine=min(r["cos_vs_cudnn"] for r in sage),
-               mla_decode_tbps_b64_l4096=b64["pallas_TBps"],
-               mla_decode_seed_us=1e3 * seed_row["pallas_ms"],
-               mla_decode_seed_in_graph_us=1e3 * seed_row["pallas_in_graph_ms"],
-               mla_decode_int8_cache_b64_l4096_ms=b64["int8_cache_ms"],
-               mla_decode_mosaic_tbps_b64_l4096=b64.get("mosaic_TBps"),
-               mla_decode_mosaic_seed_us=1e3 * (seed_row.get("mosaic_ms") or float("nan")),
-               mla_decode_int8_cache_seed_us=1e3 * next(r for r in rows if r.get("seed"))["int8_cache_ms"])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    return dict(mla_decode_tbps_b64_l4096=b64["pallas_TBps"], mla_decode_seed_us=1e3 * seed_row["pallas_ms"],
+                mla_decode_seed_in_graph_us=1e3 * seed_row["pallas_in_graph_ms"],
+                mla_decode_int8_cache_b64_l4096_ms=b64["int8_cache_ms"],
+                mla_decode_mosaic_tbps_b64_l4096=b64.get("mosaic_TBps"),
+                mla_decode_mosaic_seed_us=1e3 * (seed_row.get("mosaic_ms") or float("nan")),
+                mla_decode_int8_cache_seed_us=1e3 * seed_row["int8_cache_ms"])
+
+
+def print_sage(sage, dev):
     print(f"\nsage_attention, causal, H=16, D=128, bf16, {dev.device_kind}")
     print(f"{'S':>6} {'B':>3} {'sage ms':>8} {'TF/s':>6} {'cudnn ms':>9} {'TF/s':>6} {'xla TF/s':>8} {'vs cudnn':>8} {'cos':>9} blocks")
     for r in sage:
@@ -283,6 +279,9 @@ def main():
         mosaic = (f"{r['mosaic_ms']:.3f} ms, {r['mosaic_TFLOPs']:.0f} TF/s, {r['cudnn_ms'] / r['mosaic_ms']:.2f}x cuDNN, "
                   f"cos {r['mosaic_cos_vs_cudnn']:.6f}, blocks {r['mosaic_blocks']}") if r.get("mosaic_ms") else "failed"
         print(f"{'':>6} mosaic backend: {mosaic}")
+
+
+def print_mla_decode(rows, dev):
     print(f"\nmla_decode, 128 heads, bf16, {dev.device_kind}")
     print(f"{'B':>3} {'L':>6} {'pallas ms':>10} {'TB/s':>6} {'TFLOP/s':>8} {'xla ms':>8} {'TB/s':>6} {'speedup':>8} {'rel err':>8}")
     for r in rows:
@@ -298,8 +297,11 @@ def main():
               f"int8 cache {r['int8_cache_ms']:.3f} ms {r['int8_cache_TBps']:.2f} TB/s err {r['int8_cache_rel_err']:.1e}  "
               + (f"mosaic {r['mosaic_ms']:.3f} ms {r['mosaic_TBps']:.2f} TB/s err {r['mosaic_rel_err']:.1e}"
                  if r.get("mosaic_ms") else f"mosaic {r.get('mosaic')}"))
+
+
+def print_fp8(fp8, dev, bw, res):
     print(f"\nfp8_matmul at R1 projections, {dev.device_kind}; copy {bw / 1e12:.2f} TB/s; mgpu attention S=16k: "
-          f"{res['mgpu_tflops_s16k']} TF/s")
+          f"{res.get('mgpu_tflops_s16k')} TF/s")
     print(f"{'proj':<20} {'M':>4} {'fp8 ms':>8} {'bf16 ms':>8} {'floor':>7} {'TB/s':>6} {'TF/s':>6} {'speedup':>8} {'cos':>8}")
     for r in fp8:
         print(f"{r['proj']:<20} {r['M']:>4} {r['fp8_ms']:>8.4f} {r['bf16_xla_ms']:>8.4f} {r['floor_ms']:>7.4f} "
@@ -309,6 +311,37 @@ def main():
                   f"cos {r['mosaic_cos_vs_bf16']:.5f}")
         elif r.get("mosaic"):
             print(f"{'':<20} {'':>4} mosaic {r['mosaic']}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/kernels.json")
+    ap.add_argument("--parts", default="sage,mla,fp8", help="comma-separated: sage, mla (mla_decode), fp8")
+    ap.add_argument("--quick", action="store_true", help="sage: only the fastest block sizes of the full sweeps")
+    args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    dev = jax.devices()[0]
+    res = {"date": str(date.today()), "card": dev.device_kind, "commit": commit(), "command": " ".join(sys.argv)}
+    if "sage" in parts:
+        sweeps = dict(sweep=((128, 64, 4, 3), (64, 64, 4, 2)), mosaic_sweep=((64, 128, 2, 2), (64, 128, 3, 2))) \
+            if args.quick else {}
+        res["sage_attention"] = sage_cases(**sweeps)
+        res.update(sage_summary(res["sage_attention"]))
+    if "mla" in parts:
+        res["mla_decode"] = mla_decode_cases()
+        res.update(mla_decode_summary(res["mla_decode"]))
+    bw = copy_bandwidth()
+    res["copy_TBps"] = bw / 1e12
+    if "fp8" in parts:
+        res["fp8_matmul"] = fp8_cases(bw)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    if "sage" in parts:
+        print_sage(res["sage_attention"], dev)
+    if "mla" in parts:
+        print_mla_decode(res["mla_decode"], dev)
+    if "fp8" in parts:
+        print_fp8(res["fp8_matmul"], dev, bw, res)
 
 
 if __name__ == "__main__":
