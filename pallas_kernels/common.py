@@ -17,18 +17,23 @@ def resolve_interpret(interpret: bool | None) -> bool:
     return bool(interpret)
 
 
-# Which Pallas GPU backend each kernel uses when the caller does not say (backend=None); the one place to flip.
-# Measured on one H100 (bench/RESULTS.md, 2026-11-25 at adadebc): fp8_matmul's Mosaic FP8 x FP8 kernel beat the
+# Which Pallas GPU backend each kernel uses when the caller does not say (backend=None, no block sizes); the one
+# place to flip. Measured on one H100 (bench/RESULTS.md, 2026-11-25): fp8_matmul's Mosaic FP8 x FP8 kernel beat the
 # Triton one at every R1 projection at 704 tokens (o_proj 0.295 vs 0.520 ms, q_b 0.126 vs 0.166), so it is the
-# default for the FP8-activation path (the weight-only decode path has no Mosaic kernel and stays on Triton);
+# default for the FP8-activation path (the weight-only decode path has no Mosaic kernel and stays on Triton).
 # sage_attention's Mosaic kernel (second version, d22d249) is 0.84x / 1.21x / 1.39x the Triton one's speed at
-# S = 1k / 4k / 16k (16 heads, D = 128) - slower on short requests, where its aligned-row copies cost most, and not
-# yet measured inside the MLA layer's short prefills - and mla_decode's 0.91x at B=64 L=4096: both stay "triton". A "mosaic" default sends only the calls a Mosaic
-# kernel covers there (fp8_matmul: FP8 activations; mla_decode: 16-bit contiguous caches).
+# S = 1k / 4k / 16k (16 heads, D = 128): slower on short requests, where its aligned-row copies cost most, and not
+# yet measured inside the MLA layer's short prefills; mla_decode's is 0.91x at B=64 L=4096: both stay "triton".
+# A "mosaic" default sends only the calls a Mosaic kernel covers there (fp8_matmul: FP8 activations; mla_decode:
+# 16-bit contiguous caches).
 DEFAULT_BACKEND = {"sage_attention": "triton", "mla_decode": "triton", "fp8_matmul": "mosaic"}
 
 
-def resolve_backend(kernel: str, backend: str | None) -> str:
+def resolve_backend(kernel: str, backend: str | None, block_sizes=None, mosaic_sizes: type | None = None) -> str:
+    """`backend`, else the backend that `block_sizes` belong to (an instance of `mosaic_sizes`: "mosaic", any other
+    block sizes: "triton"), else the kernel's DEFAULT_BACKEND entry."""
+    if backend is None and block_sizes is not None and mosaic_sizes is not None:
+        backend = "mosaic" if isinstance(block_sizes, mosaic_sizes) else "triton"
     backend = backend or DEFAULT_BACKEND[kernel]
     if backend not in ("triton", "mosaic"):
         raise ValueError(f"{kernel}: backend must be one of ('triton', 'mosaic'), got {backend!r}")

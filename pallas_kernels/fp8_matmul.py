@@ -198,11 +198,12 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
 
     activations: "auto" (bf16 x with FP8 weights below 128 tokens, FP8 x at 128 and above), "bf16" or "fp8".
     backend: "triton" (every layout) or "mosaic" (fp8_matmul_mgpu.py: FP8 x FP8 wgmma; the
-    FP8-activation path of a 2-D x and a 2-D HF-layout weight with 128-blocks); None: common.DEFAULT_BACKEND.
+    FP8-activation path of a 2-D x and a 2-D HF-layout weight with 128-blocks); None: the backend that
+    block_sizes belong to, else common.DEFAULT_BACKEND.
     """
     interp = resolve_interpret(interpret)
-    explicit = backend is not None
-    backend = resolve_backend("fp8_matmul", backend)
+    explicit = backend is not None or block_sizes is not None  # block sizes name their backend too
+    backend = resolve_backend("fp8_matmul", backend, block_sizes, MosaicBlockSizes)
     if backend == "mosaic" and (explicit or _mosaic_applies(x, w, block, transpose_w, activations)):
         return _mosaic(x, w, w_scale, block=block, transpose_w=transpose_w, activations=activations,
                        block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp)

@@ -120,14 +120,14 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
     the rope cache stays 16-bit. block_table: [B, pages per request] int32 for paged caches [pages, page_size, ...]
     (kv_scale [pages, page_size]); request b's position p is row p % page_size of page block_table[b, p // page_size].
     backend: "triton" (every option) or "mosaic" (Hopper TMA + wgmma kernel, mla_decode_mgpu.py: 16-bit contiguous
-    caches, latent a multiple of 128); None: common.DEFAULT_BACKEND. block_sizes: that backend's BlockSizes /
-    MosaicBlockSizes.
+    caches, latent a multiple of 128); None: the backend block_sizes belong to, else common.DEFAULT_BACKEND.
+    block_sizes: that backend's BlockSizes / MosaicBlockSizes.
     """
     b, h, lat = q_latent.shape
     rope = pe_cache.shape[2]
     interp = resolve_interpret(interpret)
-    explicit = backend is not None
-    backend = resolve_backend("mla_decode", backend)
+    explicit = backend is not None or block_sizes is not None  # block sizes name their backend too
+    backend = resolve_backend("mla_decode", backend, block_sizes, MosaicBlockSizes)
     # a "mosaic" default takes the calls its kernel covers (16-bit contiguous caches); the rest stay on Triton
     not_covered = _mosaic_unsupported(q_latent, q_pe, kv_cache, pe_cache, qk_int8, kv_scale, block_table)
     if backend == "mosaic" and (explicit or not not_covered):

@@ -133,14 +133,14 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     """Packed varlen attention with INT8 Q.K^T. Returns o [Tq, Hq, Dv] in q's dtype (zeros for rows that see no key),
     and the natural-log LSE [Tq, Hq] of the true (unsmoothed, unquantised-scale) logits when `return_lse`.
 
-    backend: "triton" or "mosaic" (Hopper wgmma kernel, sage_attention_mgpu.py; 16-bit V); None: the kernel's
-    entry in common.DEFAULT_BACKEND;
+    backend: "triton" or "mosaic" (Hopper wgmma kernel, sage_attention_mgpu.py; 16-bit V); None: the backend
+    block_sizes belong to, else the kernel's entry in common.DEFAULT_BACKEND;
     block_sizes: BlockSizes for the first, MosaicBlockSizes for the second (None: the backend's defaults)."""
     tq, hq, dqk = q.shape
     tk, hk, _ = k.shape
     if k.shape[2] != dqk or v.shape[:2] != (tk, hk) or hq % hk:
         raise ValueError(f"sage_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit (GQA needs Hq % Hk == 0)")
-    backend = resolve_backend("sage_attention", backend)
+    backend = resolve_backend("sage_attention", backend, block_sizes, MosaicBlockSizes)
     bs = block_sizes or (MosaicBlockSizes() if backend == "mosaic" else BlockSizes())
     if not isinstance(bs, MosaicBlockSizes if backend == "mosaic" else BlockSizes):
         raise ValueError(f"sage_attention: block_sizes {bs} do not belong to backend {backend!r}")
