@@ -55,6 +55,17 @@ def timed_in_graph(fn, sets, calls=20):
     return timed(many, sets, calls=calls) / len(sets)
 
 
+def fresh_copies(args, n: int, seed: int = 0) -> list[tuple]:
+    """`n` argument tuples like `args` with fresh random floating-point arrays (integer arrays, e.g. lengths, kept):
+    distinct data for `timed_in_graph`."""
+    def fresh(i, j, x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return jax.random.normal(jax.random.fold_in(jax.random.key(seed + i), j), x.shape, x.dtype)
+
+    return [tuple(fresh(i, j, x) for j, x in enumerate(args)) for i in range(n)]
+
+
 def _try_ms(key, fn, *args) -> dict:
     """{key: ms per call}, or {key without _ms: "failed: ..."} when the kernel does not compile or run on the card."""
     try:
@@ -116,8 +127,7 @@ def mla_decode_cases(scale=0.1352338):
     t = timed(kernel, *args)
     kv8, kv_s = quantize_rows_int8(args[2])
     # the same case 8 times over inside one jitted program (8 x 8.3 MB of cache, more than the 50 MB L2)
-    sets = [tuple(jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(jax.random.split(jax.random.key(i), 4),
-                                                                       args[:4])) + (args[4],) for i in range(8)]
+    sets = fresh_copies(args, 8)
     in_graph = {"pallas_in_graph_ms": timed_in_graph(kernel, sets), "xla_in_graph_ms": timed_in_graph(ref, sets)}
     try:
         in_graph["mosaic_in_graph_ms"] = timed_in_graph(kernel_mg, sets)

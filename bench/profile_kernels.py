@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.common import commit, gpu_kernel_times
-from bench.kernels import timed_in_graph
+from bench.kernels import fresh_copies, timed_in_graph
 from jaxlm import mla, seed
 from jaxlm.seed import DECODE_PAST, median_ms
 from pallas_kernels import mla_decode, mla_decode_reference
@@ -67,8 +67,7 @@ def mla_decode_cases(scale=0.1352338) -> list[dict]:
         args = (jax.random.normal(keys[0], (b, 128, 512), bf), jax.random.normal(keys[1], (b, 128, 64), bf),
                 jax.random.normal(keys[2], (b, s, 512), bf), jax.random.normal(keys[3], (b, s, 64), bf),
                 jnp.asarray(lengths, jnp.int32))
-        sets = [tuple(jax.random.normal(kk, x.shape, x.dtype) for kk, x in
-                      zip(jax.random.split(jax.random.key(100 + i), 4), args[:4])) + (args[4],) for i in range(8)]
+        sets = fresh_copies(args, 8, seed=100)
         for name, fn in (("triton", functools.partial(mla_decode, sm_scale=scale, backend="triton")),
                          ("mosaic", functools.partial(mla_decode, sm_scale=scale, backend="mosaic")),
                          ("xla", functools.partial(mla_decode_reference, sm_scale=scale))):

@@ -31,12 +31,15 @@ DEFAULT_BACKEND = {"sage_attention": "triton", "mla_decode": "triton", "fp8_matm
 
 def resolve_backend(kernel: str, backend: str | None, block_sizes=None, mosaic_sizes: type | None = None) -> str:
     """`backend`, else the backend that `block_sizes` belong to (an instance of `mosaic_sizes`: "mosaic", any other
-    block sizes: "triton"), else the kernel's DEFAULT_BACKEND entry."""
-    if backend is None and block_sizes is not None and mosaic_sizes is not None:
+    block sizes: "triton"), else the kernel's DEFAULT_BACKEND entry. Block sizes of the other backend are an error."""
+    sized = block_sizes is not None and mosaic_sizes is not None
+    if backend is None and sized:
         backend = "mosaic" if isinstance(block_sizes, mosaic_sizes) else "triton"
     backend = backend or DEFAULT_BACKEND[kernel]
     if backend not in ("triton", "mosaic"):
         raise ValueError(f"{kernel}: backend must be one of ('triton', 'mosaic'), got {backend!r}")
+    if sized and isinstance(block_sizes, mosaic_sizes) != (backend == "mosaic"):
+        raise ValueError(f"{kernel}: block_sizes {block_sizes} do not belong to backend {backend!r}")
     return backend
 
 

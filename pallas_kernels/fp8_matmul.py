@@ -163,12 +163,8 @@ def _mosaic_applies(x, w, block, transpose_w, activations) -> bool:
 
 
 def _mosaic(x, w, w_scale, *, block, transpose_w, activations, block_sizes, interpret):
-    """The Mosaic GPU FP8 x FP8 kernel: activations quantised here (one XLA pass), shapes padded to its tiles."""
-    if not _mosaic_applies(x, w, block, transpose_w, activations):
-        raise ValueError("fp8_matmul backend='mosaic' runs the FP8-activation path of x [M, K] @ w [N, K]^T with "
-                         "128-blocks (activations='fp8', or 'auto' with M >= 128): use backend='triton'")
-    if not isinstance(block_sizes, MosaicBlockSizes):
-        raise ValueError(f"fp8_matmul: block_sizes {block_sizes} do not belong to backend 'mosaic'")
+    """The Mosaic GPU FP8 x FP8 kernel (calls inside `_mosaic_applies`): activations quantised here (one XLA pass),
+    shapes padded to its tiles."""
     scale_shape = (cdiv(w.shape[0], block), cdiv(w.shape[1], block))
     if w.dtype != E4M3 or x.shape[1] != w.shape[1] or w_scale.shape != scale_shape:
         raise ValueError(f"fp8_matmul: x {x.shape}, w {w.shape} {w.dtype}, scale {w_scale.shape} do not fit")
@@ -204,12 +200,14 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     interp = resolve_interpret(interpret)
     explicit = backend is not None or block_sizes is not None  # block sizes name their backend too
     backend = resolve_backend("fp8_matmul", backend, block_sizes, MosaicBlockSizes)
-    if backend == "mosaic" and (explicit or _mosaic_applies(x, w, block, transpose_w, activations)):
-        return _mosaic(x, w, w_scale, block=block, transpose_w=transpose_w, activations=activations,
-                       block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp)
+    if backend == "mosaic":  # a "mosaic" default sends only the calls the Mosaic kernel covers there
+        if _mosaic_applies(x, w, block, transpose_w, activations):
+            return _mosaic(x, w, w_scale, block=block, transpose_w=transpose_w, activations=activations,
+                           block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp)
+        if explicit:
+            raise ValueError("fp8_matmul backend='mosaic' runs the FP8-activation path of x [M, K] @ w [N, K]^T with "
+                             "128-blocks (activations='fp8', or 'auto' with M >= 128): use backend='triton'")
     block_sizes = block_sizes or BlockSizes()
-    if not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"fp8_matmul: block_sizes {block_sizes} do not belong to backend 'triton'")
     if w.dtype != E4M3:
         raise ValueError(f"fp8_matmul needs float8_e4m3fn weights, got {w.dtype}")
     grouped = w.ndim == 3

@@ -128,15 +128,14 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
     interp = resolve_interpret(interpret)
     explicit = backend is not None or block_sizes is not None  # block sizes name their backend too
     backend = resolve_backend("mla_decode", backend, block_sizes, MosaicBlockSizes)
-    # a "mosaic" default takes the calls its kernel covers (16-bit contiguous caches); the rest stay on Triton
-    not_covered = _mosaic_unsupported(q_latent, q_pe, kv_cache, pe_cache, qk_int8, kv_scale, block_table)
-    if backend == "mosaic" and (explicit or not not_covered):
-        return _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, sm_scale=sm_scale, qk_int8=qk_int8,
-                       kv_scale=kv_scale, block_table=block_table, block_sizes=block_sizes or MosaicBlockSizes(),
-                       interpret=interp, return_lse=return_lse)
+    if backend == "mosaic":  # a "mosaic" default takes the calls its kernel covers (16-bit contiguous caches)
+        why = _mosaic_unsupported(q_latent, q_pe, kv_cache, pe_cache, qk_int8, kv_scale, block_table)
+        if why is None:
+            return _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, sm_scale=sm_scale,
+                           block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp, return_lse=return_lse)
+        if explicit:
+            raise ValueError(f"mla_decode backend='mosaic': {why}; use backend='triton'")
     bs = block_sizes or BlockSizes()
-    if not isinstance(bs, BlockSizes):
-        raise ValueError(f"mla_decode: block_sizes {bs} do not belong to backend 'triton'")
     int8_cache, paged = kv_scale is not None, block_table is not None
     if int8_cache != (kv_cache.dtype == jnp.int8):
         raise ValueError(f"mla_decode: an int8 kv_cache goes with its kv_scale and only then (kv_cache "
@@ -213,14 +212,9 @@ def _mosaic_unsupported(q_latent, q_pe, kv_cache, pe_cache, qk_int8, kv_scale, b
     return mla_decode_mgpu.unsupported(q_latent.shape[2], pe_cache.shape[2], q_latent.dtype, kv_cache.dtype)
 
 
-def _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale, qk_int8, kv_scale, block_table, block_sizes,
-            interpret, return_lse):
-    """The Mosaic GPU kernel: heads padded to its 64-head tiles, the cache to whole key tiles; splits merged here."""
-    why = _mosaic_unsupported(q_latent, q_pe, kv_cache, pe_cache, qk_int8, kv_scale, block_table)
-    if why:
-        raise ValueError(f"mla_decode backend='mosaic': {why}; use backend='triton'")
-    if not isinstance(block_sizes, MosaicBlockSizes):
-        raise ValueError(f"mla_decode: block_sizes {block_sizes} do not belong to backend 'mosaic'")
+def _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale, block_sizes, interpret, return_lse):
+    """The Mosaic GPU kernel (calls `_mosaic_unsupported` passes): heads padded to its 64-head tiles, the cache to
+    whole key tiles; splits merged here."""
     b, h, lat = q_latent.shape
     bk = block_sizes.block_k
     s_len = kv_cache.shape[1]
