@@ -149,12 +149,6 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     mean = None
     if smooth_k and tk:
         mean, seg_k = _request_means(k, cu_k)
-        k = k.astype(jnp.float32) - mean[seg_k]
-    # one scale per (token, head): the Pallas stand-in for SageAttention-2's per-thread scales (finer than its
-    # per-block ones); an elementwise pass with no segment reductions, one outer-product rescale per score tile
-    q_i8, q_scale = quantize_rows_int8(q, EPS)
-    k_i8, k_scale = quantize_rows_int8(k, EPS)
-    q_scale = q_scale * (sm_scale * LOG2E)
     # request-aligned query blocks: a static bound on their number, each (request, block index) from cu_q
     rows = bs.program_rows  # query rows per program
     nqb = cdiv(tq, rows) + nb
@@ -163,17 +157,25 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     blk = jnp.arange(nqb, dtype=jnp.int32)
     blk_req = jnp.clip(jnp.searchsorted(cu_qb, blk, side="right") - 1, 0, nb - 1).astype(jnp.int32)
     blk_idx = jnp.where(blk < cu_qb[-1], blk - cu_qb[blk_req], nqb)  # past the end: a block with no rows
-    # Tensor-core dots need an int8 contraction of >= 32 (mma k32) and loads need power-of-two widths: zero-pad
-    # Q.K^T's width to a multiple of 32 (zero int8 columns add nothing) and V's to a power of two >= 16 (extra
-    # output columns dropped). No copy at the real sizes (192 = 128 + 64, 128, 64).
     dv = v.shape[2]
-    d_pad, dv_pad = cdiv(dqk, 32) * 32, max(16, next_pow2(dv))
-    q_i8, k_i8, v = pad_to(q_i8, 2, d_pad), pad_to(k_i8, 2, d_pad), pad_to(v, 2, dv_pad)
     interp = resolve_interpret(interpret)
-    if backend == "mosaic":
-        o, lse2 = sage_attention_mgpu.attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_qb,
-                                                group=hq // hk, causal=causal, block_sizes=bs, interpret=interp)
+    if backend == "mosaic":  # smoothing, quantisation and the kernel's row alignment in one pass per operand
+        o, lse2 = sage_attention_mgpu.attention(q, k, v, mean, cu_q, cu_k, blk_req, blk_idx, cu_qb,
+                                                q_mult=sm_scale * LOG2E, group=hq // hk, causal=causal,
+                                                block_sizes=bs, interpret=interp)
     else:
+        if mean is not None:
+            k = k.astype(jnp.float32) - mean[seg_k]
+        # one scale per (token, head): the Pallas stand-in for SageAttention-2's per-thread scales (finer than its
+        # per-block ones); an elementwise pass with no segment reductions, one outer-product rescale per score tile
+        q_i8, q_scale = quantize_rows_int8(q, EPS)
+        k_i8, k_scale = quantize_rows_int8(k, EPS)
+        q_scale = q_scale * (sm_scale * LOG2E)
+        # Tensor-core dots need an int8 contraction of >= 32 (mma k32) and loads need power-of-two widths: zero-pad
+        # Q.K^T's width to a multiple of 32 (zero int8 columns add nothing) and V's to a power of two >= 16 (extra
+        # output columns dropped). No copy at the real sizes (192 = 128 + 64, 128, 64).
+        d_pad, dv_pad = cdiv(dqk, 32) * 32, max(16, next_pow2(dv))
+        q_i8, k_i8, v = pad_to(q_i8, 2, d_pad), pad_to(k_i8, 2, d_pad), pad_to(v, 2, dv_pad)
         o, lse2 = _triton(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, causal=causal,
                           group=hq // hk, out_dtype=q.dtype, block_sizes=bs, interpret=interp)
     o, lse = o[:, :, :dv].astype(q.dtype), lse2 / LOG2E

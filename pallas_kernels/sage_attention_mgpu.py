@@ -13,10 +13,11 @@ warpgroups a shared barrier alternates them (one's softmax runs while the other'
 attention_mgpu), and the wait for the next K tile overlaps the P.V MMA.
 
 TMA wants tile offsets it can prove aligned (Mosaic GPU's layout inference checks that a copy's dynamic row index
-is a multiple of the shared-memory tiling), so each request's rows are first moved to a multiple of the block
-(`aligned_rows`: one gather that XLA fuses into the quantisation pass for Q and K; V is copied) and every program
-writes its own output tile, which a gather maps back to the packed rows (the tail of a request's last block
-belongs to no request and is dropped, so no program writes rows another one owns).
+is a multiple of the shared-memory tiling), so each request's rows are first moved to a multiple of the block by
+`align_rows`: one Triton pass per operand that also smooths K and quantises Q and K (so the XLA passes of the
+Triton path - K minus its mean, absmax, convert - are not needed here); every program writes its own output tile,
+which a gather maps back to the packed rows (the tail of a request's last block belongs to no request and is
+dropped, so no program writes rows another one owns).
 
 On CPU it runs in the Mosaic GPU interpreter (`plgpu.InterpretGPUParams`), which the tests use; lowering for an
 H100 needs the `jax_cuda13_plugin` package (the CPU CI installs it without its CUDA runtime).
@@ -25,14 +26,16 @@ H100 needs the `jax_cuda13_plugin` package (the CPU CI installs it without its C
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import cdiv, pow2_chunks, smem
+from pallas_kernels.common import cdiv, next_pow2, pad_to, pow2_chunks, quantize_rows_int8, smem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,48 +61,126 @@ def unsupported(dqk: int, dv: int, v_dtype) -> str | None:
     return None
 
 
-def aligned_rows(cu, total: int, align: int):
-    """Each request's packed rows moved to start at a multiple of `align`: (base [B] int32 row of each request,
-    src [size] int32 packed row of each padded row, -1 where none). `size` is a static bound with `align` rows of
-    headroom, so a tile starting inside a request never reads past the buffer."""
+def row_plan(cu, total: int, align: int):
+    """Each request's packed rows moved to start at a multiple of `align`: (base [B] int32 first row of each request
+    in the aligned layout, tile_req / tile_off [size // align] int32: the request of each `align`-row tile of that
+    layout and the tile's first row within the request, size). `size` is a static bound with `align` rows of
+    headroom, so a tile starting inside a request never reads past the buffer; tiles past the last request's rows
+    have offsets past its length (all rows masked)."""
     nb = cu.shape[0] - 1
     lens = cu[1:] - cu[:-1]
     base = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(cdiv(lens, align) * align)])[:-1].astype(jnp.int32)
     size = cdiv(total + nb * (align - 1), align) * align + align
+    start = jnp.arange(size // align, dtype=jnp.int32) * align
+    req = jnp.clip(jnp.searchsorted(base, start, side="right") - 1, 0, nb - 1).astype(jnp.int32)
+    return base, req, (start - base[req]).astype(jnp.int32), size
+
+
+def _align_kernel(tile_req_ref, tile_off_ref, cu_ref, x_ref, *refs, align, chunks, pad_chunks, quantize, shift,
+                  mult, eps):
+    """One `align`-row tile of one head: the request's rows loaded (masked past its length), smoothed, quantised,
+    written whole (zeros past the length and in the padding columns)."""
+    refs = list(refs)
+    mean_ref = refs.pop(0) if shift else None
+    y_ref = refs.pop(0)
+    t, h = pl.program_id(0), pl.program_id(1)
+    req, off = tile_req_ref[t], tile_off_ref[t]
+    length = cu_ref[req + 1] - cu_ref[req]
+    ok = (off + jnp.arange(align)) < length
+    src = cu_ref[req] + off
+    parts = []
+    for c0, w in chunks:
+        x = pltriton.load(x_ref.at[pl.ds(src, align), h, pl.ds(c0, w)], mask=ok[:, None], other=0).astype(jnp.float32)
+        if shift:
+            x = jnp.where(ok[:, None], x - mean_ref[req, h, pl.ds(c0, w)][None, :], 0.0)
+        parts.append(x)
+    rows = pl.ds(t * align, align)
+    if quantize:
+        amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=1) for x in parts])
+        scale = jnp.maximum(amax, eps) / 127.0
+        parts = [jnp.clip(jnp.floor(x / scale[:, None] + 0.5), -127.0, 127.0) for x in parts]
+        refs[0][h, rows] = scale * mult
+    for (c0, w), x in zip(chunks, parts):
+        y_ref[rows, h, pl.ds(c0, w)] = x.astype(y_ref.dtype)
+    for c0, w in pad_chunks:
+        y_ref[rows, h, pl.ds(c0, w)] = jnp.zeros((align, w), y_ref.dtype)
+
+
+def align_rows(x, cu, align: int, *, width: int, quantize: bool, shift=None, mult: float = 1.0, eps: float = 1e-8,
+               interpret: bool = False):
+    """The packed rows x [T, H, D] of each request moved to a multiple of `align` (rows past a request and columns
+    past D zero), in one pass: a Triton kernel per (`align`-row tile, head). quantize: int8 rows with one float32
+    scale each (absmax / 127, floored at eps / 127, times `mult`), after subtracting `shift` [B, H, D] (K's
+    per-request mean) when given. Returns (y [size, H, width], scale [H, size] or None, base [B])."""
+    t_rows, heads, d = x.shape
+    base, tile_req, tile_off, size = row_plan(cu, t_rows, align)
+    if interpret:  # the interpreter clamps out-of-range slices instead of masking them: give every tile room
+        x = jnp.pad(x, ((0, align), (0, 0), (0, 0)))
+    full = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)  # noqa: E731
+    ins = [tile_req, tile_off, cu, x] + ([shift.astype(jnp.float32)] if shift is not None else [])
+    out_shape = [jax.ShapeDtypeStruct((size, heads, width), jnp.int8 if quantize else x.dtype)]
+    if quantize:
+        out_shape.append(jax.ShapeDtypeStruct((heads, size), jnp.float32))
+    kernel = functools.partial(_align_kernel, align=align, chunks=pow2_chunks(d),
+                               pad_chunks=tuple((d + o, w) for o, w in pow2_chunks(width - d)), quantize=quantize,
+                               shift=shift is not None, mult=mult, eps=eps)
+    outs = pl.pallas_call(
+        kernel,
+        grid=(size // align, heads),
+        in_specs=[pl.BlockSpec((1,), lambda i, j: (i,)), pl.BlockSpec((1,), lambda i, j: (i,))]
+        + [full(a) for a in ins[2:]],
+        out_specs=[full(o) for o in out_shape],
+        out_shape=out_shape,
+        compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1),
+        interpret=interpret,
+        name="align_rows",
+    )(*ins)
+    return outs[0], (outs[1] if quantize else None), base
+
+
+def align_rows_reference(x, cu, align: int, *, width: int, quantize: bool, shift=None, mult: float = 1.0,
+                         eps: float = 1e-8):
+    """align_rows in plain jnp (a gather; quantised with common.quantize_rows_int8)."""
+    base, tile_req, tile_off, size = row_plan(cu, x.shape[0], align)
     r = jnp.arange(size, dtype=jnp.int32)
-    seg = jnp.clip(jnp.searchsorted(base, r, side="right") - 1, 0, nb - 1)
-    off = r - base[seg]
-    return base, jnp.where(off < lens[seg], cu[seg] + off, -1).astype(jnp.int32)
+    req, off = tile_req[r // align], tile_off[r // align] + r % align
+    keep = off < (cu[1:] - cu[:-1])[req]
+    y = x[jnp.where(keep, cu[req] + off, 0)].astype(jnp.float32)
+    if shift is not None:
+        y = y - shift.astype(jnp.float32)[req]
+    y = jnp.where(keep[:, None, None], y, 0.0)
+    scale = None
+    if quantize:
+        y, scale = quantize_rows_int8(y, eps)
+        scale = (scale * mult).T
+    return pad_to(y.astype(jnp.int8 if quantize else x.dtype), 2, width), scale, base
 
 
-def gather_rows(x, src):
-    """x[src] along axis 0 with zeros where src < 0."""
-    keep = (src >= 0).reshape(-1, *([1] * (x.ndim - 1)))
-    return jnp.where(keep, x[jnp.maximum(src, 0)], 0).astype(x.dtype)
-
-
-def attention(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, group: int, causal: bool,
+def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: float, group: int, causal: bool,
               block_sizes: MosaicBlockSizes = MosaicBlockSizes(), interpret: bool = False):
-    """q_i8 [Tq, Hq, D] / k_i8 [Tk, Hk, D] int8 with row scales q_scale [Tq, Hq] (sm_scale * log2(e) folded in) /
-    k_scale [Tk, Hk]; v [Tk, Hk, Dv] 16-bit; cu_q / cu_k [B+1]; the query blocks of `block_sizes.program_rows` rows
-    (blk_req, blk_idx [NQB], cu_qb [B+1]) as sage_attention plans them. Returns (o [Tq, Hq, Dv] in v's dtype,
-    lse2 [Tq, Hq] base-2 LSE)."""
+    """q [Tq, Hq, D] / k [Tk, Hk, D] / v [Tk, Hk, Dv] 16-bit, packed; k_mean [B, Hk, D] (K's per-request mean,
+    subtracted before quantising) or None; cu_q / cu_k [B+1]; the query blocks of `block_sizes.program_rows` rows
+    (blk_req, blk_idx [NQB], cu_qb [B+1]) as sage_attention plans them; q_mult: sm_scale * log2(e), folded into Q's
+    scales. Returns (o [Tq, Hq, Dv'] in v's dtype, Dv' = Dv padded to a power of two >= 16; lse2 [Tq, Hq] base-2)."""
     bs = block_sizes
     bq, bk, stages, wgs = bs.block_q, bs.block_k, bs.stages, bs.compute_wgs
     rows_per_blk = bs.program_rows
-    tq, hq, d = q_i8.shape
-    dv, vdt = v.shape[2], v.dtype
+    tq, hq, dqk = q.shape
+    vdt = v.dtype
+    # int8 wgmma contracts 32 at a time and V's tile wants a power-of-two width: zero columns pad both (no-ops at
+    # the real sizes 192 = 128 + 64, 128, 64)
+    d, dv = cdiv(dqk, 32) * 32, max(16, next_pow2(v.shape[2]))
     why = unsupported(d, dv, vdt)
     if why:
         raise ValueError(f"sage_attention backend='mosaic': {why}; use backend='triton'")
     nqb = blk_req.shape[0]
     chunks = pow2_chunks(d)
     n_chunks = len(chunks)
-    base_q, src_q = aligned_rows(cu_q, tq, rows_per_blk)
-    base_k, src_k = aligned_rows(cu_k, k_i8.shape[0], bk)
-    q_i8, q_scale = gather_rows(q_i8, src_q), gather_rows(q_scale, src_q)
-    k_i8, k_scale, v = gather_rows(k_i8, src_k), gather_rows(k_scale, src_k), gather_rows(v, src_k)
-    qs_t, ks_t = q_scale.T, k_scale.T  # [H, rows]: each tile's scales contiguous for TMA
+    # one Triton pass each: rows moved to tile-aligned places, Q / K smoothed and quantised on the way
+    prep = functools.partial(align_rows, interpret=interpret)
+    q_i8, qs_t, base_q = prep(q, cu_q, rows_per_blk, width=d, quantize=True, mult=q_mult)
+    k_i8, ks_t, base_k = prep(k, cu_k, bk, width=d, quantize=True, shift=k_mean)
+    v, _, _ = prep(v, cu_k, bk, width=dv, quantize=False)
     split = lambda x: [x[..., off:off + w] for off, w in chunks]  # noqa: E731  (TMA rows of one chunk each)
     wgmma = plgpu.Layout.WGMMA
 
