@@ -84,7 +84,7 @@ def _align_kernel(tile_req_ref, tile_off_ref, cu_ref, x_ref, *refs, align, chunk
     mean_ref = refs.pop(0) if shift else None
     y_ref = refs.pop(0)
     t, h = pl.program_id(0), pl.program_id(1)
-    req, off = tile_req_ref[t], tile_off_ref[t]
+    req, off = tile_req_ref[0], tile_off_ref[0]  # this tile's entries (the block specs select them)
     length = cu_ref[req + 1] - cu_ref[req]
     ok = (off + jnp.arange(align)) < length
     src = cu_ref[req] + off
