@@ -38,7 +38,9 @@ def copy_bandwidth() -> float:
 def gpu_kernel_times(run, calls: int, out_dir: str | None = None) -> dict:
     """Trace `calls` calls of `run()` (which must block until its device work is done) with jax.profiler and read the
     GPU events back: {"busy_ms": GPU kernel time per call, "span_ms": first kernel start to last kernel end per call,
-    "kernels": kernels per call, "top": [(ms per call, kernel name), ...] largest first}. Warm `run` up first."""
+    "kernels": kernels per call, "idle_in_call_ms": GPU idle time per call between its kernels (the largest
+    calls - 1 gaps, the host's waits between calls, left out), "gaps_us": the largest idle gaps, each with the kernel
+    that follows it, "top": [(ms per call, kernel name), ...] largest first}. Warm `run` up first."""
     out = out_dir or tempfile.mkdtemp(prefix="jaxlm_trace_")
     jax.profiler.start_trace(out)
     for _ in range(calls):
@@ -49,11 +51,21 @@ def gpu_kernel_times(run, calls: int, out_dir: str | None = None) -> dict:
     pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     gpu = [e for e in events if e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), "")]
     if not gpu:
-        return {"busy_ms": None, "span_ms": None, "kernels": 0, "top": []}
+        return {"busy_ms": None, "span_ms": None, "kernels": 0, "idle_in_call_ms": None, "gaps_us": [], "top": []}
     per_name = collections.Counter()
     for e in gpu:
         per_name[e["name"]] += e["dur"]
-    span = max(e["ts"] + e["dur"] for e in gpu) - min(e["ts"] for e in gpu)
+    gpu.sort(key=lambda e: e["ts"])
+    span = max(e["ts"] + e["dur"] for e in gpu) - gpu[0]["ts"]
+    gaps, end = [], gpu[0]["ts"] + gpu[0]["dur"]  # idle stretches of the GPU, each named by the kernel after it
+    for e in gpu[1:]:
+        if e["ts"] > end:
+            gaps.append((e["ts"] - end, e["name"]))
+        end = max(end, e["ts"] + e["dur"])
+    gaps.sort(reverse=True)
+    inner = gaps[calls - 1:]  # the calls - 1 largest gaps are mostly the host's waits between synchronous calls
     return {"busy_ms": sum(per_name.values()) / 1e3 / calls, "span_ms": span / 1e3 / calls,
             "kernels": len(gpu) / calls,
+            "idle_in_call_ms": sum(g for g, _ in inner) / 1e3 / calls,
+            "gaps_us": [(round(g, 1), name[:80]) for g, name in gaps[:8]],
             "top": [(d / 1e3 / calls, name[:120]) for name, d in per_name.most_common(12)]}

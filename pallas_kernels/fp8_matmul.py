@@ -1,7 +1,7 @@
 """Block-scaled FP8 matmul: y = x @ dequant(W)^T with W in float8_e4m3fn and one float32 scale per 128x128 block
 (DeepSeek-V3/R1's checkpoint format: W_bf16[i, j] = W[i, j] * weight_scale_inv[i // 128, j // 128]).
 
-Two paths, one kernel body, chosen by the token count M:
+Three paths, chosen by the token count M and the activation format:
 - weight-only (decode, M < 128): each program streams 128-wide K tiles of its weight columns as FP8 (half the bytes
   of bf16), widens them exactly to x's dtype in registers, multiplies with x on the tensor cores and adds the
   tile's product times its block scale into a float32 accumulator. Memory-bound: the K loop is split across
@@ -10,6 +10,10 @@ Two paths, one kernel body, chosen by the token count M:
   s = max(|x|, 1e-4) / 448, x / s in e4m3; one fused XLA pass), then the kernel runs FP8 x FP8 dots with float32
   accumulation, scaling each 128-wide partial product by s_x[m] * s_w before adding it (the per-block promotion
   that keeps Hopper's FP8 accumulation exact enough, as in DeepSeek's `fp8_gemm_kernel`).
+- dequantised (M >= 128 with bf16 activations, the projections kept in 16-bit for accuracy): the weight is widened
+  to x's dtype in one XLA pass and XLA's GEMM (cuBLAS) runs the product, as DeepSeek's reference does for wkv_b at
+  prefill. At prefill sizes the GEMM is compute-bound, so the transient 16-bit copy costs one pass over the weight
+  while a weight-only kernel loses to cuBLAS's tiling (measured on the H100: bench/RESULTS.md).
 
 Layouts: x [M, K] or [M, G, K]; w [N, K] / [G, N, K] (`transpose_w=True`, HF `nn.Linear` rows, y = x W^T) or
 [K, N] / [G, K, N] (`transpose_w=False`, y = x W); scales follow w's last two dims in blocks of `block`. G groups
@@ -35,6 +39,7 @@ E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 ACT_EPS = 1e-4  # DeepSeek's act_quant floor on the block amax
 FP8_ACTIVATIONS_MIN_M = 128  # "auto": token counts from here on quantise activations (prefill)
+DEQUANTIZE_MIN_M = 128  # bf16-activation calls from here on: dequantised weight + XLA's GEMM (no explicit backend)
 
 
 @jax.tree_util.register_dataclass
@@ -108,14 +113,23 @@ def fp8_matmul_reference(x, w, w_scale, *, block: int = 128, transpose_w: bool =
     if fp8_act:
         q, s = quantize_activations(xf, block)
         xf = q.astype(jnp.float32) * jnp.repeat(s, block, axis=-1)[..., : x.shape[-1]]
-    hp = jax.lax.Precision.HIGHEST
-    if wf.ndim == 2:
-        y = jnp.einsum("...k,nk->...n", xf, wf, precision=hp)
-    elif x.ndim == 2:
-        y = jnp.einsum("mk,gnk->mgn", xf, wf, precision=hp)
-    else:
-        y = jnp.einsum("mgk,gnk->mgn", xf, wf, precision=hp)
-    return y.astype(x.dtype)
+    return _dot_rows(xf, wf, jax.lax.Precision.HIGHEST).astype(x.dtype)
+
+
+def _dot_rows(x, w, precision=None):
+    """x [M, K] / [M, G, K] times w [N, K] / [G, N, K] (rows = outputs) transposed: [M, N] / [M, G, N]."""
+    if w.ndim == 2:
+        return jnp.einsum("...k,nk->...n", x, w, precision=precision)
+    return jnp.einsum("mk,gnk->mgn" if x.ndim == 2 else "mgk,gnk->mgn", x, w, precision=precision)
+
+
+def _dequantized(x, w, w_scale, *, block, transpose_w):
+    """The dequantised path: W widened to x's dtype (one fused XLA pass over the FP8 bytes), then XLA's GEMM."""
+    wd = dequantize(w, w_scale, block).astype(x.dtype)
+    if not transpose_w:
+        wd = jnp.swapaxes(wd, -1, -2)
+    hp = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None  # float32 x: IEEE, not TF32
+    return _dot_rows(x, wd, hp)
 
 
 def _use_fp8_activations(activations: str, m: int) -> bool:
@@ -164,10 +178,7 @@ def _mosaic_applies(x, w, block, transpose_w, activations) -> bool:
 
 def _mosaic(x, w, w_scale, *, block, transpose_w, activations, block_sizes, interpret):
     """The Mosaic GPU FP8 x FP8 kernel (calls inside `_mosaic_applies`): activations quantised here (one XLA pass),
-    shapes padded to its tiles."""
-    scale_shape = (cdiv(w.shape[0], block), cdiv(w.shape[1], block))
-    if w.dtype != E4M3 or x.shape[1] != w.shape[1] or w_scale.shape != scale_shape:
-        raise ValueError(f"fp8_matmul: x {x.shape}, w {w.shape} {w.dtype}, scale {w_scale.shape} do not fit")
+    shapes padded to its tiles (checked by the caller)."""
     m, n = x.shape[0], w.shape[0]
     m_pad = cdiv(m, block_sizes.block_m) * block_sizes.block_m
     k_pad, n_pad = cdiv(x.shape[1], block) * block, cdiv(n, block) * block
@@ -175,6 +186,24 @@ def _mosaic(x, w, w_scale, *, block, transpose_w, activations, block_sizes, inte
     y = fp8_matmul_mgpu.matmul(xq, xs.T, pad_to(pad_to(w, 0, n_pad), 1, k_pad), w_scale.astype(jnp.float32),
                                out_dtype=x.dtype, block_sizes=block_sizes, interpret=interpret)
     return y[:m, :n]
+
+
+def _check_shapes(x, w, w_scale, block, transpose_w) -> tuple[int, int, int]:
+    """(groups, N, K) of a valid call (groups 1 for a 2-D w); a clear error otherwise."""
+    if w.dtype != E4M3:
+        raise ValueError(f"fp8_matmul needs float8_e4m3fn weights, got {w.dtype}")
+    if w.ndim not in (2, 3) or x.ndim not in (2, 3):
+        raise ValueError(f"fp8_matmul: x [M, K] / [M, G, K] and w [N, K] / [G, N, K], got x {x.shape}, w {w.shape}")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"fp8_matmul: the scale block must be a power of two >= 16, got {block}")
+    g = w.shape[0] if w.ndim == 3 else 1
+    n, k = (w.shape[-2], w.shape[-1]) if transpose_w else (w.shape[-1], w.shape[-2])
+    if x.shape[-1] != k or (x.ndim == 3 and (w.ndim != 3 or x.shape[1] != g)):
+        raise ValueError(f"fp8_matmul: x {x.shape} does not match w {w.shape} (transpose_w={transpose_w})")
+    expect_scale = (*w.shape[:-2], cdiv(w.shape[-2], block), cdiv(w.shape[-1], block))
+    if tuple(w_scale.shape) != expect_scale:
+        raise ValueError(f"fp8_matmul: scale {w_scale.shape} does not match w {w.shape} in {block}-blocks")
+    return g, n, k
 
 
 def _tile(size: int, cap: int) -> int:
@@ -193,12 +222,19 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     """x @ dequant(w)^T (or x @ dequant(w) with transpose_w=False) in x's dtype; see the module docstring.
 
     activations: "auto" (bf16 x with FP8 weights below 128 tokens, FP8 x at 128 and above), "bf16" or "fp8".
+    bf16 activations at M >= DEQUANTIZE_MIN_M take the dequantised path (XLA's GEMM on the widened weight) unless a
+    backend or block sizes ask for a kernel.
     backend: "triton" (every layout) or "mosaic" (fp8_matmul_mgpu.py: FP8 x FP8 wgmma; the
     FP8-activation path of a 2-D x and a 2-D HF-layout weight with 128-blocks); None: the backend that
     block_sizes belong to, else common.DEFAULT_BACKEND.
     """
     interp = resolve_interpret(interpret)
+    g, n, k = _check_shapes(x, w, w_scale, block, transpose_w)
+    m = x.shape[0]
+    fp8_act = _use_fp8_activations(activations, m)
     explicit = backend is not None or block_sizes is not None  # block sizes name their backend too
+    if not fp8_act and m >= DEQUANTIZE_MIN_M and not explicit:
+        return _dequantized(x, w, w_scale, block=block, transpose_w=transpose_w)
     backend = resolve_backend("fp8_matmul", backend, block_sizes, MosaicBlockSizes)
     if backend == "mosaic":  # a "mosaic" default sends only the calls the Mosaic kernel covers there
         if _mosaic_applies(x, w, block, transpose_w, activations):
@@ -207,25 +243,11 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
         if explicit:
             raise ValueError("fp8_matmul backend='mosaic' runs the FP8-activation path of x [M, K] @ w [N, K]^T with "
                              "128-blocks (activations='fp8', or 'auto' with M >= 128): use backend='triton'")
-    block_sizes = block_sizes or BlockSizes()
-    if w.dtype != E4M3:
-        raise ValueError(f"fp8_matmul needs float8_e4m3fn weights, got {w.dtype}")
+    bs = block_sizes or BlockSizes()
     grouped = w.ndim == 3
     w3 = w if grouped else w[None]
     s3 = (w_scale if grouped else w_scale[None]).astype(jnp.float32)
-    g = w3.shape[0]
-    n, k = (w3.shape[1], w3.shape[2]) if transpose_w else (w3.shape[2], w3.shape[1])
     shared_x = x.ndim == 2
-    if x.shape[-1] != k or (not shared_x and (x.ndim != 3 or x.shape[1] != g)):
-        raise ValueError(f"fp8_matmul: x {x.shape} does not match w {w.shape} (transpose_w={transpose_w})")
-    expect_scale = (g, cdiv(w3.shape[1], block), cdiv(w3.shape[2], block))
-    if s3.shape != expect_scale:
-        raise ValueError(f"fp8_matmul: scale {w_scale.shape} does not match w {w.shape} in {block}-blocks")
-    m = x.shape[0]
-    fp8_act = _use_fp8_activations(activations, m)
-    bs = block_sizes
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"fp8_matmul: the scale block must be a power of two >= 16, got {block}")
     # K tiles: one scale block each at most; the FP8-activation path quantises whole `block`-channel groups
     if fp8_act and block > 128:
         raise ValueError(f"fp8_matmul: FP8 activations need a scale block <= 128, got {block}")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import fp8_matmul, fp8_matmul_reference
-from pallas_kernels.fp8_matmul import BlockSizes, dequantize, quantize, quantize_activations
+from pallas_kernels.fp8_matmul import DEQUANTIZE_MIN_M, BlockSizes, dequantize, quantize, quantize_activations
 from pallas_kernels.lowering import export_for_h100
 
 
@@ -54,6 +54,21 @@ def test_split_k_and_paths_agree(activations):
     for splits in (1, 3, 4):
         out = fp8_matmul(x, w, s, activations=activations, interpret=True, block_sizes=BlockSizes(k_splits=splits))
         assert rel(out, ref) <= 1e-5, (splits, rel(out, ref))
+
+
+@pytest.mark.parametrize("g,transpose_w", [(0, True), (3, False), (3, True)])
+def test_dequantized_path_matches_reference(g, transpose_w):
+    """bf16 activations from DEQUANTIZE_MIN_M tokens on: the weight widened in XLA, XLA's GEMM (no kernel)."""
+    m, n, k = DEQUANTIZE_MIN_M + 45, 72, 200
+    rng = np.random.default_rng(g + 11)
+    w_shape = ((g,) if g else ()) + ((n, k) if transpose_w else (k, n))
+    w, s = quantize(rng.standard_normal(w_shape).astype(np.float32), 64)
+    x = jnp.asarray(rng.standard_normal((m, g, k) if g and not transpose_w else (m, k)), jnp.float32)
+    out = fp8_matmul(x, w, s, block=64, transpose_w=transpose_w, activations="bf16", interpret=True)
+    ref = fp8_matmul_reference(x, w, s, block=64, transpose_w=transpose_w, activations="bf16")
+    assert "pallas_call" not in str(jax.make_jaxpr(functools.partial(
+        fp8_matmul, block=64, transpose_w=transpose_w, activations="bf16", interpret=True))(x, w, s))
+    assert out.shape == ref.shape and rel(out, ref) <= 1e-5, rel(out, ref)
 
 
 def test_quantizers_match_deepseek_formulas():

@@ -1,0 +1,135 @@
+"""Where the MLA layer's seed cases lose wall time outside the GPU's kernels, and whether XLA's command buffers (CUDA
+graphs) win it back: each XLA_FLAGS variant runs in its own process (flags are read once, at backend start) and
+reports, for bf16 and FP8 weights at R1 sizes, the prefill call (wall, host dispatch, GPU busy / idle from a trace)
+and the decode step inside `decode_steps()` (wall per step, GPU busy per step). Writes bench/results/xla_flags.json
+(or --out) and prints a table.
+
+    PYTHONPATH=. python bench/xla_flags.py [--variants default,while] [--out bench/results/xla_flags.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+VARIANTS = {  # name -> XLA_FLAGS added to the environment's
+    "default": "",
+    "no_graphs": "--xla_gpu_enable_command_buffer=",  # every thunk launched one by one
+    "while": "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",  # scan loops captured whole
+    "while_min1": "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1",
+}
+STEPS = 20
+
+
+def child(fp8_kernels_only: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bench.common import gpu_kernel_times
+    from jaxlm import mla, seed
+    from pallas_kernels import fp8_matmul as fp8_module
+
+    cfg = mla.MLAConfig.r1()
+    params = mla.init_params(cfg, jax.random.key(0), jnp.bfloat16)
+    out = {}
+    for name, p in (("bf16", params), ("fp8", mla.quantize_fp8(params, cfg))):
+        x, cache = seed.prefill_inputs(p, cfg)
+        state = {"cache": cache}
+
+        def prefill(p=p, x=x, state=state):
+            y, state["cache"] = mla.forward(p, cfg, x, state["cache"], seed.PREFILL_SEQ, seed.PREFILL_PAST)
+            return y
+
+        variants = [("", None)] + ([("_kernels_only", 1 << 30)] if name == "fp8" and fp8_kernels_only else [])
+        for suffix, min_m in variants:  # FP8: also with the bf16-activation projections on the weight-only kernel
+            if min_m is not None:
+                fp8_module.DEQUANTIZE_MIN_M = min_m
+                jax.clear_caches()
+            jax.block_until_ready(prefill())
+            wall = seed.median_ms(lambda: jax.block_until_ready(prefill()), 5, 50)
+            t_disp = []
+            for _ in range(20):
+                jax.block_until_ready(state["cache"])
+                t0 = time.perf_counter()
+                y = prefill()
+                t_disp.append(time.perf_counter() - t0)
+                jax.block_until_ready(y)
+            prof = gpu_kernel_times(lambda: jax.block_until_ready(prefill()), 10)
+            out[f"{name}_prefill{suffix}"] = {"wall_ms": wall, "dispatch_ms": 1e3 * float(np.median(t_disp)), **prof}
+
+        b = len(seed.DECODE_PAST)
+        xs = jax.random.normal(jax.random.key(1), (STEPS, b, cfg.hidden_size), jnp.bfloat16)
+        dstate = {"cache": mla.init_cache(cfg, b, max(seed.DECODE_PAST) + STEPS + 1, jnp.bfloat16)}
+
+        def steps(p=p, xs=xs, dstate=dstate):
+            ys, dstate["cache"] = mla.decode_steps(p, cfg, xs, dstate["cache"], seed.DECODE_PAST)
+            return ys
+
+        jax.block_until_ready(steps())
+        wall = seed.median_ms(lambda: jax.block_until_ready(steps()), 2, 10) / STEPS
+        prof = gpu_kernel_times(lambda: jax.block_until_ready(steps()), 3)
+        per_step = {k: (v / STEPS if k in ("busy_ms", "span_ms", "kernels", "idle_in_call_ms") and v else v)
+                    for k, v in prof.items()}
+        out[f"{name}_decode_step"] = {"wall_ms": wall, **per_step}
+        for case in (f"{name}_prefill", f"{name}_decode_step"):
+            r = out[case]
+            print(f"  {case}: wall {r['wall_ms']:.3f} ms, GPU busy {r['busy_ms']} ms, idle in call "
+                  f"{r['idle_in_call_ms']} ms, kernels {r['kernels']}; gaps {r['gaps_us'][:4]}", flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", default="bench/results/xla_flags.json")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        res = child(fp8_kernels_only=args.child == "default")
+        print("RESULT " + json.dumps(res))
+        return
+
+    from bench.common import commit
+
+    res = {"date": str(date.today()), "commit": commit(), "command": " ".join(sys.argv), "variants": {}}
+    for name in args.variants.split(","):
+        flags = (os.environ.get("XLA_FLAGS", "") + " " + VARIANTS[name]).strip()
+        print(f"{name}: XLA_FLAGS={flags!r}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-u", __file__, "--child", name], env={**os.environ, "XLA_FLAGS": flags},
+                              capture_output=True, text=True, timeout=600)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        print("\n".join(ln for ln in proc.stdout.splitlines() if not ln.startswith("RESULT ")))
+        if proc.returncode or not lines:
+            res["variants"][name] = {"flags": flags, "failed": proc.stderr[-1500:]}
+            print(f"{name}: failed\n{proc.stderr[-1500:]}")
+            continue
+        res["variants"][name] = {"flags": flags, "seconds": time.perf_counter() - t0, **json.loads(lines[-1][7:])}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    try:
+        import jax
+
+        res["card"] = jax.devices()[0].device_kind
+    except Exception:  # noqa: BLE001 - the card name is a label only
+        pass
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"\n{'variant':<12} {'case':<22} {'wall ms':>8} {'busy ms':>8} {'idle ms':>8} {'kernels':>8}")
+    for name, v in res["variants"].items():
+        for case, r in v.items():
+            if isinstance(r, dict):
+                f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+                print(f"{name:<12} {case:<22} {f(r['wall_ms']):>8} {f(r['busy_ms']):>8} {f(r['idle_in_call_ms']):>8} "
+                      f"{f(r['kernels']):>8}")
+
+
+if __name__ == "__main__":
+    main()
