@@ -40,7 +40,7 @@ def gpu_kernel_times(run, calls: int, out_dir: str | None = None) -> dict:
     GPU events back: {"busy_ms": GPU kernel time per call, "span_ms": first kernel start to last kernel end per call,
     "kernels": kernels per call, "idle_in_call_ms": GPU idle time per call between its kernels (the largest
     calls - 1 gaps, the host's waits between calls, left out), "gaps_us": the largest idle gaps, each with the kernel
-    that follows it, "top": [(ms per call, kernel name), ...] largest first}. Warm `run` up first."""
+    that follows it, "gap_sizes_us": {"<hi": (gaps per call, their us per call)} by size, "top": [(ms per call, kernel name), ...] largest first}. Warm `run` up first."""
     out = out_dir or tempfile.mkdtemp(prefix="jaxlm_trace_")
     jax.profiler.start_trace(out)
     for _ in range(calls):
@@ -68,4 +68,7 @@ def gpu_kernel_times(run, calls: int, out_dir: str | None = None) -> dict:
             "kernels": len(gpu) / calls,
             "idle_in_call_ms": sum(g for g, _ in inner) / 1e3 / calls,
             "gaps_us": [(round(g, 1), name[:80]) for g, name in gaps[:8]],
+            "gap_sizes_us": {f"<{hi}": (sum(1 for g, _ in gaps if lo <= g < hi) / calls,
+                                        round(sum(g for g, _ in gaps if lo <= g < hi) / calls, 1))
+                             for lo, hi in ((0, 5), (5, 20), (20, 100), (100, 1e9))},
             "top": [(d / 1e3 / calls, name[:120]) for name, d in per_name.most_common(12)]}

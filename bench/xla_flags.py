@@ -10,6 +10,7 @@ and the decode step inside `decode_steps()` (wall per step, GPU busy per step). 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -27,6 +28,39 @@ VARIANTS = {  # name -> XLA_FLAGS added to the environment's
 STEPS = 20
 
 
+def host_parts(p, x, state) -> dict:
+    """The prefill call's host side in pieces (ms, medians): planning, the jitted step alone (padded x and device
+    lengths made beforehand) until it returns and until its result is ready."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxlm import batching, mla, seed
+
+    cfg = mla.MLAConfig.r1()
+    slots, max_len = state["cache"].kv_cache.shape[:2]
+
+    def plan():
+        return batching.plan(seed.PREFILL_SEQ, seed.PREFILL_PAST, num_tokens=x.shape[0], num_slots=slots,
+                             max_len=max_len)
+
+    lengths, sizes = plan()
+    xp, dev_lengths = jnp.pad(x, ((0, sizes.num_tokens - x.shape[0]), (0, 0))), jnp.asarray(lengths)
+    out = {"plan_ms": seed.median_ms(plan, 5, 50)}
+    impl = mla._check_options("absorbed", None)  # what forward() runs
+    for key, lens in (("step", dev_lengths), ("step_host_lengths", lengths)):
+        t_ret, t_all = [], []
+        for _ in range(30):
+            jax.block_until_ready(state["cache"])
+            t0 = time.perf_counter()
+            y, state["cache"] = mla._step_jit(p, cfg, xp, state["cache"], lens, sizes, "absorbed", impl)
+            t_ret.append(time.perf_counter() - t0)
+            jax.block_until_ready(y)
+            t_all.append(time.perf_counter() - t0)
+        out[f"{key}_dispatch_ms"], out[f"{key}_wall_ms"] = 1e3 * float(np.median(t_ret)), 1e3 * float(np.median(t_all))
+    return out
+
+
 def child(fp8_kernels_only: bool) -> dict:
     import jax
     import jax.numpy as jnp
@@ -34,7 +68,7 @@ def child(fp8_kernels_only: bool) -> dict:
 
     from bench.common import gpu_kernel_times
     from jaxlm import mla, seed
-    from pallas_kernels import fp8_matmul as fp8_module
+    fp8_module = importlib.import_module("pallas_kernels.fp8_matmul")  # the module (the package exports the function)
 
     cfg = mla.MLAConfig.r1()
     params = mla.init_params(cfg, jax.random.key(0), jnp.bfloat16)
@@ -62,7 +96,8 @@ def child(fp8_kernels_only: bool) -> dict:
                 t_disp.append(time.perf_counter() - t0)
                 jax.block_until_ready(y)
             prof = gpu_kernel_times(lambda: jax.block_until_ready(prefill()), 10)
-            out[f"{name}_prefill{suffix}"] = {"wall_ms": wall, "dispatch_ms": 1e3 * float(np.median(t_disp)), **prof}
+            out[f"{name}_prefill{suffix}"] = {"wall_ms": wall, "dispatch_ms": 1e3 * float(np.median(t_disp)),
+                                              **host_parts(p, x, state), **prof}
 
         b = len(seed.DECODE_PAST)
         xs = jax.random.normal(jax.random.key(1), (STEPS, b, cfg.hidden_size), jnp.bfloat16)
