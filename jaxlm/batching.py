@@ -11,11 +11,39 @@ a handful of programs) and checks the lengths against the cache on the host.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels.common import segment_of
+
+
+def pad_rows(x, rows: int):
+    """x [n, ...] zero-padded to `rows` rows: numpy on the host (travels with the call's arguments), one small
+    jitted program for a device array (jnp.pad's Python wrapper costs several times its dispatch on a slow host)."""
+    if x.shape[0] == rows:
+        return x
+    if isinstance(x, np.ndarray):
+        return np.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+    return _pad_rows(x, rows)
+
+
+def take_rows(y, rows: int):
+    """The first `rows` rows of y (y itself when it has no more), through one small jitted program."""
+    return y if y.shape[0] == rows else _take_rows(y, rows)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _pad_rows(x, rows):
+    return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _take_rows(y, rows):
+    return y[:rows]
 
 
 def bucket(n: int, minimum: int = 8) -> int:
@@ -61,7 +89,7 @@ def ragged_metadata(seq_lens: jax.Array, past_lens: jax.Array, sizes: StepSizes,
     cu_tok = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(seq_lens)])
     t = jnp.arange(sizes.num_tokens, dtype=jnp.int32)
     # side="right" skips zero-length requests, whose start equals the next request's start.
-    tok_slot = jnp.clip(jnp.searchsorted(cu_tok, t, side="right") - 1, 0, num_req - 1).astype(jnp.int32)
+    tok_slot = segment_of(cu_tok, t, num_req)
     tok_off = t - cu_tok[tok_slot]
     tok_valid = t < cu_tok[-1]
     tok_pos = jnp.where(tok_valid, past_lens[tok_slot] + tok_off, max_len)
@@ -69,7 +97,7 @@ def ragged_metadata(seq_lens: jax.Array, past_lens: jax.Array, sizes: StepSizes,
     blocks = (seq_lens + qb - 1) // qb
     cu_blk = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks)])
     j = jnp.arange(sizes.num_blocks, dtype=jnp.int32)
-    blk_slot = jnp.clip(jnp.searchsorted(cu_blk, j, side="right") - 1, 0, num_req - 1).astype(jnp.int32)
+    blk_slot = segment_of(cu_blk, j, num_req)
     row_off = (j - cu_blk[blk_slot])[:, None] * qb + jnp.arange(qb, dtype=jnp.int32)[None, :]
     blk_valid = (j < cu_blk[-1])[:, None] & (row_off < seq_lens[blk_slot][:, None])
     blk_tok = jnp.where(blk_valid, cu_tok[blk_slot][:, None] + row_off, 0)

@@ -373,14 +373,15 @@ def _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, kv_len, impl):
 
 def _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta, seq_lens, past_lens):
     """One-token-per-request steps through the Pallas flash-decoding kernel: returns [T, N, V]."""
-    slots, max_len = cache.kv_cache.shape[:2]
-    q_lat = _absorb_uk(q_nope, params, "pallas").astype(cache.pe_cache.dtype)
-    dest = jnp.where(meta.tok_pos < max_len, meta.tok_slot, slots)  # padding tokens: dropped
-    q_lat = jnp.zeros((slots, *q_lat.shape[1:]), q_lat.dtype).at[dest].set(q_lat, mode="drop")
-    q_pe = jnp.zeros((slots, *q_pe.shape[1:]), cache.pe_cache.dtype).at[dest].set(q_pe.astype(cache.pe_cache.dtype),
-                                                                               mode="drop")
-    lengths = jnp.where(seq_lens > 0, past_lens + seq_lens, 0)
-    lengths = jnp.zeros((slots,), jnp.int32).at[: seq_lens.shape[0]].set(lengths)
+    slots = cache.kv_cache.shape[0]
+    dtype = cache.pe_cache.dtype
+    # each request's one token (if any) moved to its slot's row: a gather (requests without a token attend to
+    # nothing: length 0); slots past the requests get zero rows
+    tok = jnp.clip(jnp.cumsum(seq_lens) - seq_lens, 0, q_nope.shape[0] - 1)
+    extra = slots - seq_lens.shape[0]
+    q_lat = batching.pad_rows(_absorb_uk(q_nope[tok], params, "pallas").astype(dtype), slots)
+    q_pe = batching.pad_rows(q_pe.astype(dtype)[tok], slots)
+    lengths = jnp.pad(jnp.where(seq_lens > 0, past_lens + seq_lens, 0), (0, extra))
     heads = P(DP, TP, None)
     scales = () if cache.kv_scale is None else (cache.kv_scale,)
 
@@ -481,12 +482,10 @@ def forward(params: Params, cfg: MLAConfig, x: jax.Array, cache: MLACache, seq_l
     slots, max_len = cache.kv_cache.shape[:2]
     num_tokens = x.shape[0]
     lengths, sizes = batching.plan(seq_lens, past_lens, num_tokens=num_tokens, num_slots=slots, max_len=max_len)
-    if sizes.num_tokens != num_tokens:  # pad on the host when we can: no extra device op per call
-        pad = ((0, sizes.num_tokens - num_tokens), (0, 0))
-        x = np.pad(x, pad) if isinstance(x, np.ndarray) else jnp.pad(x, pad)
+    x = batching.pad_rows(x, sizes.num_tokens)  # on the host when x is there: no extra device op per call
     with sharding.use(sharding.mesh_of((params, cache))):
         y, cache = _step_jit(params, cfg, x, cache, lengths, sizes, mode, impl)
-    return (y if sizes.num_tokens == num_tokens else y[:num_tokens]), cache
+    return batching.take_rows(y, num_tokens), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kv_len", "mode", "impl"), donate_argnames=("cache",))

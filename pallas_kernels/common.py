@@ -75,6 +75,14 @@ def smem(shape, dtype):
                                                 plgpu.SwizzleTransform(swizzle)))
 
 
+def segment_of(starts, idx, num_segments: int):
+    """For each of `idx`, the segment s with starts[s] <= idx < starts[s + 1] (`starts` sorted; empty segments, whose
+    start equals the next one's, are skipped), clipped to [0, num_segments - 1], int32. One compare-all fusion:
+    jnp.searchsorted's default builds a while loop, which inside a jitted step costs a launch per iteration."""
+    pos = jnp.searchsorted(starts, idx, side="right", method="compare_all")
+    return jnp.clip(pos - 1, 0, num_segments - 1).astype(jnp.int32)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 

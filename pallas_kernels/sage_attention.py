@@ -28,7 +28,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import sage_attention_mgpu
 from pallas_kernels.common import (cdiv, next_pow2, pad_to, pow2_chunks, quantize_rows_int8, resolve_backend,
-                                   resolve_interpret)
+                                   resolve_interpret, segment_of)
 from pallas_kernels.sage_attention_mgpu import MosaicBlockSizes
 
 LOG2E = math.log2(math.e)
@@ -52,7 +52,7 @@ def segments(cu, total):
     """For `total` packed rows and cumulative lengths cu [B+1]: (request of each row, offset within it).
     Rows past cu[-1] are attributed to the last request with an offset past its end."""
     t = jnp.arange(total, dtype=jnp.int32)
-    seg = jnp.clip(jnp.searchsorted(cu, t, side="right") - 1, 0, cu.shape[0] - 2).astype(jnp.int32)
+    seg = segment_of(cu, t, cu.shape[0] - 1)
     return seg, t - cu[seg]
 
 
@@ -155,7 +155,7 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     blocks_per_req = (cu_q[1:] - cu_q[:-1] + rows - 1) // rows
     cu_qb = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks_per_req)])
     blk = jnp.arange(nqb, dtype=jnp.int32)
-    blk_req = jnp.clip(jnp.searchsorted(cu_qb, blk, side="right") - 1, 0, nb - 1).astype(jnp.int32)
+    blk_req = segment_of(cu_qb, blk, nb)
     blk_idx = jnp.where(blk < cu_qb[-1], blk - cu_qb[blk_req], nqb)  # past the end: a block with no rows
     dv = v.shape[2]
     interp = resolve_interpret(interpret)

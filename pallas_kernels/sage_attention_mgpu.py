@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import cdiv, next_pow2, pad_to, pow2_chunks, quantize_rows_int8, smem
+from pallas_kernels.common import cdiv, next_pow2, pad_to, pow2_chunks, quantize_rows_int8, segment_of, smem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ def row_plan(cu, total: int, align: int):
     base = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(cdiv(lens, align) * align)])[:-1].astype(jnp.int32)
     size = cdiv(total + nb * (align - 1), align) * align + align
     start = jnp.arange(size // align, dtype=jnp.int32) * align
-    req = jnp.clip(jnp.searchsorted(base, start, side="right") - 1, 0, nb - 1).astype(jnp.int32)
+    req = segment_of(base, start, nb)
     return base, req, (start - base[req]).astype(jnp.int32), size
 
 
@@ -363,7 +363,7 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
     )(blk_req, blk_idx, cu_q, cu_k, base_q, base_k, *split(q_i8), *split(k_i8), v, qs_t, ks_t)
     # packed row t of request r (offset o) sits in tile cu_qb[r] + o // rows at row o % rows
     t = jnp.arange(tq, dtype=jnp.int32)
-    seg = jnp.clip(jnp.searchsorted(cu_q, t, side="right") - 1, 0, cu_q.shape[0] - 2)
+    seg = segment_of(cu_q, t, cu_q.shape[0] - 1)
     off = t - cu_q[seg]
     tile = jnp.minimum(cu_qb[seg] + off // rows_per_blk, nqb - 1)
     return o_tiles[tile, :, off % rows_per_blk], lse_tiles[tile, :, off % rows_per_blk]
