@@ -2,7 +2,7 @@
 jitted program over distinct weight copies (larger than the L2 together), so that neither the host's dispatch nor
 the L2 flatters a configuration. Prints the best configurations per projection with their TB/s of FP8 weight bytes.
 
-    PYTHONPATH=. python bench/fp8_tune.py [--shapes o_proj,q_b_proj] [--out bench/results/fp8_tune.json]
+    PYTHONPATH=. python bench/fp8_tune.py [--shapes o_proj,q_b_proj] [--mosaic] [--out bench/results/fp8_tune.json]
 """
 
 from __future__ import annotations
@@ -31,13 +31,44 @@ SHAPES = {  # name: (w shape, transpose_w, x shape)
 GRID = list(itertools.product((64, 128), (None, 2, 4, 8, 16), (4,), (3, 5)))  # block_n, k_splits, warps, stages
 
 
+MOSAIC_SHAPES = {"o_proj": (7168, 16384), "q_b_proj": (24576, 1536)}  # FP8 x FP8 at prefill sizes
+
+
+def mosaic_sweep(m: int = 704) -> dict:
+    """The Mosaic FP8 x FP8 kernel's block sizes at prefill token counts (whole-call timing: these calls are long)."""
+    from bench.kernels import timed
+    from pallas_kernels.fp8_matmul_mgpu import MosaicBlockSizes
+
+    out = {}
+    for name, (n, k) in MOSAIC_SHAPES.items():
+        w, s = quantize(jax.random.normal(jax.random.key(n), (n, k), jnp.float32) / k**0.5, 128)
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+        rows = []
+        for bm, stages in itertools.product((64, 128), (2, 3, 4, 6)):
+            bs = MosaicBlockSizes(block_m=bm, stages=stages)
+            try:
+                ms = timed(jax.jit(lambda x, w, s, bs=bs: fp8_matmul(x, w, s, activations="fp8", block_sizes=bs)),
+                           x, w, s)
+            except Exception as e:  # noqa: BLE001
+                print(f"  mosaic {name} {bs}: failed {str(e)[:150]}")
+                continue
+            rows.append({"us": ms * 1e3, "TFLOPs": 2 * m * n * k / ms / 1e9, "block_m": bm, "stages": stages})
+            print(f"  mosaic {name} M={m} block_m={bm} stages={stages}: {ms * 1e3:.1f} us "
+                  f"{rows[-1]['TFLOPs']:.0f} TF/s", flush=True)
+        out[name] = sorted(rows, key=lambda r: r["us"])
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--out", default="bench/results/fp8_tune.json")
+    ap.add_argument("--mosaic", action="store_true", help="also sweep the Mosaic FP8 x FP8 kernel at 704 tokens")
     args = ap.parse_args()
     res = {"card": jax.devices()[0].device_kind, "m": M, "shapes": {}}
-    for name in args.shapes.split(","):
+    if args.mosaic:
+        res["mosaic_704"] = mosaic_sweep()
+    for name in filter(None, args.shapes.split(",")):
         w_shape, transpose_w, x_shape = SHAPES[name]
         nbytes = math.prod(w_shape)
         copies = max(2, math.ceil(256e6 / nbytes))
