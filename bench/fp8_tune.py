@@ -68,6 +68,8 @@ def main():
     res = {"card": jax.devices()[0].device_kind, "m": M, "shapes": {}}
     if args.mosaic:
         res["mosaic_704"] = mosaic_sweep()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
     for name in filter(None, args.shapes.split(",")):
         w_shape, transpose_w, x_shape = SHAPES[name]
         nbytes = math.prod(w_shape)
