@@ -9,6 +9,7 @@ import pytest
 
 import jaxlm.mla as mla
 from jaxlm import batching
+from pallas_kernels.common import segment_of
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +159,34 @@ def test_bucketing_compiles_a_handful_of_programs(layer):
 def test_bucket_bounds_padding(n):
     b = batching.bucket(n)
     assert n <= b and (b <= 8 or b <= 1.25 * n + 1)
+
+
+def test_segment_of_matches_searchsorted_with_empty_segments():
+    """The compare-all segment lookup equals jnp.searchsorted's (side right, minus one, clipped), zero-length
+    segments skipped, and builds no loop."""
+    rng = np.random.default_rng(5)
+    lens = rng.integers(0, 4, 40)
+    lens[[0, 7, 8, 39]] = 0  # empty segments first, in a row and last
+    starts = jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
+    idx = jnp.arange(int(lens.sum()) + 3, dtype=jnp.int32)  # past the end too: clipped to the last segment
+    want = jnp.clip(jnp.searchsorted(starts, idx, side="right") - 1, 0, len(lens) - 1)
+    got = segment_of(starts, idx, len(lens))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert got.dtype == jnp.int32 and lens[np.asarray(got)[: int(lens.sum())]].min() > 0
+    assert "while" not in str(jax.make_jaxpr(lambda s, i: segment_of(s, i, len(lens)))(starts, idx))
+
+
+def test_pad_rows_and_take_rows():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5, 3)).astype(np.float32)
+    host = batching.pad_rows(x, 8)  # numpy stays numpy (sent with the step's arguments)
+    dev = batching.pad_rows(jnp.asarray(x), 8)
+    assert isinstance(host, np.ndarray) and host.shape == dev.shape == (8, 3)
+    np.testing.assert_array_equal(host[:5], x)
+    np.testing.assert_array_equal(np.asarray(dev), host)
+    assert not host[5:].any()
+    np.testing.assert_array_equal(np.asarray(batching.take_rows(dev, 5)), x)
+    assert batching.pad_rows(x, 5) is x and batching.take_rows(dev, 8) is dev
 
 
 @pytest.mark.parametrize(
