@@ -2,7 +2,7 @@
 jitted program over distinct weight copies (larger than the L2 together), so that neither the host's dispatch nor
 the L2 flatters a configuration. Prints the best configurations per projection with their TB/s of FP8 weight bytes.
 
-    PYTHONPATH=. python bench/fp8_tune.py [--shapes o_proj,q_b_proj] [--mosaic] [--out bench/results/fp8_tune.json]
+    PYTHONPATH=. python bench/fp8_tune.py [--shapes o_proj,q_b_proj] [--grid wide] [--mosaic] [--out bench/results/fp8_tune.json]
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ SHAPES = {  # name: (w shape, transpose_w, x shape)
     "w_uv": ((128, 128, 512), True, (M, 128, 512)),
     "o_proj": ((7168, 16384), True, (M, 16384)),
 }
-GRID = list(itertools.product((64, 128), (None, 2, 4, 8, 16), (4,), (3, 5)))  # block_n, k_splits, warps, stages
+GRIDS = {  # block_n, k_splits, warps, stages
+    "default": list(itertools.product((64, 128), (None, 2, 4, 8, 16), (4,), (3, 5))),
+    "wide": list(itertools.product((32, 64), (None, 4, 8, 16), (4, 8), (4, 6, 8))),
+}
 
 
 MOSAIC_SHAPES = {"o_proj": (7168, 16384), "q_b_proj": (24576, 1536)}  # FP8 x FP8 at prefill sizes
@@ -63,6 +66,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--out", default="bench/results/fp8_tune.json")
+    ap.add_argument("--grid", default="default", choices=sorted(GRIDS))
     ap.add_argument("--mosaic", action="store_true", help="also sweep the Mosaic FP8 x FP8 kernel at 704 tokens")
     args = ap.parse_args()
     res = {"card": jax.devices()[0].device_kind, "m": M, "shapes": {}}
@@ -79,7 +83,7 @@ def main():
             w, s = quantize(jax.random.normal(jax.random.key(i), w_shape, jnp.float32) / w_shape[-1] ** 0.5, 128)
             sets.append((jax.random.normal(jax.random.key(100 + i), x_shape, jnp.bfloat16), w, s))
         rows = []
-        for bn, splits, warps, stages in GRID:
+        for bn, splits, warps, stages in GRIDS[args.grid]:
             bs = BlockSizes(block_m=16, block_n=bn, k_splits=splits, num_warps=warps, num_stages=stages)
             fn = lambda x, w, s, bs=bs: fp8_matmul(x, w, s, transpose_w=transpose_w, block_sizes=bs)  # noqa: E731
             try:
