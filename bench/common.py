@@ -35,12 +35,28 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes / (median_ms(lambda: f(x).block_until_ready(), 3, 20) / 1e3)
 
 
+def traced_case(name: str, fn, *args, calls: int = 10) -> dict:
+    """Wall ms per synchronous call of fn(*args) (or of fn() when it takes none) and `gpu_kernel_times` of `calls`
+    calls; prints a summary and the largest kernels."""
+    run = lambda: jax.block_until_ready(fn(*args))  # noqa: E731
+    run()
+    wall = median_ms(run, 3, 20)
+    prof = gpu_kernel_times(run, calls)
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731  (no GPU: no kernel times)
+    print(f"\n{name}: wall {wall:.3f} ms/call, GPU busy {f(prof['busy_ms'])} ms/call over a {f(prof['span_ms'])} ms "
+          f"span, {prof['kernels']:.0f} kernels/call")
+    for ms, kname in prof["top"][:8]:
+        print(f"  {ms:8.4f} ms  {kname[:100]}")
+    return {"case": name, "wall_ms": wall, **prof}
+
+
 def gpu_kernel_times(run, calls: int, out_dir: str | None = None) -> dict:
     """Trace `calls` calls of `run()` (which must block until its device work is done) with jax.profiler and read the
     GPU events back: {"busy_ms": GPU kernel time per call, "span_ms": first kernel start to last kernel end per call,
     "kernels": kernels per call, "idle_in_call_ms": GPU idle time per call between its kernels (the largest
     calls - 1 gaps, the host's waits between calls, left out), "gaps_us": the largest idle gaps, each with the kernel
-    that follows it, "gap_sizes_us": {"<hi": (gaps per call, their us per call)} by size, "top": [(ms per call, kernel name), ...] largest first}. Warm `run` up first."""
+    that follows it, "gap_sizes_us": {"<hi": (gaps per call, their us per call)} by size, "top": [(ms per call,
+    kernel name), ...] largest first}. Warm `run` up first."""
     out = out_dir or tempfile.mkdtemp(prefix="jaxlm_trace_")
     jax.profiler.start_trace(out)
     for _ in range(calls):
@@ -51,7 +67,8 @@ def gpu_kernel_times(run, calls: int, out_dir: str | None = None) -> dict:
     pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     gpu = [e for e in events if e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), "")]
     if not gpu:
-        return {"busy_ms": None, "span_ms": None, "kernels": 0, "idle_in_call_ms": None, "gaps_us": [], "top": []}
+        return {"busy_ms": None, "span_ms": None, "kernels": 0, "idle_in_call_ms": None, "gaps_us": [],
+                "gap_sizes_us": {}, "top": []}
     per_name = collections.Counter()
     for e in gpu:
         per_name[e["name"]] += e["dur"]

@@ -21,29 +21,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from bench.common import commit, gpu_kernel_times
+from bench.common import commit, traced_case
 from bench.kernels import fresh_copies, timed_in_graph
 from jaxlm import mla, seed
-from jaxlm.seed import DECODE_PAST, median_ms
+from jaxlm.seed import DECODE_PAST
 from pallas_kernels import mla_decode, mla_decode_reference
 from pallas_kernels.mla_decode import BlockSizes
 from pallas_kernels.sage_attention import MosaicBlockSizes, sage_attention
 
 CALLS = 10
-
-
-def case(name: str, fn, *args) -> dict:
-    """Wall ms per synchronous call of fn(*args) (or of fn() when it takes none), and the traced GPU time of `CALLS`
-    calls."""
-    run = lambda: jax.block_until_ready(fn(*args))  # noqa: E731
-    run()
-    wall = median_ms(run, 3, 20)
-    prof = gpu_kernel_times(run, CALLS)
-    print(f"\n{name}: wall {wall:.3f} ms/call, GPU busy {prof['busy_ms']:.3f} ms/call over a {prof['span_ms']:.3f} ms "
-          f"span, {prof['kernels']:.0f} kernels/call")
-    for ms, kname in prof["top"][:8]:
-        print(f"  {ms:8.4f} ms  {kname[:100]}")
-    return {"case": name, "wall_ms": wall, **prof}
+case = functools.partial(traced_case, calls=CALLS)
 
 
 def sage_cases() -> list[dict]:
@@ -91,14 +78,7 @@ def layer_cases() -> list[dict]:
     params = mla.init_params(cfg, jax.random.key(0), jnp.bfloat16)
     rows = []
     for name, p in (("bf16", params), ("fp8", mla.quantize_fp8(params, cfg))):
-        x, cache = seed.prefill_inputs(p, cfg)
-        state = {"cache": cache}
-
-        def call(p=p, x=x, state=state):  # the cache is donated: carry it from call to call, as seed.prefill does
-            y, state["cache"] = mla.forward(p, cfg, x, state["cache"], seed.PREFILL_SEQ, seed.PREFILL_PAST)
-            return y
-
-        rows.append(case(f"MLA layer seed prefill, {name} weights", call))
+        rows.append(case(f"MLA layer seed prefill, {name} weights", seed.prefill_call(p, cfg)[0]))
     return rows
 
 

@@ -26,47 +26,63 @@ VARIANTS = {  # name -> XLA_FLAGS added to the environment's
     "while_min1": "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1",
 }
 STEPS = 20
+PER_CALL = ("wall_ms", "busy_ms", "span_ms", "kernels", "idle_in_call_ms")  # divided by STEPS for decode
+
+
+def _host_ms(call, state) -> tuple[float, float]:
+    """Medians over 30 calls of call() (the cache in state["cache"] ready before each): ms until it returns (the
+    host's dispatch) and until its result is ready."""
+    import jax
+    import numpy as np
+
+    t_ret, t_all = [], []
+    for _ in range(30):
+        jax.block_until_ready(state["cache"])
+        t0 = time.perf_counter()
+        y = call()
+        t_ret.append(time.perf_counter() - t0)
+        jax.block_until_ready(y)
+        t_all.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(t_ret)), 1e3 * float(np.median(t_all))
 
 
 def host_parts(p, x, state) -> dict:
-    """The prefill call's host side in pieces (ms, medians): planning, the jitted step alone (padded x and device
-    lengths made beforehand) until it returns and until its result is ready."""
-    import jax
+    """The prefill call's host side in pieces (ms, medians): forward() until it returns, planning, and the jitted
+    step alone (x padded and lengths on the device beforehand, or lengths from the host) until it returns and until
+    its result is ready."""
     import jax.numpy as jnp
-    import numpy as np
 
     from jaxlm import batching, mla, seed
 
     cfg = mla.MLAConfig.r1()
     slots, max_len = state["cache"].kv_cache.shape[:2]
 
+    def forward():
+        y, state["cache"] = mla.forward(p, cfg, x, state["cache"], seed.PREFILL_SEQ, seed.PREFILL_PAST)
+        return y
+
     def plan():
         return batching.plan(seed.PREFILL_SEQ, seed.PREFILL_PAST, num_tokens=x.shape[0], num_slots=slots,
                              max_len=max_len)
 
     lengths, sizes = plan()
-    xp, dev_lengths = jnp.pad(x, ((0, sizes.num_tokens - x.shape[0]), (0, 0))), jnp.asarray(lengths)
-    out = {"plan_ms": seed.median_ms(plan, 5, 50)}
+    xp = batching.pad_rows(x, sizes.num_tokens)
     impl = mla._check_options("absorbed", None)  # what forward() runs
-    for key, lens in (("step", dev_lengths), ("step_host_lengths", lengths)):
-        t_ret, t_all = [], []
-        for _ in range(30):
-            jax.block_until_ready(state["cache"])
-            t0 = time.perf_counter()
+    out = {"dispatch_ms": _host_ms(forward, state)[0], "plan_ms": seed.median_ms(plan, 5, 50)}
+    for key, lens in (("step", jnp.asarray(lengths)), ("step_host_lengths", lengths)):
+        def step(lens=lens):
             y, state["cache"] = mla._step_jit(p, cfg, xp, state["cache"], lens, sizes, "absorbed", impl)
-            t_ret.append(time.perf_counter() - t0)
-            jax.block_until_ready(y)
-            t_all.append(time.perf_counter() - t0)
-        out[f"{key}_dispatch_ms"], out[f"{key}_wall_ms"] = 1e3 * float(np.median(t_ret)), 1e3 * float(np.median(t_all))
+            return y
+
+        out[f"{key}_dispatch_ms"], out[f"{key}_wall_ms"] = _host_ms(step, state)
     return out
 
 
 def child(fp8_kernels_only: bool) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    from bench.common import gpu_kernel_times
+    from bench.common import traced_case
     from jaxlm import mla, seed
     fp8_module = importlib.import_module("pallas_kernels.fp8_matmul")  # the module (the package exports the function)
 
@@ -74,30 +90,14 @@ def child(fp8_kernels_only: bool) -> dict:
     params = mla.init_params(cfg, jax.random.key(0), jnp.bfloat16)
     out = {}
     for name, p in (("bf16", params), ("fp8", mla.quantize_fp8(params, cfg))):
-        x, cache = seed.prefill_inputs(p, cfg)
-        state = {"cache": cache}
-
-        def prefill(p=p, x=x, state=state):
-            y, state["cache"] = mla.forward(p, cfg, x, state["cache"], seed.PREFILL_SEQ, seed.PREFILL_PAST)
-            return y
-
+        prefill, x, state = seed.prefill_call(p, cfg)
         variants = [("", None)] + ([("_kernels_only", 1 << 30)] if name == "fp8" and fp8_kernels_only else [])
         for suffix, min_m in variants:  # FP8: also with the bf16-activation projections on the weight-only kernel
             if min_m is not None:
                 fp8_module.DEQUANTIZE_MIN_M = min_m
                 jax.clear_caches()
-            jax.block_until_ready(prefill())
-            wall = seed.median_ms(lambda: jax.block_until_ready(prefill()), 5, 50)
-            t_disp = []
-            for _ in range(20):
-                jax.block_until_ready(state["cache"])
-                t0 = time.perf_counter()
-                y = prefill()
-                t_disp.append(time.perf_counter() - t0)
-                jax.block_until_ready(y)
-            prof = gpu_kernel_times(lambda: jax.block_until_ready(prefill()), 10)
-            out[f"{name}_prefill{suffix}"] = {"wall_ms": wall, "dispatch_ms": 1e3 * float(np.median(t_disp)),
-                                              **host_parts(p, x, state), **prof}
+            case = traced_case(f"{name}_prefill{suffix}", prefill)
+            out[f"{name}_prefill{suffix}"] = {**case, **host_parts(p, x, state)}
 
         b = len(seed.DECODE_PAST)
         xs = jax.random.normal(jax.random.key(1), (STEPS, b, cfg.hidden_size), jnp.bfloat16)
@@ -107,16 +107,8 @@ def child(fp8_kernels_only: bool) -> dict:
             ys, dstate["cache"] = mla.decode_steps(p, cfg, xs, dstate["cache"], seed.DECODE_PAST)
             return ys
 
-        jax.block_until_ready(steps())
-        wall = seed.median_ms(lambda: jax.block_until_ready(steps()), 2, 10) / STEPS
-        prof = gpu_kernel_times(lambda: jax.block_until_ready(steps()), 3)
-        per_step = {k: (v / STEPS if k in ("busy_ms", "span_ms", "kernels", "idle_in_call_ms") and v else v)
-                    for k, v in prof.items()}
-        out[f"{name}_decode_step"] = {"wall_ms": wall, **per_step}
-        for case in (f"{name}_prefill", f"{name}_decode_step"):
-            r = out[case]
-            print(f"  {case}: wall {r['wall_ms']:.3f} ms, GPU busy {r['busy_ms']} ms, idle in call "
-                  f"{r['idle_in_call_ms']} ms, kernels {r['kernels']}; gaps {r['gaps_us'][:4]}", flush=True)
+        case = traced_case(f"{name}_decode_step ({STEPS} steps per call)", steps, calls=3)
+        out[f"{name}_decode_step"] = {k: (v / STEPS if k in PER_CALL and v else v) for k, v in case.items()}
     return out
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.common import segment_of
+from pallas_kernels.common import pad_to, segment_of
 
 
 def pad_rows(x, rows: int):
@@ -28,7 +28,7 @@ def pad_rows(x, rows: int):
         return x
     if isinstance(x, np.ndarray):
         return np.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
-    return _pad_rows(x, rows)
+    return _pad_rows(x, 0, rows)
 
 
 def take_rows(y, rows: int):
@@ -36,9 +36,7 @@ def take_rows(y, rows: int):
     return y if y.shape[0] == rows else _take_rows(y, rows)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _pad_rows(x, rows):
-    return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+_pad_rows = jax.jit(pad_to, static_argnums=(1, 2))
 
 
 @functools.partial(jax.jit, static_argnums=1)

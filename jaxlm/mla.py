@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels
 from jaxlm import batching, sharding
 from jaxlm.sharding import DP, MLA_CACHE, MLA_CACHE_SCALE, TP
-from pallas_kernels.common import resolve_attention_impl
+from pallas_kernels.common import pad_to, resolve_attention_impl
 from pallas_kernels.fp8_matmul import Fp8Weight
 from pallas_kernels.mla_decode import dequantize_rows
 from jaxlm.layers import apply_rope, rms_norm, rope_cos_sin, rope_frequencies, yarn_get_mscale
@@ -378,10 +378,9 @@ def _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta, seq_lens, past
     # each request's one token (if any) moved to its slot's row: a gather (requests without a token attend to
     # nothing: length 0); slots past the requests get zero rows
     tok = jnp.clip(jnp.cumsum(seq_lens) - seq_lens, 0, q_nope.shape[0] - 1)
-    extra = slots - seq_lens.shape[0]
-    q_lat = batching.pad_rows(_absorb_uk(q_nope[tok], params, "pallas").astype(dtype), slots)
-    q_pe = batching.pad_rows(q_pe.astype(dtype)[tok], slots)
-    lengths = jnp.pad(jnp.where(seq_lens > 0, past_lens + seq_lens, 0), (0, extra))
+    q_lat = pad_to(_absorb_uk(q_nope[tok], params, "pallas").astype(dtype), 0, slots)
+    q_pe = pad_to(q_pe.astype(dtype)[tok], 0, slots)
+    lengths = pad_to(jnp.where(seq_lens > 0, past_lens + seq_lens, 0), 0, slots)
     heads = P(DP, TP, None)
     scales = () if cache.kv_scale is None else (cache.kv_scale,)
 

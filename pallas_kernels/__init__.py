@@ -7,7 +7,7 @@ from pallas_kernels.mla_decode import BlockSizes as MLADecodeBlockSizes
 from pallas_kernels.mla_decode import mla_decode, mla_decode_reference
 from pallas_kernels.sage_attention import BlockSizes as SageBlockSizes
 from pallas_kernels.sage_attention import sage_attention, sage_attention_reference
-from pallas_kernels.sage_attention import segments as sage_attention_segments
+from pallas_kernels.common import segments as sage_attention_segments
 
 __all__ = ["Fp8Weight", "MLADecodeBlockSizes", "SageBlockSizes", "fp8_matmul", "fp8_matmul_reference", "mla_decode",
            "mla_decode_reference", "on_gpu", "sage_attention", "sage_attention_reference", "sage_attention_segments",

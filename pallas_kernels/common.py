@@ -83,6 +83,14 @@ def segment_of(starts, idx, num_segments: int):
     return jnp.clip(pos - 1, 0, num_segments - 1).astype(jnp.int32)
 
 
+def segments(cu, total: int):
+    """For `total` packed rows and cumulative lengths cu [B+1]: (request of each row, offset within it).
+    Rows past cu[-1] are attributed to the last request with an offset past its end."""
+    t = jnp.arange(total, dtype=jnp.int32)
+    seg = segment_of(cu, t, cu.shape[0] - 1)
+    return seg, t - cu[seg]
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 

@@ -28,7 +28,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import sage_attention_mgpu
 from pallas_kernels.common import (cdiv, next_pow2, pad_to, pow2_chunks, quantize_rows_int8, resolve_backend,
-                                   resolve_interpret, segment_of)
+                                   resolve_interpret, segment_of, segments)
 from pallas_kernels.sage_attention_mgpu import MosaicBlockSizes
 
 LOG2E = math.log2(math.e)
@@ -46,14 +46,6 @@ class BlockSizes:
     @property
     def program_rows(self) -> int:
         return self.block_q
-
-
-def segments(cu, total):
-    """For `total` packed rows and cumulative lengths cu [B+1]: (request of each row, offset within it).
-    Rows past cu[-1] are attributed to the last request with an offset past its end."""
-    t = jnp.arange(total, dtype=jnp.int32)
-    seg = segment_of(cu, t, cu.shape[0] - 1)
-    return seg, t - cu[seg]
 
 
 def _request_means(x, cu):

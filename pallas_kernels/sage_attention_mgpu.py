@@ -35,7 +35,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import cdiv, next_pow2, pad_to, pow2_chunks, quantize_rows_int8, segment_of, smem
+from pallas_kernels.common import (cdiv, next_pow2, pad_to, pow2_chunks, quantize_rows_int8, segment_of, segments,
+                                   smem)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,8 +363,6 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
         interpret=plgpu.InterpretGPUParams() if interpret else False,
     )(blk_req, blk_idx, cu_q, cu_k, base_q, base_k, *split(q_i8), *split(k_i8), v, qs_t, ks_t)
     # packed row t of request r (offset o) sits in tile cu_qb[r] + o // rows at row o % rows
-    t = jnp.arange(tq, dtype=jnp.int32)
-    seg = segment_of(cu_q, t, cu_q.shape[0] - 1)
-    off = t - cu_q[seg]
+    seg, off = segments(cu_q, tq)
     tile = jnp.minimum(cu_qb[seg] + off // rows_per_blk, nqb - 1)
     return o_tiles[tile, :, off % rows_per_blk], lse_tiles[tile, :, off % rows_per_blk]
