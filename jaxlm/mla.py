@@ -397,7 +397,7 @@ def _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta, seq_lens, past
 def _attend_prefill_kernel(params, cfg, q_nope, q_pe, cache, seq_lens, past_lens, kv_tokens):
     """Multi-token steps through `sage_attention` in the up-projected form (vLLM's prefill choice): each request's
     cached latent, history and new tokens alike, is gathered into packed keys and up-projected to per-head K [P+R]
-    and V; queries are [q_nope | q_pe]. Bottom-right causal per request. Returns [T, N, V]."""
+    and V; queries are [q_nope | q_pe] (both as parts). Bottom-right causal per request. Returns [T, N, V]."""
     total = past_lens + seq_lens
     cu_q = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(seq_lens)])
     cu_k = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(total)])
@@ -405,13 +405,14 @@ def _attend_prefill_kernel(params, cfg, q_nope, q_pe, cache, seq_lens, past_lens
     kv = cache.latent((k_slot, k_pos), q_nope.dtype)  # [Tk, L]; rows past cu_k[-1] are never read
     pe = cache.pe_cache[k_slot, k_pos].astype(q_nope.dtype)  # [Tk, R]
     k_nope, v = _up_project(kv, params, "pallas")
-    k = jnp.concatenate([k_nope, jnp.broadcast_to(pe[:, None, :], (pe.shape[0], cfg.num_heads, pe.shape[1]))], axis=-1)
-    q = jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1)
+    # Q = [q_nope | q_pe] and K = [k_nope | pe] (pe shared by every head) go in as parts: no concatenated copies
+    k = (k_nope, jnp.broadcast_to(pe[:, None, :], (pe.shape[0], cfg.num_heads, pe.shape[1])))
+    q = (q_nope, q_pe.astype(q_nope.dtype))
     heads = P(None, TP, None)
     attend = sharding.per_device(functools.partial(pallas_kernels.sage_attention, causal=True,
                                                    sm_scale=cfg.softmax_scale), (heads, heads, heads, P(), P()), heads)
     o = attend(q, k, v, cu_q, cu_k)
-    rows = jnp.arange(q.shape[0]) < cu_q[-1]
+    rows = jnp.arange(q_nope.shape[0]) < cu_q[-1]
     return jnp.where(rows[:, None, None], o, 0)  # padding tokens: rows no request owns
 
 

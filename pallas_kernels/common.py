@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -59,10 +61,17 @@ def resolve_attention_impl(attention_impl: str | None) -> str:
 def quantize_rows_int8(x, eps: float = 1e-8):
     """int8 x (last axis) with one float32 scale per row: absmax / 127 (floored at eps / 127), rounded half up.
     Plain jnp: used by XLA-side passes and inside Triton kernels alike."""
-    xf = x.astype(jnp.float32)
-    scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1), eps) / 127.0
-    q = jnp.clip(jnp.floor(xf / scale[..., None] + 0.5), -127.0, 127.0)
-    return q.astype(jnp.int8), scale
+    (q,), scale = quantize_parts_int8((x,), eps)
+    return q, scale
+
+
+def quantize_parts_int8(parts, eps: float = 1e-8):
+    """`quantize_rows_int8` of the concatenation of `parts` along the last axis, without building it: (the int8
+    parts, the shared float32 row scales)."""
+    fs = [x.astype(jnp.float32) for x in parts]
+    amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=-1) for x in fs])
+    scale = jnp.maximum(amax, eps) / 127.0
+    return [jnp.clip(jnp.floor(x / scale[..., None] + 0.5), -127.0, 127.0).astype(jnp.int8) for x in fs], scale
 
 
 def smem(shape, dtype):

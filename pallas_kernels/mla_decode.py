@@ -39,11 +39,11 @@ class BlockSizes:
 
 
 def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, *refs, scale, block_k, split_len, qk_int8, int8_cache, paged):
-    # refs: [kv_scale_ref] [block_table_ref] o_ref m_ref l_ref
+    # refs: [kv_scale_ref] [block_table_ref] o_ref lse_ref
     refs = list(refs)
     ks_ref = refs.pop(0) if int8_cache else None
     bt_ref = refs.pop(0) if paged else None
-    o_ref, m_ref, l_ref = refs
+    o_ref, lse_ref = refs
     split = pl.program_id(2)
     length = len_ref[0]
     start = split * split_len
@@ -99,9 +99,10 @@ def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, *refs, scale, block_k, spli
             jnp.zeros((bh,), jnp.float32))
     steps = jnp.maximum(cdiv(stop - start, block_k), 0)
     o, m, l = jax.lax.fori_loop(0, steps, body, init)
-    o_ref[...] = o
-    m_ref[...] = m
-    l_ref[...] = l
+    has = l > 0  # the split's output normalised (in q's dtype: half the bytes of float32 partials to write and merge)
+    l_safe = jnp.where(has, l, 1.0)
+    o_ref[...] = (o / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(has, m + jnp.log2(l_safe), -jnp.inf)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "qk_int8", "block_sizes", "backend", "interpret",
@@ -175,8 +176,7 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
     kernel = functools.partial(_kernel, scale=sm_scale * LOG2E, block_k=block_k, split_len=split_len, qk_int8=qk_int8,
                                int8_cache=int8_cache, paged=paged)
     grid = (b, head_blocks, k_splits)
-    f32 = jnp.float32
-    o, m, l = pl.pallas_call(
+    o, lse2 = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=[
@@ -189,18 +189,14 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
         out_specs=[
             pl.BlockSpec((None, None, block_h, lat), lambda i, j, k: (i, k, j, 0)),
             pl.BlockSpec((None, None, block_h), lambda i, j, k: (i, k, j)),
-            pl.BlockSpec((None, None, block_h), lambda i, j, k: (i, k, j)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((b, k_splits, h_pad, lat), f32),
-                   jax.ShapeDtypeStruct((b, k_splits, h_pad), f32),
-                   jax.ShapeDtypeStruct((b, k_splits, h_pad), f32)],
+        out_shape=[jax.ShapeDtypeStruct((b, k_splits, h_pad, lat), q_latent.dtype),
+                   jax.ShapeDtypeStruct((b, k_splits, h_pad), jnp.float32)],
         compiler_params=pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interp,
         name="mla_decode",
     )(q_latent, q_pe, *caches[:2], lengths, *caches[2:])
-    out, lse2 = _merge_splits(o, m, l)
-    out = out[:, :h].astype(q_latent.dtype)
-    return (out, lse2[:, :h] / LOG2E) if return_lse else out
+    return _merge_splits(o, lse2, h, return_lse)
 
 
 def _mosaic_unsupported(q_latent, q_pe, kv_cache, pe_cache, qk_int8, kv_scale, block_table) -> str | None:
@@ -226,21 +222,21 @@ def _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale, block_size
         pad_to(q_latent, 1, h_pad), pad_to(q_pe, 1, h_pad), pad_to(kv_cache, 1, s_pad), pad_to(pe_cache, 1, s_pad),
         jnp.minimum(jnp.asarray(lengths, jnp.int32), s_len), scale_log2=sm_scale * LOG2E, block_sizes=block_sizes,
         k_splits=k_splits, interpret=interpret)
-    # each split's output is normalised: merge with weights 2^lse (l = 1 for a split that saw keys)
-    out, lse2 = _merge_splits(o.astype(jnp.float32), lse2, jnp.isfinite(lse2).astype(jnp.float32))
-    out = out[:, :h].astype(q_latent.dtype)
-    return (out, lse2[:, :h] / LOG2E) if return_lse else out
+    return _merge_splits(o, lse2, h, return_lse)
 
 
-def _merge_splits(o, m, l):
-    """Combine per-split (o unnormalised, m, l) in base 2: [B, splits, H, ...] -> o [B, H, L], lse2 [B, H]."""
-    m_max = m.max(axis=1)
-    m_safe = jnp.where(jnp.isfinite(m_max), m_max, 0.0)
-    w = jnp.where(jnp.isfinite(m), jnp.exp2(m - m_safe[:, None]), 0.0)  # [B, splits, H]
-    l_tot = (l * w).sum(axis=1)
-    o_tot = (o * w[..., None]).sum(axis=1)
-    denom = jnp.where(l_tot > 0, l_tot, 1.0)
-    return o_tot / denom[..., None], jnp.where(l_tot > 0, m_safe + jnp.log2(denom), -jnp.inf)
+def _merge_splits(o, lse2, h: int, return_lse: bool):
+    """Combine the splits' normalised outputs o [B, splits, Hp, L] with their base-2 LSEs [B, splits, Hp] (-inf:
+    the split saw no key) -> o [B, h, L] in o's dtype (zeros where no split saw a key), and the natural-log LSE."""
+    top = lse2.max(axis=1)
+    top_safe = jnp.where(jnp.isfinite(top), top, 0.0)
+    w = jnp.exp2(lse2 - top_safe[:, None])  # [B, splits, Hp]; 0 for empty splits
+    total = w.sum(axis=1)
+    denom = jnp.where(total > 0, total, 1.0)
+    out = ((o.astype(jnp.float32) * w[..., None]).sum(axis=1) / denom[..., None])[:, :h].astype(o.dtype)
+    if not return_lse:
+        return out
+    return out, jnp.where(total > 0, top_safe + jnp.log2(denom), -jnp.inf)[:, :h] / LOG2E
 
 
 def gather_pages(cache, block_table):

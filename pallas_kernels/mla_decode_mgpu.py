@@ -72,7 +72,8 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, bl
         steps = jnp.maximum(lax.div(jnp.minimum(start + split_len, length) - start + (bk - 1), jnp.int32(bk)), 0)
         h0 = hb * HEADS
 
-        def scoped(ql_smem, qp_smem, kv_smem, pe_smem, lse_smem, p_smem, q_bar, kv_bar, kv_free, q_done, o_done):
+        def scoped(ql_smem, qp_smem, kv_smem, pe_smem, lse_smem, p_smem, q_bar, kv_bar, kv_free, q_done, o_done,
+                   turn):
             def fetch(j, slot):
                 k0 = pl.multiple_of(start + j * bk, bk)
                 plgpu.copy_gmem_to_smem(kv_ref.at[req, pl.ds(k0, bk)], kv_smem.at[slot], kv_bar.at[slot])
@@ -90,6 +91,10 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, bl
                     pl.when(j - stages < steps)(lambda: plgpu.barrier_wait(kv_free.at[slot]))
                     pl.when(j < steps)(lambda: fetch(j, slot))
 
+            def take_turn():  # the two compute warpgroups alternate on the tensor cores (JAX's attention_mgpu)
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(turn)
+
             @pl.when(wg < 2)
             def _compute():
                 plgpu.set_max_registers(232, action="increase")
@@ -104,11 +109,11 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, bl
                 def step(j, carry):
                     acc, m, l = carry
                     slot = lax.rem(j, jnp.int32(stages))
-                    plgpu.barrier_wait(kv_bar.at[slot])
 
-                    def qk(acc_ref):
+                    def qk(acc_ref):  # the tile has landed (waited before the loop or in the previous P.V)
                         plgpu.wgmma(acc_ref, ql_smem, kv_smem.at[slot].transpose((1, 0)))
                         plgpu.wgmma(acc_ref, qp_smem, pe_smem.at[slot].transpose((1, 0)))
+                        take_turn()
                         return acc_ref[...]
 
                     s = pl.run_scoped(qk, plgpu.ACC((HEADS, bk), jnp.float32)) * scale_log2
@@ -117,6 +122,8 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, bl
                     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                     p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, (HEADS, bk), [0]))
                     corr = jnp.exp2(m - m_safe)
+                    acc = acc * lax.broadcast_in_dim(corr, (HEADS, half), [0])
+                    l = l * corr + p.sum(axis=1)
 
                     if interpret:  # the interpreter's wgmma reads its left operand from shared memory only
                         p_smem.at[wg][...] = p.astype(dt)
@@ -124,19 +131,31 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, bl
                         p_op = p_smem.at[wg]
                     else:  # on the GPU P stays in registers
                         p_op = p.astype(dt)
+                    plgpu.barrier_arrive(turn)  # softmax done: the other group's Q.K^T goes; then our MMA turn
+                    plgpu.barrier_wait(turn)
 
                     def pv(acc_ref):  # this warpgroup's half of the latent columns
                         plgpu.wgmma(acc_ref, p_op, kv_smem.at[slot, :, pl.ds(wg * half, half)])
-                        return acc_ref[...]
+                        nxt = j + 1  # wait for the next tile while the MMA runs
 
-                    o = pl.run_scoped(pv, plgpu.ACC((HEADS, half), jnp.float32))
+                        @pl.when(nxt < steps)
+                        def _():
+                            plgpu.barrier_wait(kv_bar.at[lax.rem(nxt, jnp.int32(stages))])
+
+                    if interpret:  # the interpreter cannot run an MMA into an initialised accumulator: add after
+                        acc = acc + pl.run_scoped(lambda r: (pv(r), r[...])[1], plgpu.ACC((HEADS, half), jnp.float32))
+                    else:  # on the GPU P.V accumulates into the running output
+                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                     plgpu.barrier_arrive(kv_free.at[slot])
-                    return acc * lax.broadcast_in_dim(corr, (HEADS, half), [0]) + o, m_new, l * corr + p.sum(axis=1)
+                    return acc, m_new, l
 
                 init = (plgpu.layout_cast(jnp.zeros((HEADS, half), jnp.float32), wgmma),
                         plgpu.layout_cast(jnp.full((HEADS,), -jnp.inf, jnp.float32), wgmma.reduce(1)),
                         plgpu.layout_cast(jnp.zeros((HEADS,), jnp.float32), wgmma.reduce(1)))
+                pl.when(steps > 0)(lambda: plgpu.barrier_wait(kv_bar.at[0]))
+                pl.when(wg == 1)(take_turn)  # the second group starts half a step behind
                 acc, m, l = lax.fori_loop(0, steps, step, init)
+                pl.when(wg == 0)(take_turn)  # match the second group's extra turn
                 has = l > 0
                 l_safe = jnp.where(has, l, 1.0)
                 plgpu.barrier_arrive(q_done.at[0])  # both groups are past their last read of Q: its buffer is free
@@ -165,6 +184,7 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, bl
             plgpu.Barrier(num_arrivals=2, num_barriers=1), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
             plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=1),
             plgpu.Barrier(num_arrivals=2, num_barriers=1),
+            plgpu.Barrier(num_arrivals=2),  # the compute warpgroups' turns
             collective_axes="wg",
         )
 

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import sage_attention_mgpu
-from pallas_kernels.common import (cdiv, next_pow2, pad_to, pow2_chunks, quantize_rows_int8, resolve_backend,
+from pallas_kernels.common import (cdiv, next_pow2, pad_to, pow2_chunks, quantize_parts_int8, resolve_backend,
                                    resolve_interpret, segment_of, segments)
 from pallas_kernels.sage_attention_mgpu import MosaicBlockSizes
 
@@ -61,8 +61,11 @@ def _request_means(x, cu):
     return sums / count[:, None, None], seg
 
 
-def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, qs_ref, ks_ref, q_ref, k_ref, v_ref,
-            o_ref, lse_ref, *, block_q, block_k, group, causal, chunks):
+def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, qs_ref, ks_ref, *refs, block_q, block_k, group, causal,
+            chunks):
+    # refs: the Q parts, the K parts (len(parts) each), v_ref, o_ref, lse_ref; chunks: (part, offset, width)
+    n_parts = (len(refs) - 3) // 2
+    q_refs, k_refs, (v_ref, o_ref, lse_ref) = refs[:n_parts], refs[n_parts:2 * n_parts], refs[2 * n_parts:]
     head = pl.program_id(1)
     kv_head = head // group
     req = blk_req_ref[0]
@@ -74,8 +77,8 @@ def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, qs_ref, ks_ref, q_ref,
     row_ok = rows < len_q
     q0 = q_start + i * block_q
     qs = pltriton.load(qs_ref.at[pl.ds(q0, block_q), head], mask=row_ok, other=0.0)  # [bq], incl. sm_scale*log2e
-    qc = [pltriton.load(q_ref.at[pl.ds(q0, block_q), head, pl.ds(off, w)], mask=row_ok[:, None], other=0)
-          for off, w in chunks]
+    qc = [pltriton.load(q_refs[part].at[pl.ds(q0, block_q), head, pl.ds(off, w)], mask=row_ok[:, None], other=0)
+          for part, off, w in chunks]
     dv = v_ref.shape[-1]
     diag = len_k - len_q  # bottom-right alignment
     k_end = jnp.minimum(len_k, (i + 1) * block_q + diag) if causal else len_k
@@ -87,8 +90,9 @@ def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, qs_ref, ks_ref, q_ref,
         col_ok = kcols < len_k
         k0 = k_start + j * block_k
         s_int = None
-        for qi, (off, w) in zip(qc, chunks):
-            kk = pltriton.load(k_ref.at[pl.ds(k0, block_k), kv_head, pl.ds(off, w)], mask=col_ok[:, None], other=0)
+        for qi, (part, off, w) in zip(qc, chunks):
+            kk = pltriton.load(k_refs[part].at[pl.ds(k0, block_k), kv_head, pl.ds(off, w)], mask=col_ok[:, None],
+                               other=0)
             d = jnp.dot(qi, kk.T, preferred_element_type=jnp.int32)
             s_int = d if s_int is None else s_int + d
         ks = pltriton.load(ks_ref.at[pl.ds(k0, block_k), kv_head], mask=col_ok, other=0.0)
@@ -116,6 +120,17 @@ def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, qs_ref, ks_ref, q_ref,
     pltriton.store(lse_ref.at[pl.ds(q0, block_q), head], lse, mask=row_ok)
 
 
+def _parts(x) -> tuple:
+    """An operand given whole or as a tuple of parts along its last axis -> the tuple of its parts."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _whole(x):
+    """An operand given whole or in parts -> the whole array (a concatenation for parts)."""
+    parts = _parts(x)
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "smooth_k", "return_lse", "block_sizes",
                                              "backend", "interpret"))
 def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, sm_scale: float | None = None,
@@ -125,22 +140,32 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     """Packed varlen attention with INT8 Q.K^T. Returns o [Tq, Hq, Dv] in q's dtype (zeros for rows that see no key),
     and the natural-log LSE [Tq, Hq] of the true (unsmoothed, unquantised-scale) logits when `return_lse`.
 
+    q and k may each be a tuple of parts along the head dim (the same widths for both), standing for their
+    concatenation: MLA's (q_nope, q_pe) and (k_nope, k_pe) go in without a concatenated copy (the Triton kernel
+    reads each part as its own chunk; the Mosaic path concatenates).
     backend: "triton" or "mosaic" (Hopper wgmma kernel, sage_attention_mgpu.py; 16-bit V); None: the backend
     block_sizes belong to, else the kernel's entry in common.DEFAULT_BACKEND;
     block_sizes: BlockSizes for the first, MosaicBlockSizes for the second (None: the backend's defaults)."""
-    tq, hq, dqk = q.shape
-    tk, hk, _ = k.shape
-    if k.shape[2] != dqk or v.shape[:2] != (tk, hk) or hq % hk:
-        raise ValueError(f"sage_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit (GQA needs Hq % Hk == 0)")
+    qp, kp = _parts(q), _parts(k)
+    tq, hq = qp[0].shape[:2]
+    tk, hk = kp[0].shape[:2]
+    widths = [x.shape[2] for x in qp]
+    if (any(x.shape[:2] != (tq, hq) for x in qp) or any(x.shape[:2] != (tk, hk) for x in kp)
+            or [x.shape[2] for x in kp] != widths or v.shape[:2] != (tk, hk) or hq % hk):
+        raise ValueError(f"sage_attention: q {[x.shape for x in qp]}, k {[x.shape for x in kp]}, v {v.shape} do not "
+                         "fit (q and k parts of equal widths, k and v of equal length and heads, Hq % Hk == 0)")
+    dqk = sum(widths)
     backend = resolve_backend("sage_attention", backend, block_sizes, MosaicBlockSizes)
     bs = block_sizes or (MosaicBlockSizes() if backend == "mosaic" else BlockSizes())
     sm_scale = dqk**-0.5 if sm_scale is None else sm_scale
     cu_q = jnp.asarray(cu_seqlens_q, jnp.int32)
     cu_k = jnp.asarray(cu_seqlens_k, jnp.int32)
     nb = cu_q.shape[0] - 1
-    mean = None
+    means = None
     if smooth_k and tk:
-        mean, seg_k = _request_means(k, cu_k)
+        means = [_request_means(x, cu_k) for x in kp]
+        seg_k = means[0][1]
+        means = [m for m, _ in means]
     # request-aligned query blocks: a static bound on their number, each (request, block index) from cu_q
     rows = bs.program_rows  # query rows per program
     nqb = cdiv(tq, rows) + nb
@@ -152,67 +177,73 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     dv = v.shape[2]
     interp = resolve_interpret(interpret)
     if backend == "mosaic":  # smoothing, quantisation and the kernel's row alignment in one pass per operand
-        o, lse2 = sage_attention_mgpu.attention(q, k, v, mean, cu_q, cu_k, blk_req, blk_idx, cu_qb,
-                                                q_mult=sm_scale * LOG2E, group=hq // hk, causal=causal,
-                                                block_sizes=bs, interpret=interp)
+        o, lse2 = sage_attention_mgpu.attention(_whole(qp), _whole(kp), v, None if means is None else _whole(means),
+                                                cu_q, cu_k, blk_req, blk_idx, cu_qb, q_mult=sm_scale * LOG2E,
+                                                group=hq // hk, causal=causal, block_sizes=bs, interpret=interp)
     else:
-        if mean is not None:
-            k = k.astype(jnp.float32) - mean[seg_k]
+        if means is not None:
+            kp = [x.astype(jnp.float32) - m[seg_k] for x, m in zip(kp, means)]
         # one scale per (token, head): the Pallas stand-in for SageAttention-2's per-thread scales (finer than its
         # per-block ones); an elementwise pass with no segment reductions, one outer-product rescale per score tile
-        q_i8, q_scale = quantize_rows_int8(q, EPS)
-        k_i8, k_scale = quantize_rows_int8(k, EPS)
+        q_i8, q_scale = quantize_parts_int8(qp, EPS)
+        k_i8, k_scale = quantize_parts_int8(kp, EPS)
         q_scale = q_scale * (sm_scale * LOG2E)
         # Tensor-core dots need an int8 contraction of >= 32 (mma k32) and loads need power-of-two widths: zero-pad
-        # Q.K^T's width to a multiple of 32 (zero int8 columns add nothing) and V's to a power of two >= 16 (extra
-        # output columns dropped). No copy at the real sizes (192 = 128 + 64, 128, 64).
-        d_pad, dv_pad = cdiv(dqk, 32) * 32, max(16, next_pow2(dv))
-        q_i8, k_i8, v = pad_to(q_i8, 2, d_pad), pad_to(k_i8, 2, d_pad), pad_to(v, 2, dv_pad)
+        # each part's width to a multiple of 32 (zero int8 columns add nothing) and V's to a power of two >= 16
+        # (extra output columns dropped). No copy at the real sizes (192 = 128 + 64, 128, 64).
+        pad32 = lambda x: pad_to(x, 2, cdiv(x.shape[2], 32) * 32)  # noqa: E731
+        q_i8, k_i8, v = [pad32(x) for x in q_i8], [pad32(x) for x in k_i8], pad_to(v, 2, max(16, next_pow2(dv)))
         o, lse2 = _triton(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, causal=causal,
-                          group=hq // hk, out_dtype=q.dtype, block_sizes=bs, interpret=interp)
-    o, lse = o[:, :, :dv].astype(q.dtype), lse2 / LOG2E
+                          group=hq // hk, out_dtype=qp[0].dtype, block_sizes=bs, interpret=interp)
+    o, lse = o[:, :, :dv].astype(qp[0].dtype), lse2 / LOG2E
     if not return_lse:
         return o
-    if mean is not None:  # undo the smoothing's per-row shift: lse(q.k) = lse(q.(k - mean)) + scale * q.mean
+    if means is not None:  # undo the smoothing's per-row shift: lse(q.k) = lse(q.(k - mean)) + scale * q.mean
         seg_q, _ = segments(cu_q, tq)
-        mk = jnp.repeat(mean, hq // hk, axis=1)[seg_q]  # [Tq, Hq, D]
-        lse = lse + sm_scale * jnp.einsum("thd,thd->th", q.astype(jnp.float32), mk)
+        lse = lse + sm_scale * sum(jnp.einsum("thd,thd->th", x.astype(jnp.float32),
+                                              jnp.repeat(m, hq // hk, axis=1)[seg_q]) for x, m in zip(qp, means))
     return o, lse
 
 
 def _triton(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, *, causal, group, out_dtype, block_sizes,
             interpret):
-    """The Triton kernel over the prepared operands: (o [Tq, Hq, Dv], base-2 LSE [Tq, Hq])."""
+    """The Triton kernel over the prepared operands (Q and K as lists of int8 parts): (o [Tq, Hq, Dv], base-2 LSE
+    [Tq, Hq])."""
     bs = block_sizes
     tq, hq = q_scale.shape
     if interpret:  # the interpreter clamps out-of-range slices instead of masking them: give every tile room
         pad = max(bs.block_q, bs.block_k)
-        q_i8, k_i8, v = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (q_i8, k_i8, v))
-        q_scale, k_scale = (jnp.pad(x, ((0, pad), (0, 0))) for x in (q_scale, k_scale))
-    tq_buf = q_i8.shape[0]
+        rows = lambda x: jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))  # noqa: E731
+        q_i8, k_i8, v, q_scale, k_scale = [rows(x) for x in q_i8], [rows(x) for x in k_i8], rows(v), rows(
+            q_scale), rows(k_scale)
+    tq_buf = q_i8[0].shape[0]
     full = lambda shape: pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))  # noqa: E731
+    chunks = tuple((part, off, w) for part, x in enumerate(q_i8) for off, w in pow2_chunks(x.shape[2]))
     kernel = functools.partial(_kernel, block_q=bs.block_q, block_k=bs.block_k, group=group, causal=causal,
-                               chunks=pow2_chunks(q_i8.shape[2]))
+                               chunks=chunks)
+    operands = [*q_i8, *k_i8, v]
     o, lse = pl.pallas_call(
         kernel,
         grid=(blk_req.shape[0], hq),
         in_specs=[pl.BlockSpec((1,), lambda i, h: (i,)), pl.BlockSpec((1,), lambda i, h: (i,)),
-                  full(cu_q.shape), full(cu_k.shape), full(q_scale.shape), full(k_scale.shape),
-                  full(q_i8.shape), full(k_i8.shape), full(v.shape)],
+                  full(cu_q.shape), full(cu_k.shape), full(q_scale.shape), full(k_scale.shape)]
+        + [full(x.shape) for x in operands],
         out_specs=[full((tq_buf, hq, v.shape[2])), full((tq_buf, hq))],
         out_shape=[jax.ShapeDtypeStruct((tq_buf, hq, v.shape[2]), out_dtype),
                    jax.ShapeDtypeStruct((tq_buf, hq), jnp.float32)],
         compiler_params=pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name="sage_attention",
-    )(blk_req, blk_idx, cu_q, cu_k, q_scale, k_scale, q_i8, k_i8, v)
+    )(blk_req, blk_idx, cu_q, cu_k, q_scale, k_scale, *operands)
     return o[:tq], lse[:tq]
 
 
 def sage_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True,
                              sm_scale: float | None = None, return_lse: bool = False):
-    """Exact attention in float32 over the packed layout (dense [Tq, Tk] mask), bottom-right causal per request."""
+    """Exact attention in float32 over the packed layout (dense [Tq, Tk] mask), bottom-right causal per request.
+    q / k whole or in parts, as for sage_attention."""
     f32 = jnp.float32
+    q, k = _whole(q), _whole(k)
     tq, hq, dqk = q.shape
     tk, hk, _ = k.shape
     sm_scale = dqk**-0.5 if sm_scale is None else sm_scale

@@ -83,6 +83,27 @@ def test_non_causal_and_rows_without_keys():
     assert metrics(out[3:], ref[3:])[0] >= 0.999
 
 
+@pytest.mark.parametrize("backend,bs", [("triton", SMALL), ("mosaic", MosaicBlockSizes())])
+def test_parts_equal_their_concatenation(backend, bs):
+    """Q and K given as parts along the head dim (MLA's [nope | pe], the pe part one row broadcast over heads) give
+    what their concatenation gives: the same scales, means and int8 values, so the same output and LSE; parts of
+    unequal widths are an error that names the shapes."""
+    rng = np.random.default_rng(11)
+    lq, lk = [9, 0, 20], [30, 0, 20]
+    q, k, v, cq, ck = make(rng, lq, lk, 4, 4, 192, 128, jnp.bfloat16, k_offset=3.0)
+    pe = k[:, :1, 128:]  # one rope row shared by every head, as MLA's k_pe
+    k = jnp.concatenate([k[..., :128], jnp.broadcast_to(pe, (k.shape[0], 4, 64))], axis=-1)
+    run = functools.partial(sage_attention, return_lse=True, backend=backend, block_sizes=bs, interpret=True)
+    want, want_lse = run(q, k, v, cq, ck)
+    got, lse = run((q[..., :128], q[..., 128:]), (k[..., :128], jnp.broadcast_to(pe, (k.shape[0], 4, 64))), v, cq, ck)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-6, atol=1e-5)
+    ref = sage_attention_reference((q[..., :128], q[..., 128:]), (k[..., :128], k[..., 128:]), v, cq, ck)
+    assert metrics(got, ref)[0] >= 0.999
+    with pytest.raises(ValueError, match="parts of equal widths"):
+        sage_attention((q[..., :128], q[..., 128:]), (k[..., :64], k[..., 64:]), v, cq, ck, interpret=True)
+
+
 @pytest.mark.parametrize("d,dv", [(128, 128), (192, 128), (64, 64)])
 def test_lowers_for_h100(d, dv):
     S = jax.ShapeDtypeStruct
