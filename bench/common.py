@@ -88,4 +88,4 @@ def gpu_kernel_times(run, calls: int, out_dir: str | None = None) -> dict:
             "gap_sizes_us": {f"<{hi}": (sum(1 for g, _ in gaps if lo <= g < hi) / calls,
                                         round(sum(g for g, _ in gaps if lo <= g < hi) / calls, 1))
                              for lo, hi in ((0, 5), (5, 20), (20, 100), (100, 1e9))},
-            "top": [(d / 1e3 / calls, name[:120]) for name, d in per_name.most_common(12)]}
+            "top": [(d / 1e3 / calls, name[:120]) for name, d in per_name.most_common(20)]}

@@ -2,7 +2,8 @@
 50-400) and at B=64, L=4096, timed inside one jitted program over distinct copies (larger than the L2 together), so
 that neither the host's dispatch nor the L2 flatters a configuration. Prints the best configurations per case.
 
-    PYTHONPATH=. python bench/decode_tune.py [--cases seed,b64_l4096] [--out bench/results/decode_tune.json]
+    PYTHONPATH=. python bench/decode_tune.py [--cases seed,b64_l4096] [--backends triton,mosaic]
+        [--out bench/results/decode_tune.json]
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ CASES = {"seed": (DECODE_PAST, 448), "b64_l4096": ([4096] * 64, 4096)}  # length
 TRITON = [BlockSizes(block_h=h, block_k=k, k_splits=s, num_warps=w)
           for (h, w), k, s in itertools.product(((32, 4), (32, 8), (64, 8)), (32, 64), (None, 2, 4, 8))]
 TRITON += [BlockSizes(block_h=32, block_k=k, num_stages=st) for k, st in ((32, 3), (32, 4), (64, 1))]
-MOSAIC = [MosaicBlockSizes(block_k=k, stages=st, k_splits=s)
-          for (k, st), s in itertools.product(((64, 2), (32, 2), (32, 3), (32, 4)), (None, 1, 2, 4, 8))]
+MOSAIC = [MosaicBlockSizes(k_splits=s) for s in (None, 1, 2, 3, 4, 6, 8)]  # block_k 64, 2 stages: what fits
 
 
 def case_args(lengths, rows):
@@ -43,6 +43,7 @@ def case_args(lengths, rows):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--backends", default="triton,mosaic")
     ap.add_argument("--out", default="bench/results/decode_tune.json")
     args = ap.parse_args()
     res = {"card": jax.devices()[0].device_kind, "cases": {}}
@@ -53,7 +54,8 @@ def main():
         sets = fresh_copies(a, max(2, math.ceil(200e6 / a[2].nbytes)))
         want = np.asarray(mla_decode_reference(*a, sm_scale=SCALE), np.float32)
         out = []
-        for bs in TRITON + MOSAIC:
+        backends = args.backends.split(",")
+        for bs in (TRITON if "triton" in backends else []) + (MOSAIC if "mosaic" in backends else []):
             fn = lambda *x, bs=bs: mla_decode(*x, sm_scale=SCALE, block_sizes=bs)  # noqa: E731
             try:
                 got = np.asarray(jax.jit(fn)(*a), np.float32)
@@ -67,6 +69,8 @@ def main():
         out.sort(key=lambda r: r["us"])
         res["cases"][name] = out
         for backend, default in (("triton", BlockSizes()), ("mosaic", MosaicBlockSizes())):
+            if backend not in backends:
+                continue
             d = next((r for r in out if r["backend"] == backend and r == {**r, **vars(default)}), None)
             print(f"{name} {backend}: default {d and round(d['us'], 1)} us; best:", flush=True)
             for r in [r for r in out if r["backend"] == backend][:5]:

@@ -23,12 +23,14 @@ def resolve_interpret(interpret: bool | None) -> bool:
 # place to flip. Measured on one H100 (bench/RESULTS.md, 2026-11-25): fp8_matmul's Mosaic FP8 x FP8 kernel beat the
 # Triton one at every R1 projection at 704 tokens (o_proj 0.295 vs 0.520 ms, q_b 0.126 vs 0.166), so it is the
 # default for the FP8-activation path (the weight-only decode path has no Mosaic kernel and stays on Triton).
+# mla_decode's Mosaic kernel (scores once per tile, P shared between its two warpgroups) reads the cache at
+# 2.06 TB/s at B=64 L=4096 vs 0.87 for the Triton one (in-graph, same run), and is on par at the seed case.
 # sage_attention's Mosaic path (with align_rows, 9c97f5c) is 1.06x / 1.40x / 1.45x the Triton one's speed at
 # S = 1k / 4k / 16k (16 heads, D = 128) but slower inside the MLA layer's seed prefill (D 192, requests of 64-256
-# tokens: GPU busy 1.026 vs 0.943 ms); mla_decode's is 0.91x at B=64 L=4096: both stay "triton".
+# tokens: GPU busy 1.026 vs 0.943 ms): it stays "triton".
 # A "mosaic" default sends only the calls a Mosaic kernel covers there (fp8_matmul: FP8 activations; mla_decode:
 # 16-bit contiguous caches).
-DEFAULT_BACKEND = {"sage_attention": "triton", "mla_decode": "triton", "fp8_matmul": "mosaic"}
+DEFAULT_BACKEND = {"sage_attention": "triton", "mla_decode": "mosaic", "fp8_matmul": "mosaic"}
 
 
 def resolve_backend(kernel: str, backend: str | None, block_sizes=None, mosaic_sizes: type | None = None) -> str:

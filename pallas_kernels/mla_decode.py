@@ -217,7 +217,8 @@ def _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale, block_size
     s_pad = cdiv(s_len, bk) * bk
     h_pad = cdiv(h, mla_decode_mgpu.HEADS) * mla_decode_mgpu.HEADS
     programs = b * (h_pad // mla_decode_mgpu.HEADS)
-    k_splits = block_sizes.k_splits or max(1, min(cdiv(132, programs), cdiv(s_len, 4 * bk)))
+    # splits while a whole wave of programs fits the 132 SMs (B=64 x 2 head blocks: 1; the seed's 16 x 2: 4)
+    k_splits = block_sizes.k_splits or max(1, min(132 // programs, cdiv(s_len, 2 * bk)))
     o, lse2 = mla_decode_mgpu.decode(
         pad_to(q_latent, 1, h_pad), pad_to(q_pe, 1, h_pad), pad_to(kv_cache, 1, s_pad), pad_to(pe_cache, 1, s_pad),
         jnp.minimum(jnp.asarray(lengths, jnp.int32), s_len), scale_log2=sm_scale * LOG2E, block_sizes=block_sizes,

@@ -1,16 +1,17 @@
 """mla_decode's kernel for Hopper on the Mosaic GPU backend (`plgpu.kernel`, TMA, `plgpu.wgmma`), after the shape of
 DeepSeek's FlashMLA: one program per (request, 64-head block, sequence split); a TMA warpgroup streams [block_k,
-512] latent and [block_k, 64] rope tiles through `stages` shared-memory buffers; two compute warpgroups each
-compute the scores of all 64 heads (Q.K^T over 512 + 64 as wgmma with K = V = the latent tile) and the online
-softmax, and each multiplies P with its half of the latent columns (a [64, 256] float32 accumulator per
-warpgroup: the whole [64, 512] one would not fit one warpgroup's registers). Scores are computed twice, once per
-warpgroup. Measured on an H100 (bench/RESULTS.md): 0.72 TB/s at B=64, L=4096, 0.91x the Triton kernel - not
-bound by the cache reads; computing the scores once and sharing P through shared memory (FlashMLA) is the step
-this kernel lacks.
+512] latent and [block_k, 64] rope tiles through `stages` shared-memory buffers. Compute warpgroup 0 runs Q.K^T
+over 512 + 64 (wgmma with K = V = the latent tile) and the online softmax, hands P and the row rescale to
+warpgroup 1 through shared memory, and multiplies P with the first half of the latent columns; warpgroup 1
+multiplies the same P with the second half ([64, 256] float32 accumulators each: the whole [64, 512] one would not
+fit one warpgroup's registers). The scores are computed once per tile (an earlier version computed them in both
+warpgroups: 0.73 TB/s at B=64, L=4096 on an H100; bench/RESULTS.md has the numbers since).
 
-Each split writes its normalised output in 16 bits (staged in Q's shared-memory buffer once both warpgroups are
-past their last read of Q: 64-row key tiles then fit) and its base-2 LSE; `mla_decode` merges the splits in XLA.
-16-bit caches with contiguous slots; the int8 latent cache, paged caches and qk_int8 stay on the Triton kernel.
+Each split writes its normalised output in 16 bits (staged in Q's shared-memory buffer once warpgroup 0 is past
+its last read of Q) and its base-2 LSE; `mla_decode` merges the splits in XLA. Shared memory is full to the last
+bytes at block_k 64 with 2 stages (Q 64 KB + 2 x 72 KB of tiles + P 8 KB), so Q's rope part is a register operand
+on the GPU. 16-bit caches with contiguous slots; the int8 latent cache, paged caches and qk_int8 stay on the
+Triton kernel.
 
 The Mosaic GPU interpreter runs every warpgroup as its own XLA CPU computation; with a single host device it can
 stall waiting for one of them (the tests run with 8 host devices, tests/conftest.py).
@@ -72,8 +73,9 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, bl
         steps = jnp.maximum(lax.div(jnp.minimum(start + split_len, length) - start + (bk - 1), jnp.int32(bk)), 0)
         h0 = hb * HEADS
 
-        def scoped(ql_smem, qp_smem, kv_smem, pe_smem, lse_smem, p_smem, q_bar, kv_bar, kv_free, q_done, o_done,
-                   turn):
+        def scoped(ql_smem, qp_smem, kv_smem, pe_smem, p_smem, row_smem, q_bar, kv_bar, kv_free, p_ready, p_free,
+                   q_done, o_done):
+            # row_smem [64] float32 carries, in turn: each step's rescale to group 1, the final l, the LSE out
             def fetch(j, slot):
                 k0 = pl.multiple_of(start + j * bk, bk)
                 plgpu.copy_gmem_to_smem(kv_ref.at[req, pl.ds(k0, bk)], kv_smem.at[slot], kv_bar.at[slot])
@@ -91,18 +93,44 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, bl
                     pl.when(j - stages < steps)(lambda: plgpu.barrier_wait(kv_free.at[slot]))
                     pl.when(j < steps)(lambda: fetch(j, slot))
 
-            def take_turn():  # the two compute warpgroups alternate on the tensor cores (JAX's attention_mgpu)
-                plgpu.barrier_arrive(turn)
-                plgpu.barrier_wait(turn)
+            def pv_into(acc, p_op, slot, cols, wait_next=None):
+                """acc [64, half] + p_op . V[:, cols] (the running output; added after in the interpreter, which
+                cannot run an MMA into an initialised accumulator)."""
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p_op, kv_smem.at[slot, :, pl.ds(cols, half)])
+                    if wait_next is not None:
+                        wait_next()
 
-            @pl.when(wg < 2)
-            def _compute():
+                if interpret:
+                    return acc + pl.run_scoped(lambda r: (pv(r), r[...])[1], plgpu.ACC((HEADS, half), jnp.float32))
+                return pl.run_state(pv)(plgpu.ACC.init(acc))
+
+            zeros = plgpu.layout_cast(jnp.zeros((HEADS, half), jnp.float32), wgmma)
+
+            def finish(acc, l_safe, second=False):
+                """This group's half of the normalised output into Q's buffer (free once group 0 is past its last
+                step), then one copy of the whole [64, L] tile once both halves are in."""
+                if not second:
+                    plgpu.barrier_arrive(q_done.at[0])
+                    plgpu.barrier_wait(q_done.at[0])
+                ql_smem.at[:, pl.ds(half if second else 0, half)][...] = (
+                    acc / lax.broadcast_in_dim(l_safe, (HEADS, half), [0])).astype(dt)
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(o_done.at[0])
+                plgpu.barrier_wait(o_done.at[0])
+                if not second:
+                    plgpu.copy_smem_to_gmem(ql_smem, o_ref.at[req, split, pl.ds(h0, HEADS)])
+
+
+            @pl.when(wg == 0)
+            def _scores():  # Q.K^T, the online softmax and the first half of P.V
                 plgpu.set_max_registers(232, action="increase")
-
-                @pl.when(wg == 0)
-                def _():
-                    plgpu.copy_gmem_to_smem(ql_ref.at[req, pl.ds(h0, HEADS)], ql_smem, q_bar.at[0])
+                plgpu.copy_gmem_to_smem(ql_ref.at[req, pl.ds(h0, HEADS)], ql_smem, q_bar.at[0])
+                if interpret:  # the interpreter's wgmma reads its left operand from shared memory only
                     plgpu.copy_gmem_to_smem(qp_ref.at[req, pl.ds(h0, HEADS)], qp_smem, q_bar.at[0])
+                    qp_op = qp_smem
+                else:  # Q's rope part as a register operand: shared memory is full to the last bytes
+                    qp_op = plgpu.load(qp_ref.at[req, pl.ds(h0, HEADS)], layout=wgmma, optimized=False)
                 plgpu.barrier_wait(q_bar.at[0])
                 cols0 = plgpu.broadcasted_iota(jnp.int32, (HEADS, bk), 1, layout=wgmma)
 
@@ -110,10 +138,9 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, bl
                     acc, m, l = carry
                     slot = lax.rem(j, jnp.int32(stages))
 
-                    def qk(acc_ref):  # the tile has landed (waited before the loop or in the previous P.V)
+                    def qk(acc_ref):  # the tile has landed (waited before the loop or during the previous P.V)
                         plgpu.wgmma(acc_ref, ql_smem, kv_smem.at[slot].transpose((1, 0)))
-                        plgpu.wgmma(acc_ref, qp_smem, pe_smem.at[slot].transpose((1, 0)))
-                        take_turn()
+                        plgpu.wgmma(acc_ref, qp_op, pe_smem.at[slot].transpose((1, 0)))
                         return acc_ref[...]
 
                     s = pl.run_scoped(qk, plgpu.ACC((HEADS, bk), jnp.float32)) * scale_log2
@@ -124,67 +151,65 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, bl
                     corr = jnp.exp2(m - m_safe)
                     acc = acc * lax.broadcast_in_dim(corr, (HEADS, half), [0])
                     l = l * corr + p.sum(axis=1)
+                    p16 = p.astype(dt)
+                    pl.when(j > 0)(lambda: plgpu.barrier_wait(p_free.at[0]))  # group 1 is done with the last P
+                    p_smem[...] = p16  # P and the rescale for the second group
+                    row_smem[...] = corr
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(p_ready.at[0])
 
-                    if interpret:  # the interpreter's wgmma reads its left operand from shared memory only
-                        p_smem.at[wg][...] = p.astype(dt)
-                        plgpu.commit_smem()
-                        p_op = p_smem.at[wg]
-                    else:  # on the GPU P stays in registers
-                        p_op = p.astype(dt)
-                    plgpu.barrier_arrive(turn)  # softmax done: the other group's Q.K^T goes; then our MMA turn
-                    plgpu.barrier_wait(turn)
+                    def wait_next():  # the next tile's wait overlaps this MMA
+                        nxt = j + 1
+                        pl.when(nxt < steps)(lambda: plgpu.barrier_wait(kv_bar.at[lax.rem(nxt, jnp.int32(stages))]))
 
-                    def pv(acc_ref):  # this warpgroup's half of the latent columns
-                        plgpu.wgmma(acc_ref, p_op, kv_smem.at[slot, :, pl.ds(wg * half, half)])
-                        nxt = j + 1  # wait for the next tile while the MMA runs
-
-                        @pl.when(nxt < steps)
-                        def _():
-                            plgpu.barrier_wait(kv_bar.at[lax.rem(nxt, jnp.int32(stages))])
-
-                    if interpret:  # the interpreter cannot run an MMA into an initialised accumulator: add after
-                        acc = acc + pl.run_scoped(lambda r: (pv(r), r[...])[1], plgpu.ACC((HEADS, half), jnp.float32))
-                    else:  # on the GPU P.V accumulates into the running output
-                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    acc = pv_into(acc, p_smem if interpret else p16, slot, 0, wait_next)  # P from registers
                     plgpu.barrier_arrive(kv_free.at[slot])
                     return acc, m_new, l
 
-                init = (plgpu.layout_cast(jnp.zeros((HEADS, half), jnp.float32), wgmma),
-                        plgpu.layout_cast(jnp.full((HEADS,), -jnp.inf, jnp.float32), wgmma.reduce(1)),
+                init = (zeros, plgpu.layout_cast(jnp.full((HEADS,), -jnp.inf, jnp.float32), wgmma.reduce(1)),
                         plgpu.layout_cast(jnp.zeros((HEADS,), jnp.float32), wgmma.reduce(1)))
                 pl.when(steps > 0)(lambda: plgpu.barrier_wait(kv_bar.at[0]))
-                pl.when(wg == 1)(take_turn)  # the second group starts half a step behind
                 acc, m, l = lax.fori_loop(0, steps, step, init)
-                pl.when(wg == 0)(take_turn)  # match the second group's extra turn
+                pl.when(steps > 0)(lambda: plgpu.barrier_wait(p_free.at[0]))  # the last P's release, observed
                 has = l > 0
                 l_safe = jnp.where(has, l, 1.0)
-                plgpu.barrier_arrive(q_done.at[0])  # both groups are past their last read of Q: its buffer is free
-                plgpu.barrier_wait(q_done.at[0])
-                # the output [64, L] takes Q's place, a half per group, and leaves in one copy once both are in
-                ql_smem.at[:, pl.ds(wg * half, half)][...] = (
-                    acc / lax.broadcast_in_dim(l_safe, (HEADS, half), [0])).astype(dt)
+                row_smem[...] = l_safe  # group 1 has read the last rescale (p_free)
                 plgpu.commit_smem()
-                plgpu.barrier_arrive(o_done.at[0])
-                plgpu.barrier_wait(o_done.at[0])
-                pl.when(wg == 0)(lambda: plgpu.copy_smem_to_gmem(ql_smem, o_ref.at[req, split, pl.ds(h0, HEADS)]))
+                finish(acc, l_safe)  # past o_done group 1 has read l
+                row_smem[...] = jnp.where(has, m + jnp.log2(l_safe), -jnp.inf)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(row_smem, lse_ref.at[req, split, pl.ds(h0, HEADS)])
+                plgpu.wait_smem_to_gmem(0)
 
-                @pl.when(wg == 0)
-                def _():
-                    lse_smem[...] = jnp.where(has, m + jnp.log2(l_safe), -jnp.inf)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[req, split, pl.ds(h0, HEADS)])
+            @pl.when(wg == 1)
+            def _second_half():  # P (from shared memory) times the other half of the latent columns
+                plgpu.set_max_registers(232, action="increase")
 
+                def step(j, acc):
+                    slot = lax.rem(j, jnp.int32(stages))
+                    plgpu.barrier_wait(p_ready.at[0])
+                    plgpu.barrier_wait(kv_bar.at[slot])
+                    corr = plgpu.load(row_smem, layout=wgmma.reduce(1), optimized=False)
+                    acc = pv_into(acc * lax.broadcast_in_dim(corr, (HEADS, half), [0]), p_smem, slot, half)
+                    plgpu.barrier_arrive(p_free.at[0])
+                    plgpu.barrier_arrive(kv_free.at[slot])
+                    return acc
+
+                acc = lax.fori_loop(0, steps, step, zeros)
+                plgpu.barrier_arrive(q_done.at[0])  # wait for group 0's l (written after its last step)
+                plgpu.barrier_wait(q_done.at[0])
+                finish(acc, plgpu.load(row_smem, layout=wgmma.reduce(1), optimized=False), second=True)
                 plgpu.wait_smem_to_gmem(0)
 
         pl.run_scoped(
             scoped,
-            smem((HEADS, lat), dt), smem((HEADS, rope), dt), smem((stages, bk, lat), dt), smem((stages, bk, rope), dt),
-            plgpu.SMEM((HEADS,), jnp.float32),
-            smem((2, HEADS, bk), dt) if interpret else None,
-            plgpu.Barrier(num_arrivals=2, num_barriers=1), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=1),
-            plgpu.Barrier(num_arrivals=2, num_barriers=1),
-            plgpu.Barrier(num_arrivals=2),  # the compute warpgroups' turns
+            smem((HEADS, lat), dt), smem((HEADS, rope), dt) if interpret else None, smem((stages, bk, lat), dt),
+            smem((stages, bk, rope), dt),
+            smem((HEADS, bk), dt), plgpu.SMEM((HEADS,), jnp.float32),  # P for group 1; per-row values
+            plgpu.Barrier(num_arrivals=2 if interpret else 1, num_barriers=1),  # Q landed
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=1, num_barriers=1), plgpu.Barrier(num_arrivals=1, num_barriers=1),
+            plgpu.Barrier(num_arrivals=2, num_barriers=1), plgpu.Barrier(num_arrivals=2, num_barriers=1),
             collective_axes="wg",
         )
 
