@@ -28,7 +28,7 @@ CASES = {"seed": (DECODE_PAST, 448), "b64_l4096": ([4096] * 64, 4096)}  # length
 TRITON = [BlockSizes(block_h=h, block_k=k, k_splits=s, num_warps=w)
           for (h, w), k, s in itertools.product(((32, 4), (32, 8), (64, 8)), (32, 64), (None, 2, 4, 8))]
 TRITON += [BlockSizes(block_h=32, block_k=k, num_stages=st) for k, st in ((32, 3), (32, 4), (64, 1))]
-MOSAIC = [MosaicBlockSizes(k_splits=s) for s in (None, 1, 2, 3, 4, 6, 8)]  # block_k 64, 2 stages: what fits
+MOSAIC = [MosaicBlockSizes(k_splits=s) for s in (None, 1, 2, 3, 4, 6)]  # block_k 64, 2 stages: what fits
 
 
 def case_args(lengths, rows):

@@ -9,7 +9,8 @@ sage_attention: D=128, causal, 16 heads, S in {1k, 4k, 16k} with B = 16, 4, 1 re
 half: 2 * B * S^2 * H * D.
 
 mla_decode: 128 heads, latent 512 + rope 64, bf16 caches, B in {16, 64}, L in {400, 4096, 32768} (every request at
-length L), against the XLA einsum reference (`mla_decode_reference` jitted). Effective bandwidth counts the cache
+length L): the default backend ("pallas" columns; Mosaic on a GPU) and backend="triton" ("triton" columns), against
+the XLA einsum reference (`mla_decode_reference` jitted). Effective bandwidth counts the cache
 rows read once (L * 1152 B per request) plus q and o. The int8-latent cache columns (`update_cache(..., scales=)`
 layout: int8 latent + float32 row scale + bf16 rope, 644 B per token) count the bytes that layout reads.
 """
@@ -30,7 +31,7 @@ import numpy as np
 from bench.common import commit, copy_bandwidth
 from jaxlm.seed import DECODE_PAST, median_ms
 from pallas_kernels import mla_decode, mla_decode_reference
-from pallas_kernels.common import quantize_rows_int8
+from pallas_kernels.common import DEFAULT_BACKEND, quantize_rows_int8
 from pallas_kernels.sage_attention import BlockSizes, MosaicBlockSizes, sage_attention, sage_attention_reference
 
 
@@ -76,10 +77,10 @@ def _try_ms(key, fn, *args) -> dict:
 
 def mla_decode_cases(scale=0.1352338):
     rows = []
-    kernel = jax.jit(lambda *a: mla_decode(*a, sm_scale=scale))
+    kernel = jax.jit(lambda *a: mla_decode(*a, sm_scale=scale))  # the default backend (Mosaic on a GPU)
     kernel_i8 = jax.jit(lambda *a: mla_decode(*a, sm_scale=scale, qk_int8=True))
     kernel_c8 = jax.jit(lambda *a, s: mla_decode(*a, sm_scale=scale, kv_scale=s))  # int8 latent cache
-    kernel_mg = jax.jit(lambda *a: mla_decode(*a, sm_scale=scale, backend="mosaic"))  # the Mosaic GPU kernel
+    kernel_mg = jax.jit(lambda *a: mla_decode(*a, sm_scale=scale, backend="triton"))  # the other kernel
     ref = jax.jit(lambda *a: mla_decode_reference(*a, sm_scale=scale))
     for b in (16, 64):
         for length in (400, 4096, 32768):
@@ -107,11 +108,11 @@ def mla_decode_cases(scale=0.1352338):
             try:
                 out_mg = np.asarray(kernel_mg(q, qp, kv, pe, lens), np.float32)
                 t_mg = timed(kernel_mg, q, qp, kv, pe, lens)
-                mosaic = {"mosaic_ms": t_mg, "mosaic_TBps": nbytes / t_mg / 1e9,
-                          "mosaic_rel_err": float(np.linalg.norm(out_mg - want) / np.linalg.norm(want))}
+                other = {"triton_ms": t_mg, "triton_TBps": nbytes / t_mg / 1e9,
+                          "triton_rel_err": float(np.linalg.norm(out_mg - want) / np.linalg.norm(want))}
             except Exception as e:  # a compile or launch failure on the card: record and go on
-                mosaic = {"mosaic": f"failed: {str(e)[:200]}"}
-            rows.append({"B": b, "L": length, "pallas_ms": t_k, "xla_ms": t_x, "rel_err": err, **mosaic,
+                other = {"triton": f"failed: {str(e)[:200]}"}
+            rows.append({"B": b, "L": length, "pallas_ms": t_k, "xla_ms": t_x, "rel_err": err, **other,
                          "int8_cache_ms": t_c8, "int8_cache_TBps": (nbytes - b * length * 508) / t_c8 / 1e9,
                          "int8_cache_rel_err": float(np.linalg.norm(out_c8 - want) / np.linalg.norm(want)),
                          "qk_int8_ms": t_8, "qk_int8_TBps": nbytes / t_8 / 1e9,
@@ -130,12 +131,12 @@ def mla_decode_cases(scale=0.1352338):
     sets = fresh_copies(args, 8)
     in_graph = {"pallas_in_graph_ms": timed_in_graph(kernel, sets), "xla_in_graph_ms": timed_in_graph(ref, sets)}
     try:
-        in_graph["mosaic_in_graph_ms"] = timed_in_graph(kernel_mg, sets)
+        in_graph["triton_in_graph_ms"] = timed_in_graph(kernel_mg, sets)
     except Exception as e:  # a compile or launch failure on the card: record and go on
-        in_graph["mosaic_in_graph"] = f"failed: {str(e)[:200]}"
+        in_graph["triton_in_graph"] = f"failed: {str(e)[:200]}"
     rows.append({"B": b, "L": "seed 50-400", "pallas_ms": t, "xla_ms": timed(ref, *args), "seed": True, **in_graph,
                  "int8_cache_ms": timed(functools.partial(kernel_c8, s=kv_s), *args[:2], kv8, *args[3:]),
-                 **_try_ms("mosaic_ms", kernel_mg, *args),
+                 **_try_ms("triton_ms", kernel_mg, *args),
                  "qk_int8_ms": timed(kernel_i8, *args),
                  "pallas_TBps": (sum(DECODE_PAST) * 1152 + b * 128 * 1088 * 2) / t / 1e9})
     return rows
@@ -274,8 +275,8 @@ def mla_decode_summary(rows: list[dict]) -> dict:
     return dict(mla_decode_tbps_b64_l4096=b64["pallas_TBps"], mla_decode_seed_us=1e3 * seed_row["pallas_ms"],
                 mla_decode_seed_in_graph_us=1e3 * seed_row["pallas_in_graph_ms"],
                 mla_decode_int8_cache_b64_l4096_ms=b64["int8_cache_ms"],
-                mla_decode_mosaic_tbps_b64_l4096=b64.get("mosaic_TBps"),
-                mla_decode_mosaic_seed_us=1e3 * (seed_row.get("mosaic_ms") or float("nan")),
+                mla_decode_triton_tbps_b64_l4096=b64.get("triton_TBps"),
+                mla_decode_triton_seed_us=1e3 * (seed_row.get("triton_ms") or float("nan")),
                 mla_decode_int8_cache_seed_us=1e3 * seed_row["int8_cache_ms"])
 
 
@@ -292,21 +293,22 @@ def print_sage(sage, dev):
 
 
 def print_mla_decode(rows, dev):
-    print(f"\nmla_decode, 128 heads, bf16, {dev.device_kind}")
+    print(f"\nmla_decode, 128 heads, bf16, {dev.device_kind}; pallas = the default backend "
+          f"({DEFAULT_BACKEND['mla_decode']}), triton = backend='triton'")
     print(f"{'B':>3} {'L':>6} {'pallas ms':>10} {'TB/s':>6} {'TFLOP/s':>8} {'xla ms':>8} {'TB/s':>6} {'speedup':>8} {'rel err':>8}")
     for r in rows:
         if r.get("seed"):
             print(f"seed case (16 requests, 50-400): {r['pallas_ms'] * 1e3:.1f} us (qk_int8 {r['qk_int8_ms'] * 1e3:.1f} us, "
-                  f"int8 cache {r['int8_cache_ms'] * 1e3:.1f} us, mosaic {1e3 * r.get('mosaic_ms', float('nan')):.1f} us, "
+                  f"int8 cache {r['int8_cache_ms'] * 1e3:.1f} us, triton {1e3 * r.get('triton_ms', float('nan')):.1f} us, "
                   f"XLA {r['xla_ms'] * 1e3:.1f} us); inside one jitted program: {r['pallas_in_graph_ms'] * 1e3:.1f} us "
-                  f"(mosaic {1e3 * r.get('mosaic_in_graph_ms', float('nan')):.1f} us, XLA {r['xla_in_graph_ms'] * 1e3:.1f} us)")
+                  f"(triton {1e3 * r.get('triton_in_graph_ms', float('nan')):.1f} us, XLA {r['xla_in_graph_ms'] * 1e3:.1f} us)")
             continue
         print(f"{r['B']:>3} {r['L']:>6} {r['pallas_ms']:>10.3f} {r['pallas_TBps']:>6.2f} {r['pallas_TFLOPs']:>8.1f} "
               f"{r['xla_ms']:>8.3f} {r['xla_TBps']:>6.2f} {r['speedup_vs_xla']:>7.1f}x {r['rel_err']:>8.1e}  "
               f"qk_int8 {r['qk_int8_ms']:.3f} ms {r['qk_int8_TBps']:.2f} TB/s err {r['qk_int8_rel_err']:.1e}  "
               f"int8 cache {r['int8_cache_ms']:.3f} ms {r['int8_cache_TBps']:.2f} TB/s err {r['int8_cache_rel_err']:.1e}  "
-              + (f"mosaic {r['mosaic_ms']:.3f} ms {r['mosaic_TBps']:.2f} TB/s err {r['mosaic_rel_err']:.1e}"
-                 if r.get("mosaic_ms") else f"mosaic {r.get('mosaic')}"))
+              + (f"triton {r['triton_ms']:.3f} ms {r['triton_TBps']:.2f} TB/s err {r['triton_rel_err']:.1e}"
+                 if r.get("triton_ms") else f"triton {r.get('triton')}"))
 
 
 def print_fp8(fp8, dev, bw, res):

@@ -33,13 +33,17 @@ def resolve_interpret(interpret: bool | None) -> bool:
 DEFAULT_BACKEND = {"sage_attention": "triton", "mla_decode": "mosaic", "fp8_matmul": "mosaic"}
 
 
-def resolve_backend(kernel: str, backend: str | None, block_sizes=None, mosaic_sizes: type | None = None) -> str:
+def resolve_backend(kernel: str, backend: str | None, block_sizes=None, mosaic_sizes: type | None = None,
+                    interpret: bool = False) -> str:
     """`backend`, else the backend that `block_sizes` belong to (an instance of `mosaic_sizes`: "mosaic", any other
-    block sizes: "triton"), else the kernel's DEFAULT_BACKEND entry. Block sizes of the other backend are an error."""
+    block sizes: "triton"), else the kernel's DEFAULT_BACKEND entry for compiled calls and "triton" in interpret
+    mode (the Triton kernels cover every option; the Mosaic GPU interpreter runs each warpgroup as its own XLA
+    computation, minutes for a layer's test: the Mosaic kernels' own tests name their backend). Block sizes of the
+    other backend are an error."""
     sized = block_sizes is not None and mosaic_sizes is not None
     if backend is None and sized:
         backend = "mosaic" if isinstance(block_sizes, mosaic_sizes) else "triton"
-    backend = backend or DEFAULT_BACKEND[kernel]
+    backend = backend or ("triton" if interpret else DEFAULT_BACKEND[kernel])
     if backend not in ("triton", "mosaic"):
         raise ValueError(f"{kernel}: backend must be one of ('triton', 'mosaic'), got {backend!r}")
     if sized and isinstance(block_sizes, mosaic_sizes) != (backend == "mosaic"):

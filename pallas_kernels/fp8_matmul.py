@@ -235,7 +235,7 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     explicit = backend is not None or block_sizes is not None  # block sizes name their backend too
     if not fp8_act and m >= DEQUANTIZE_MIN_M and not explicit:
         return _dequantized(x, w, w_scale, block=block, transpose_w=transpose_w)
-    backend = resolve_backend("fp8_matmul", backend, block_sizes, MosaicBlockSizes)
+    backend = resolve_backend("fp8_matmul", backend, block_sizes, MosaicBlockSizes, interp)
     if backend == "mosaic":  # a "mosaic" default sends only the calls the Mosaic kernel covers there
         if _mosaic_applies(x, w, block, transpose_w, activations):
             return _mosaic(x, w, w_scale, block=block, transpose_w=transpose_w, activations=activations,

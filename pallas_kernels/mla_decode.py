@@ -128,7 +128,7 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
     rope = pe_cache.shape[2]
     interp = resolve_interpret(interpret)
     explicit = backend is not None or block_sizes is not None  # block sizes name their backend too
-    backend = resolve_backend("mla_decode", backend, block_sizes, MosaicBlockSizes)
+    backend = resolve_backend("mla_decode", backend, block_sizes, MosaicBlockSizes, interp)
     if backend == "mosaic":  # a "mosaic" default takes the calls its kernel covers (16-bit contiguous caches)
         why = _mosaic_unsupported(q_latent, q_pe, kv_cache, pe_cache, qk_int8, kv_scale, block_table)
         if why is None:

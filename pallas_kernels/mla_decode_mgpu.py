@@ -134,7 +134,7 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, bl
                 plgpu.barrier_wait(q_bar.at[0])
                 cols0 = plgpu.broadcasted_iota(jnp.int32, (HEADS, bk), 1, layout=wgmma)
 
-                def step(j, carry):
+                def step(j, carry, masked):
                     acc, m, l = carry
                     slot = lax.rem(j, jnp.int32(stages))
 
@@ -144,9 +144,10 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, bl
                         return acc_ref[...]
 
                     s = pl.run_scoped(qk, plgpu.ACC((HEADS, bk), jnp.float32)) * scale_log2
-                    s = jnp.where(cols0 + (start + j * bk) < length, s, -jnp.inf)
+                    if masked:  # the tile that ends past the length
+                        s = jnp.where(cols0 + (start + j * bk) < length, s, -jnp.inf)
                     m_new = jnp.maximum(m, s.max(axis=1))
-                    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
                     p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, (HEADS, bk), [0]))
                     corr = jnp.exp2(m - m_safe)
                     acc = acc * lax.broadcast_in_dim(corr, (HEADS, half), [0])
@@ -169,7 +170,9 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, bl
                 init = (zeros, plgpu.layout_cast(jnp.full((HEADS,), -jnp.inf, jnp.float32), wgmma.reduce(1)),
                         plgpu.layout_cast(jnp.zeros((HEADS,), jnp.float32), wgmma.reduce(1)))
                 pl.when(steps > 0)(lambda: plgpu.barrier_wait(kv_bar.at[0]))
-                acc, m, l = lax.fori_loop(0, steps, step, init)
+                full = jnp.clip(lax.div(length - start, jnp.int32(bk)), 0, steps)  # tiles inside the length
+                carry = lax.fori_loop(0, full, lambda j, c: step(j, c, False), init)
+                acc, m, l = lax.fori_loop(full, steps, lambda j, c: step(j, c, True), carry)
                 pl.when(steps > 0)(lambda: plgpu.barrier_wait(p_free.at[0]))  # the last P's release, observed
                 has = l > 0
                 l_safe = jnp.where(has, l, 1.0)

@@ -155,7 +155,8 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
         raise ValueError(f"sage_attention: q {[x.shape for x in qp]}, k {[x.shape for x in kp]}, v {v.shape} do not "
                          "fit (q and k parts of equal widths, k and v of equal length and heads, Hq % Hk == 0)")
     dqk = sum(widths)
-    backend = resolve_backend("sage_attention", backend, block_sizes, MosaicBlockSizes)
+    interp = resolve_interpret(interpret)
+    backend = resolve_backend("sage_attention", backend, block_sizes, MosaicBlockSizes, interp)
     bs = block_sizes or (MosaicBlockSizes() if backend == "mosaic" else BlockSizes())
     sm_scale = dqk**-0.5 if sm_scale is None else sm_scale
     cu_q = jnp.asarray(cu_seqlens_q, jnp.int32)
@@ -175,7 +176,6 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     blk_req = segment_of(cu_qb, blk, nb)
     blk_idx = jnp.where(blk < cu_qb[-1], blk - cu_qb[blk_req], nqb)  # past the end: a block with no rows
     dv = v.shape[2]
-    interp = resolve_interpret(interpret)
     if backend == "mosaic":  # smoothing, quantisation and the kernel's row alignment in one pass per operand
         o, lse2 = sage_attention_mgpu.attention(_whole(qp), _whole(kp), v, None if means is None else _whole(means),
                                                 cu_q, cu_k, blk_req, blk_idx, cu_qb, q_mult=sm_scale * LOG2E,
