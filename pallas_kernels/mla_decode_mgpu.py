@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import cdiv, smem
+from pallas_kernels.common import cdiv, online_softmax_step, smem
 
 HEADS = 64  # query heads per program: one wgmma M tile
 
@@ -146,12 +146,7 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, bl
                     s = pl.run_scoped(qk, plgpu.ACC((HEADS, bk), jnp.float32)) * scale_log2
                     if masked:  # the tile that ends past the length
                         s = jnp.where(cols0 + (start + j * bk) < length, s, -jnp.inf)
-                    m_new = jnp.maximum(m, s.max(axis=1))
-                    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-                    p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, (HEADS, bk), [0]))
-                    corr = jnp.exp2(m - m_safe)
-                    acc = acc * lax.broadcast_in_dim(corr, (HEADS, half), [0])
-                    l = l * corr + p.sum(axis=1)
+                    p, m_new, l, acc, corr = online_softmax_step(s, m, l, acc, masked)
                     p16 = p.astype(dt)
                     pl.when(j > 0)(lambda: plgpu.barrier_wait(p_free.at[0]))  # group 1 is done with the last P
                     p_smem[...] = p16  # P and the rescale for the second group

@@ -35,8 +35,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import (cdiv, next_pow2, pad_to, pow2_chunks, quantize_rows_int8, segment_of, segments,
-                                   smem)
+from pallas_kernels.common import (cdiv, next_pow2, online_softmax_step, pad_to, pow2_chunks, quantize_rows_int8,
+                                   segment_of, segments, smem)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,12 +272,7 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
                         if causal:
                             ok = ok & (cols <= rows + diag)
                         s = jnp.where(ok, s, -jnp.inf)
-                    m_new = jnp.maximum(m, s.max(axis=1))
-                    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-                    p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, (bq, bk), [0]))
-                    corr = jnp.exp2(m - m_safe)
-                    acc = acc * lax.broadcast_in_dim(corr, (bq, dv), [0])
-                    l = l * corr + p.sum(axis=1)
+                    p, m_new, l, acc, _ = online_softmax_step(s, m, l, acc, masked)
                     if interpret:  # the interpreter's wgmma reads its left operand from shared memory only
                         p_smem.at[wg][...] = p.astype(vdt)
                         plgpu.commit_smem()
