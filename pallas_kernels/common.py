@@ -80,15 +80,17 @@ def quantize_parts_int8(parts, eps: float = 1e-8):
     return [jnp.clip(jnp.floor(x / scale[..., None] + 0.5), -127.0, 127.0).astype(jnp.int8) for x in fs], scale
 
 
-def online_softmax_step(s, m, l, acc, masked: bool):
-    """One online-softmax step in base 2, as the Mosaic GPU kernels run it: scores s [R, C] (-inf where masked), the
-    running max m [R], sum l [R] and output acc [R, D]. Returns (p, m_new, l_new, acc rescaled, the rescale).
-    masked=False promises every row of s a finite score (no -inf guard)."""
+def online_softmax_step(s, m, l, acc, masked: bool, scale=1.0):
+    """One online-softmax step in base 2, as the Mosaic GPU kernels run it: logits s * scale (s [R, C], -inf where
+    masked; scale a positive float or per-row [R] vector, applied inside the exponent's multiply-add), the running
+    max m [R] (of the scaled logits), sum l [R] and output acc [R, D]. Returns (p, m_new, l_new, acc rescaled, the
+    rescale). masked=False promises every row of s a finite score (no -inf guard)."""
     from jax import lax
 
-    m_new = jnp.maximum(m, s.max(axis=1))
+    m_new = jnp.maximum(m, s.max(axis=1) * scale)
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-    p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+    scale_s = lax.broadcast_in_dim(scale, s.shape, [0]) if jnp.ndim(scale) else scale
+    p = jnp.exp2(s * scale_s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
     corr = jnp.exp2(m - m_safe)
     return p, m_new, l * corr + p.sum(axis=1), acc * lax.broadcast_in_dim(corr, acc.shape, [0]), corr
 

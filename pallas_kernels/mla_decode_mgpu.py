@@ -143,10 +143,10 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, bl
                         plgpu.wgmma(acc_ref, qp_op, pe_smem.at[slot].transpose((1, 0)))
                         return acc_ref[...]
 
-                    s = pl.run_scoped(qk, plgpu.ACC((HEADS, bk), jnp.float32)) * scale_log2
+                    s = pl.run_scoped(qk, plgpu.ACC((HEADS, bk), jnp.float32))  # base-2 logits / scale_log2
                     if masked:  # the tile that ends past the length
                         s = jnp.where(cols0 + (start + j * bk) < length, s, -jnp.inf)
-                    p, m_new, l, acc, corr = online_softmax_step(s, m, l, acc, masked)
+                    p, m_new, l, acc, corr = online_softmax_step(s, m, l, acc, masked, scale=scale_log2)
                     p16 = p.astype(dt)
                     pl.when(j > 0)(lambda: plgpu.barrier_wait(p_free.at[0]))  # group 1 is done with the last P
                     p_smem[...] = p16  # P and the rescale for the second group

@@ -4,8 +4,10 @@ Algorithm: Zhang et al., "SageAttention2: Efficient Attention with Thorough Outl
 Quantization" (2025), as in thu-ml/SageAttention's Triton "8+16" kernels. K is smoothed by subtracting its
 per-request, per-head channel mean (exact: q . mean is constant along each softmax row); Q and K are quantised to
 int8 per token and head (absmax / 127, guarded against all-zero rows; finer than SageAttention's per-block scales,
-coarser than its per-thread ones), with sm_scale * log2(e) folded into Q's scale; Q.K^T runs as int8 x int8 ->
-int32 dots rescaled by the outer product of the row scales; the online softmax is float32 in base 2; P.V runs in
+coarser than its per-thread ones) - except K on the Mosaic backend, quantised per key tile and head as
+SageAttention does (a per-key scale costs that kernel a load and a multiply per score) - with sm_scale * log2(e)
+folded into Q's scale; Q.K^T runs as int8 x int8 -> int32 dots rescaled by the scales; the online softmax is
+float32 in base 2; P.V runs in
 V's 16-bit dtype with a float32 accumulator. Query blocks never straddle requests (they are counted from each
 request's first token). A head dim that is not a power of two (MLA's 192) is split into power-of-two chunks whose
 int32 dots are summed (one scale per row, so the sum is exact).

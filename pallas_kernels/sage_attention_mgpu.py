@@ -2,10 +2,12 @@
 
 The same computation as the Triton kernel in sage_attention.py (which prepares the int8 Q / K, their row scales
 and the request-aligned query blocks). Each program takes `compute_wgs` x `block_q` query rows of one request and
-one head: a TMA warpgroup streams K (int8), K's row scales and V through `stages` shared-memory buffers, and each
+one head: a TMA warpgroup streams K (int8) and V through `stages` shared-memory buffers, and each
 compute warpgroup (64 query rows) runs Q.K^T as int8 x int8 -> int32 warpgroup MMAs (a head dim that is not a
-power of two, MLA's 192, as 128 + 64 chunks accumulating into one int32 tile), rescales by the outer product of
-the row scales, runs the online softmax in base 2 and multiplies P (in registers; through shared memory in the
+power of two, MLA's 192, as 128 + 64 chunks accumulating into one int32 tile), rescales by Q's row scales times
+the K tile's scale (K is quantised per `block_k`-key tile and head, SageAttention's per-block K scales: a per-key
+scale costs a shared-memory load and a multiply per score, 14% of the kernel at S = 16k on an H100), runs the
+online softmax in base 2 and multiplies P (in registers; through shared memory in the
 interpreter) with V in a 16-bit MMA that accumulates into the running float32 output. A slot is refilled once
 every compute warpgroup has freed it (barriers); in causal blocks the earlier warpgroup frees the tiles it does
 not need unread. Key tiles that every row of a warpgroup sees whole run without the mask; with two compute
@@ -78,7 +80,7 @@ def row_plan(cu, total: int, align: int):
 
 
 def _align_kernel(tile_req_ref, tile_off_ref, cu_ref, x_ref, *refs, align, chunks, pad_chunks, quantize, shift,
-                  mult, eps):
+                  mult, eps, per_tile):
     """One `align`-row tile of one head: the request's rows loaded (masked past its length), smoothed, quantised,
     written whole (zeros past the length and in the padding columns)."""
     refs = list(refs)
@@ -98,6 +100,8 @@ def _align_kernel(tile_req_ref, tile_off_ref, cu_ref, x_ref, *refs, align, chunk
     rows = pl.ds(t * align, align)
     if quantize:
         amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=1) for x in parts])
+        if per_tile:  # one scale for the tile's rows (every row holds it)
+            amax = jnp.full((align,), jnp.max(amax), jnp.float32)
         scale = jnp.maximum(amax, eps) / 127.0
         parts = [jnp.clip(jnp.floor(x / scale[:, None] + 0.5), -127.0, 127.0) for x in parts]
         refs[0][h, rows] = scale * mult
@@ -108,11 +112,13 @@ def _align_kernel(tile_req_ref, tile_off_ref, cu_ref, x_ref, *refs, align, chunk
 
 
 def align_rows(x, cu, align: int, *, width: int, quantize: bool, shift=None, mult: float = 1.0, eps: float = 1e-8,
-               interpret: bool = False):
+               per_tile: bool = False, interpret: bool = False):
     """The packed rows x [T, H, D] of each request moved to a multiple of `align` (rows past a request and columns
     past D zero), in one pass: a Triton kernel per (`align`-row tile, head). quantize: int8 rows with one float32
     scale each (absmax / 127, floored at eps / 127, times `mult`), after subtracting `shift` [B, H, D] (K's
-    per-request mean) when given. Returns (y [size, H, width], scale [H, size] or None, base [B])."""
+    per-request mean) when given; per_tile: one scale per `align`-row tile and head (the tile's absmax, stored in
+    each of its rows), as SageAttention quantises K per block. Returns (y [size, H, width], scale [H, size] or None,
+    base [B])."""
     t_rows, heads, d = x.shape
     base, tile_req, tile_off, size = row_plan(cu, t_rows, align)
     if interpret:  # the interpreter clamps out-of-range slices instead of masking them: give every tile room
@@ -124,7 +130,7 @@ def align_rows(x, cu, align: int, *, width: int, quantize: bool, shift=None, mul
         out_shape.append(jax.ShapeDtypeStruct((heads, size), jnp.float32))
     kernel = functools.partial(_align_kernel, align=align, chunks=pow2_chunks(d),
                                pad_chunks=tuple((d + o, w) for o, w in pow2_chunks(width - d)), quantize=quantize,
-                               shift=shift is not None, mult=mult, eps=eps)
+                               shift=shift is not None, mult=mult, eps=eps, per_tile=per_tile)
     outs = pl.pallas_call(
         kernel,
         grid=(size // align, heads),
@@ -140,7 +146,7 @@ def align_rows(x, cu, align: int, *, width: int, quantize: bool, shift=None, mul
 
 
 def align_rows_reference(x, cu, align: int, *, width: int, quantize: bool, shift=None, mult: float = 1.0,
-                         eps: float = 1e-8):
+                         eps: float = 1e-8, per_tile: bool = False):
     """align_rows in plain jnp (a gather; quantised with common.quantize_rows_int8)."""
     base, tile_req, tile_off, size = row_plan(cu, x.shape[0], align)
     r = jnp.arange(size, dtype=jnp.int32)
@@ -152,7 +158,12 @@ def align_rows_reference(x, cu, align: int, *, width: int, quantize: bool, shift
     y = jnp.where(keep[:, None, None], y, 0.0)
     scale = None
     if quantize:
-        y, scale = quantize_rows_int8(y, eps)
+        if per_tile:  # the tile's absmax for each of its rows
+            amax = jnp.abs(y).max(axis=2).reshape(size // align, align, -1).max(axis=1)  # [tiles, H]
+            scale = jnp.repeat(jnp.maximum(amax, eps) / 127.0, align, axis=0)  # [size, H]
+            y = jnp.clip(jnp.floor(y / scale[..., None] + 0.5), -127.0, 127.0)
+        else:
+            y, scale = quantize_rows_int8(y, eps)
         scale = (scale * mult).T
     return pad_to(y.astype(jnp.int8 if quantize else x.dtype), 2, width), scale, base
 
@@ -180,7 +191,7 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
     # one Triton pass each: rows moved to tile-aligned places, Q / K smoothed and quantised on the way
     prep = functools.partial(align_rows, interpret=interpret)
     q_i8, qs_t, base_q = prep(q, cu_q, rows_per_blk, width=d, quantize=True, mult=q_mult)
-    k_i8, ks_t, base_k = prep(k, cu_k, bk, width=d, quantize=True, shift=k_mean)
+    k_i8, ks_t, base_k = prep(k, cu_k, bk, width=d, quantize=True, shift=k_mean, per_tile=True)
     v, _, _ = prep(v, cu_k, bk, width=dv, quantize=False)
     split = lambda x: [x[..., off:off + w] for off, w in chunks]  # noqa: E731  (TMA rows of one chunk each)
     wgmma = plgpu.Layout.WGMMA
@@ -204,13 +215,12 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
 
         blk_steps = steps_until((i + 1) * rows_per_blk)  # what the program's last warpgroup needs
 
-        def scoped(q_smem, k_smem, v_smem, ks_smem, o_smem, lse_smem, p_smem, q_bar, k_bar, v_bar, k_free, v_free,
+        def scoped(q_smem, k_smem, v_smem, o_smem, lse_smem, p_smem, q_bar, k_bar, v_bar, k_free, v_free,
                    turn):
             def fetch(j, slot):
                 k0 = pl.multiple_of(k_start + j * bk, bk)
                 for c in range(n_chunks):
                     plgpu.copy_gmem_to_smem(k_refs[c].at[pl.ds(k0, bk), kv_head], k_smem[c].at[slot], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(ks_ref.at[kv_head, pl.ds(k0, bk)], ks_smem.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[pl.ds(k0, bk), kv_head], v_smem.at[slot], v_bar.at[slot])
 
             def take_turn():  # two compute warpgroups alternate on the tensor cores (a no-op with one)
@@ -251,8 +261,14 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
                 seen = jnp.minimum(len_k, row_base + diag + 1) if causal else len_k
                 full_steps = jnp.minimum(my_steps, lax.div(jnp.maximum(seen, 0), jnp.int32(bk)))
 
+                last_tile = ks_ref.shape[1] - bk
+
+                def tile_scale(j):  # K tile j's scale (clamped: the step after the last reads a valid, unused one)
+                    return ks_ref[kv_head, jnp.minimum(k_start + j * bk, last_tile)]
+
                 def step(j, carry, masked):
-                    acc, m, l = carry
+                    acc, m, l, ks = carry
+                    ks_next = tile_scale(j + 1)  # read a step ahead: its latency hides behind this step
                     slot = lax.rem(j, jnp.int32(stages))
 
                     def qk(acc_ref):  # K's tile has landed (waited before the loop or in the previous P.V)
@@ -262,17 +278,15 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
                         return acc_ref[...]
 
                     s_int = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.int32))
-                    ks = plgpu.load(ks_smem.at[slot], layout=wgmma.reduce(0), optimized=False)
                     plgpu.barrier_arrive(k_free.at[slot])
-                    s = (s_int.astype(jnp.float32) * lax.broadcast_in_dim(qs, (bq, bk), [0])
-                         * lax.broadcast_in_dim(ks, (bq, bk), [1]))  # base-2 logits
+                    s = s_int.astype(jnp.float32)  # base-2 logits / (qs * ks)
                     if masked:
                         cols = cols0 + j * bk
                         ok = cols < len_k
                         if causal:
                             ok = ok & (cols <= rows + diag)
                         s = jnp.where(ok, s, -jnp.inf)
-                    p, m_new, l, acc, _ = online_softmax_step(s, m, l, acc, masked)
+                    p, m_new, l, acc, _ = online_softmax_step(s, m, l, acc, masked, scale=qs * ks)
                     if interpret:  # the interpreter's wgmma reads its left operand from shared memory only
                         p_smem.at[wg][...] = p.astype(vdt)
                         plgpu.commit_smem()
@@ -299,7 +313,7 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
                     else:  # on the GPU P.V accumulates into the running output (no second accumulator)
                         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                     plgpu.barrier_arrive(v_free.at[slot])
-                    return acc, m_new, l
+                    return acc, m_new, l, ks_next
 
                 init = (plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), wgmma),
                         plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), wgmma.reduce(1)),
@@ -307,8 +321,8 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
                 pl.when(my_steps > 0)(lambda: plgpu.barrier_wait(k_bar.at[0]))
                 if wgs == 2:
                     pl.when(wg == 1)(take_turn)  # the second warpgroup starts half a step behind
-                carry = lax.fori_loop(0, full_steps, lambda j, c: step(j, c, False), init)
-                acc, m, l = lax.fori_loop(full_steps, my_steps, lambda j, c: step(j, c, True), carry)
+                carry = lax.fori_loop(0, full_steps, lambda j, c: step(j, c, False), (*init, tile_scale(0)))
+                acc, m, l, _ = lax.fori_loop(full_steps, my_steps, lambda j, c: step(j, c, True), carry)
 
                 @pl.loop(my_steps, blk_steps)
                 def _(j):  # tiles only a later warpgroup needs (causal): see them land, free them unread
@@ -335,10 +349,10 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
             scoped,
             tuple(smem((wgs, bq, w), jnp.int8) for _, w in chunks),  # Q and K per power-of-two chunk of D
             tuple(smem((stages, bk, w), jnp.int8) for _, w in chunks),
-            smem((stages, bk, dv), vdt), plgpu.SMEM((stages, bk), jnp.float32), smem((wgs, bq, dv), vdt),
+            smem((stages, bk, dv), vdt), smem((wgs, bq, dv), vdt),
             plgpu.SMEM((wgs, bq), jnp.float32), smem((wgs, bq, bk), vdt) if interpret else None,
             plgpu.Barrier(num_arrivals=n_chunks, num_barriers=wgs),
-            plgpu.Barrier(num_arrivals=n_chunks + 1, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=n_chunks, num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
             plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),

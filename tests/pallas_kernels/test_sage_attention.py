@@ -165,12 +165,14 @@ def test_mosaic_lowers_for_h100(d, dv):
     assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("align,d,width,quantize,shift", [(64, 40, 64, True, True), (128, 192, 192, True, False),
-                                                         (64, 24, 32, False, False)])
-def test_align_rows_matches_reference(align, d, width, quantize, shift):
+@pytest.mark.parametrize("align,d,width,quantize,shift,per_tile", [(64, 40, 64, True, True, False),
+                                                                  (64, 40, 64, True, True, True),
+                                                                  (128, 192, 192, True, False, False),
+                                                                  (64, 24, 32, False, False, False)])
+def test_align_rows_matches_reference(align, d, width, quantize, shift, per_tile):
     """The Mosaic path's one-pass operand preparation (rows moved to tile-aligned places, K smoothed, int8 with row
-    scales) equals its jnp reference exactly: zero-length, 1-row and odd requests, a request longer than a tile,
-    padding columns, poisoned outputs (the interpreter starts them as NaN)."""
+    or tile scales) equals its jnp reference exactly: zero-length, 1-row and odd requests, a request longer than a
+    tile, padding columns, poisoned outputs (the interpreter starts them as NaN)."""
     from pallas_kernels.sage_attention_mgpu import align_rows, align_rows_reference
 
     rng = np.random.default_rng(align + d)
@@ -178,7 +180,7 @@ def test_align_rows_matches_reference(align, d, width, quantize, shift):
     cu = jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
     x = jnp.asarray(rng.standard_normal((sum(lens), 3, d)) * 4 + 2, jnp.bfloat16)
     mean = jnp.asarray(rng.standard_normal((len(lens), 3, d)), jnp.float32) if shift else None
-    kw = dict(width=width, quantize=quantize, shift=mean, mult=0.125 if quantize else 1.0)
+    kw = dict(width=width, quantize=quantize, shift=mean, mult=0.125 if quantize else 1.0, per_tile=per_tile)
     y, scale, base = align_rows(x, cu, align, interpret=True, **kw)
     y_ref, scale_ref, base_ref = align_rows_reference(x, cu, align, **kw)
     np.testing.assert_array_equal(np.asarray(base), np.asarray(base_ref))
@@ -194,3 +196,6 @@ def test_align_rows_matches_reference(align, d, width, quantize, shift):
         rows = rows * np.asarray(scale)[:, int(base[r]):int(base[r]) + 300].T[..., None] / kw["mult"]
     want = np.asarray(x[int(cu[r]):int(cu[r + 1])], np.float32) - (np.asarray(mean)[r] if shift else 0)
     np.testing.assert_allclose(rows, want, atol=0.02 * np.abs(want).max() if quantize else 0)
+    if per_tile:  # one scale per tile and head
+        sc = np.asarray(scale).reshape(3, -1, align)
+        np.testing.assert_array_equal(sc, np.repeat(sc[..., :1], align, axis=-1))
