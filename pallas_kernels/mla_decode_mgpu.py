@@ -121,7 +121,6 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, bl
                 if not second:
                     plgpu.copy_smem_to_gmem(ql_smem, o_ref.at[req, split, pl.ds(h0, HEADS)])
 
-
             @pl.when(wg == 0)
             def _scores():  # Q.K^T, the online softmax and the first half of P.V
                 plgpu.set_max_registers(232, action="increase")

@@ -218,3 +218,17 @@ def test_mosaic_lowers_for_h100_at_r1_sizes():
     text = export_for_h100(fn, S((64, 128, 512), bf), S((64, 128, 64), bf), S((64, 4096, 512), bf),
                            S((64, 4096, 64), bf), S((64,), jnp.int32))
     assert "mosaic_gpu" in text
+
+
+def test_default_backend_is_mosaic_when_compiled_and_triton_in_interpret_mode():
+    """common.DEFAULT_BACKEND picks compiled calls' backend (mla_decode: the Mosaic kernel); interpret mode runs the
+    Triton kernel unless a backend or block sizes are named; block sizes of the other backend are an error."""
+    from pallas_kernels.common import DEFAULT_BACKEND, resolve_backend
+    from pallas_kernels.mla_decode import BlockSizes, MosaicBlockSizes
+
+    assert resolve_backend("mla_decode", None, None, MosaicBlockSizes) == DEFAULT_BACKEND["mla_decode"] == "mosaic"
+    assert resolve_backend("mla_decode", None, None, MosaicBlockSizes, interpret=True) == "triton"
+    assert resolve_backend("mla_decode", None, MosaicBlockSizes(), MosaicBlockSizes, interpret=True) == "mosaic"
+    assert resolve_backend("mla_decode", "mosaic", None, MosaicBlockSizes, interpret=True) == "mosaic"
+    with pytest.raises(ValueError, match="do not belong"):
+        resolve_backend("mla_decode", "mosaic", BlockSizes(), MosaicBlockSizes)
