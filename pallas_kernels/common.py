@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 def on_gpu() -> bool:
@@ -24,10 +25,11 @@ def resolve_interpret(interpret: bool | None) -> bool:
 # Triton one at every R1 projection at 704 tokens (o_proj 0.295 vs 0.520 ms, q_b 0.126 vs 0.166), so it is the
 # default for the FP8-activation path (the weight-only decode path has no Mosaic kernel and stays on Triton).
 # mla_decode's Mosaic kernel (scores once per tile, P shared between its two warpgroups) reads the cache at
-# 2.06 TB/s at B=64 L=4096 vs 0.87 for the Triton one (in-graph, same run), and is on par at the seed case.
+# 2.05 TB/s at B=64 L=4096 vs 0.87 for the Triton one (bench/kernels.py, 5395a1a), and is faster at the seed case
+# (19-21 vs 24-29 us in-graph).
 # sage_attention's Mosaic path (with align_rows, 9c97f5c) is 1.06x / 1.40x / 1.45x the Triton one's speed at
 # S = 1k / 4k / 16k (16 heads, D = 128) but slower inside the MLA layer's seed prefill (D 192, requests of 64-256
-# tokens: GPU busy 1.026 vs 0.943 ms): it stays "triton".
+# tokens: GPU busy 1.026 vs 0.943 ms; again 1.054 vs 0.938 with its per-tile K scales, 88c486f): it stays "triton".
 # A "mosaic" default sends only the calls a Mosaic kernel covers there (fp8_matmul: FP8 activations; mla_decode:
 # 16-bit contiguous caches).
 DEFAULT_BACKEND = {"sage_attention": "triton", "mla_decode": "mosaic", "fp8_matmul": "mosaic"}
@@ -85,8 +87,6 @@ def online_softmax_step(s, m, l, acc, masked: bool, scale=1.0):
     masked; scale a positive float or per-row [R] vector, applied inside the exponent's multiply-add), the running
     max m [R] (of the scaled logits), sum l [R] and output acc [R, D]. Returns (p, m_new, l_new, acc rescaled, the
     rescale). masked=False promises every row of s a finite score (no -inf guard)."""
-    from jax import lax
-
     m_new = jnp.maximum(m, s.max(axis=1) * scale)
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
     scale_s = lax.broadcast_in_dim(scale, s.shape, [0]) if jnp.ndim(scale) else scale
