@@ -9,6 +9,10 @@ import jax.numpy as jnp
 from jax import lax
 
 
+# Streaming multiprocessors of the H100 the kernels' split heuristics fill (k_splits, grid sizes).
+H100_SMS = 132
+
+
 def on_gpu() -> bool:
     return jax.default_backend() in ("gpu", "cuda", "rocm")
 

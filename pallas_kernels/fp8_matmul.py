@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import fp8_matmul_mgpu
-from pallas_kernels.common import cdiv, next_pow2, pad_to, resolve_backend, resolve_interpret
+from pallas_kernels.common import H100_SMS, cdiv, next_pow2, pad_to, resolve_backend, resolve_interpret
 from pallas_kernels.fp8_matmul_mgpu import MosaicBlockSizes
 
 E4M3 = jnp.float8_e4m3fn
@@ -263,7 +263,7 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     else:
         w3 = pad_to(pad_to(w3, 1, k_pad), 2, n_pad)
     k_tiles, n_tiles, m_tiles = k_pad // bk, n_pad // bn, m_pad // bm
-    want = bs.k_splits or (1 if fp8_act else max(1, cdiv(2 * 132, m_tiles * g * n_tiles)))
+    want = bs.k_splits or (1 if fp8_act else max(1, cdiv(2 * H100_SMS, m_tiles * g * n_tiles)))
     splits = max(d for d in range(1, min(want, k_tiles) + 1) if k_tiles % d == 0)  # equal, static trip counts
     out_dtype = x.dtype if splits == 1 else jnp.float32
     kernel = functools.partial(_kernel, bk=bk, bn=bn, block=block, tiles_per_split=k_tiles // splits,

@@ -10,8 +10,10 @@ from jax._src.mesh import AbstractDevice
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import AbstractMesh
 
+from pallas_kernels.common import H100_SMS
+
 KERNEL_CALLS = (pltriton.CUSTOM_CALL_TARGET_NAME, "mosaic_gpu_v2")  # Pallas Triton and Mosaic GPU kernels
-H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=H100_SMS, platform="gpu")
 
 
 def export_for_h100(fn, *args) -> str:

@@ -21,7 +21,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import mla_decode_mgpu
-from pallas_kernels.common import cdiv, next_pow2, pad_to, quantize_rows_int8, resolve_backend, resolve_interpret
+from pallas_kernels.common import (H100_SMS, cdiv, next_pow2, pad_to, quantize_rows_int8, resolve_backend,
+                                   resolve_interpret)
 from pallas_kernels.mla_decode_mgpu import MosaicBlockSizes
 
 LOG2E = math.log2(math.e)
@@ -170,7 +171,7 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
         caches = [pad_to(c, 1, s_pad) for c in caches]
         cache_specs = [pl.BlockSpec((None, s_pad, *c.shape[2:]), lambda i, j, k, n=c.ndim: (i,) + (0,) * (n - 1))
                        for c in caches]
-    k_splits = bs.k_splits or max(1, min(cdiv(2 * 132, b * head_blocks), cdiv(s_len, 2 * block_k)))
+    k_splits = bs.k_splits or max(1, min(cdiv(2 * H100_SMS, b * head_blocks), cdiv(s_len, 2 * block_k)))
     split_len = cdiv(cdiv(s_len, k_splits), block_k) * block_k
     lengths = jnp.minimum(jnp.asarray(lengths, jnp.int32), s_len).reshape(b, 1)
     kernel = functools.partial(_kernel, scale=sm_scale * LOG2E, block_k=block_k, split_len=split_len, qk_int8=qk_int8,
@@ -217,8 +218,8 @@ def _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale, block_size
     s_pad = cdiv(s_len, bk) * bk
     h_pad = cdiv(h, mla_decode_mgpu.HEADS) * mla_decode_mgpu.HEADS
     programs = b * (h_pad // mla_decode_mgpu.HEADS)
-    # splits while a whole wave of programs fits the 132 SMs (B=64 x 2 head blocks: 1; the seed's 16 x 2: 4)
-    k_splits = block_sizes.k_splits or max(1, min(132 // programs, cdiv(s_len, 2 * bk)))
+    # splits while a whole wave of programs fits the SMs (B=64 x 2 head blocks: 1; the seed's 16 x 2: 4)
+    k_splits = block_sizes.k_splits or max(1, min(H100_SMS // programs, cdiv(s_len, 2 * bk)))
     o, lse2 = mla_decode_mgpu.decode(
         pad_to(q_latent, 1, h_pad), pad_to(q_pe, 1, h_pad), pad_to(kv_cache, 1, s_pad), pad_to(pe_cache, 1, s_pad),
         jnp.minimum(jnp.asarray(lengths, jnp.int32), s_len), scale_log2=sm_scale * LOG2E, block_sizes=block_sizes,

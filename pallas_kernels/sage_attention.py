@@ -50,17 +50,20 @@ class BlockSizes:
         return self.block_q
 
 
-def _request_means(x, cu):
-    """Per-request mean over tokens of x [T, H, D] -> [B, H, D], as a one-hot matmul (no scatter)."""
-    seg, off = segments(cu, x.shape[0])
+def _request_means(parts, cu):
+    """Per-request means over tokens of each of `parts` (x [T, H, D_i]) -> ([B, H, D_i] per part, the request of each
+    token), as one-hot matmuls (no scatter) sharing one membership matrix."""
+    seg, off = segments(cu, parts[0].shape[0])
     member = (jnp.arange(cu.shape[0] - 1)[:, None] == seg[None, :]) & (off < (cu[1:] - cu[:-1])[seg])[None, :]
-    count = jnp.maximum(cu[1:] - cu[:-1], 1).astype(jnp.float32)
-    if x.dtype in (jnp.bfloat16, jnp.float16):  # 0/1 times a 16-bit value is exact: a 16-bit matmul, f32 sums
-        sums = jnp.einsum("bt,thd->bhd", member.astype(x.dtype), x, preferred_element_type=jnp.float32)
-    else:
-        sums = jnp.einsum("bt,thd->bhd", member.astype(jnp.float32), x.astype(jnp.float32),
-                          precision=jax.lax.Precision.HIGHEST)
-    return sums / count[:, None, None], seg
+    count = jnp.maximum(cu[1:] - cu[:-1], 1).astype(jnp.float32)[:, None, None]
+
+    def mean(x):
+        if x.dtype in (jnp.bfloat16, jnp.float16):  # 0/1 times a 16-bit value is exact: a 16-bit matmul, f32 sums
+            return jnp.einsum("bt,thd->bhd", member.astype(x.dtype), x, preferred_element_type=jnp.float32) / count
+        return jnp.einsum("bt,thd->bhd", member.astype(jnp.float32), x.astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST) / count
+
+    return [mean(x) for x in parts], seg
 
 
 def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, qs_ref, ks_ref, *refs, block_q, block_k, group, causal,
@@ -166,9 +169,7 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     nb = cu_q.shape[0] - 1
     means = None
     if smooth_k and tk:
-        means = [_request_means(x, cu_k) for x in kp]
-        seg_k = means[0][1]
-        means = [m for m, _ in means]
+        means, seg_k = _request_means(kp, cu_k)
     # request-aligned query blocks: a static bound on their number, each (request, block index) from cu_q
     rows = bs.program_rows  # query rows per program
     nqb = cdiv(tq, rows) + nb
