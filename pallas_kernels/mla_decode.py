@@ -222,14 +222,17 @@ def _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale, block_size
     k_splits = block_sizes.k_splits or max(1, min(H100_SMS // programs, cdiv(s_len, 2 * bk)))
     o, lse2 = mla_decode_mgpu.decode(
         pad_to(q_latent, 1, h_pad), pad_to(q_pe, 1, h_pad), pad_to(kv_cache, 1, s_pad), pad_to(pe_cache, 1, s_pad),
-        jnp.minimum(jnp.asarray(lengths, jnp.int32), s_len), scale_log2=sm_scale * LOG2E, block_sizes=block_sizes,
+        jnp.asarray(lengths, jnp.int32), max_len=s_len, scale_log2=sm_scale * LOG2E, block_sizes=block_sizes,
         k_splits=k_splits, interpret=interpret)
     return _merge_splits(o, lse2, h, return_lse)
 
 
 def _merge_splits(o, lse2, h: int, return_lse: bool):
     """Combine the splits' normalised outputs o [B, splits, Hp, L] with their base-2 LSEs [B, splits, Hp] (-inf:
-    the split saw no key) -> o [B, h, L] in o's dtype (zeros where no split saw a key), and the natural-log LSE."""
+    the split saw no key) -> o [B, h, L] in o's dtype (zeros where no split saw a key), and the natural-log LSE.
+    A single split is the answer already (B=64 x 128 heads fills the GPU unsplit): no pass over o."""
+    if o.shape[1] == 1:
+        return (o[:, 0, :h], lse2[:, 0, :h] / LOG2E) if return_lse else o[:, 0, :h]
     top = lse2.max(axis=1)
     top_safe = jnp.where(jnp.isfinite(top), top, 0.0)
     w = jnp.exp2(lse2 - top_safe[:, None])  # [B, splits, Hp]; 0 for empty splits

@@ -48,10 +48,11 @@ def unsupported(lat: int, rope: int, dtype, kv_dtype) -> str | None:
     return None
 
 
-def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, block_sizes: MosaicBlockSizes,
-           k_splits: int, interpret: bool = False):
+def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, max_len: int, scale_log2: float,
+           block_sizes: MosaicBlockSizes, k_splits: int, interpret: bool = False):
     """q_latent [B, Hp, L], q_pe [B, Hp, R] (Hp a multiple of 64), kv_cache [B, S, L], pe_cache [B, S, R] (S a
-    multiple of block_k), lengths [B] int32; scale_log2 = sm_scale * log2(e). Returns per split
+    multiple of block_k), lengths [B] int32, clamped here to max_len (the rows before any padding of S);
+    scale_log2 = sm_scale * log2(e). Returns per split
     (o [B, splits, Hp, L] normalised, in the caches' dtype; lse2 [B, splits, Hp] base 2, -inf where empty)."""
     bs = block_sizes
     bk, stages = bs.block_k, bs.stages
@@ -68,7 +69,7 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, scale_log2: float, bl
         req = lax.div(prog, jnp.int32(head_blocks * k_splits))
         hb = lax.rem(lax.div(prog, jnp.int32(k_splits)), jnp.int32(head_blocks))
         split = lax.rem(prog, jnp.int32(k_splits))
-        length = len_ref[req]
+        length = jnp.minimum(len_ref[req], jnp.int32(max_len))
         start = split * split_len
         steps = jnp.maximum(lax.div(jnp.minimum(start + split_len, length) - start + (bk - 1), jnp.int32(bk)), 0)
         h0 = hb * HEADS

@@ -21,22 +21,23 @@ def make(rng, b, h, lat, rope, s, dtype, offset=0.0):
     return r(b, h, lat), r(b, h, rope), r(b, s, lat), r(b, s, rope)
 
 
-CASES = [  # b, heads, latent, rope, cache len, lengths
-    (1, 1, 32, 16, 64, [1]),
-    (3, 16, 64, 16, 320, [0, 7, 300]),
-    (2, 5, 32, 16, 100, [100, 1]),  # cache length not a multiple of the block: padded copy
-    (4, 20, 32, 16, 256, [0, 0, 0, 0]),
+CASES = [  # b, heads, latent, rope, cache len, lengths, sequence splits (1: no merge pass)
+    (1, 1, 32, 16, 64, [1], 3),
+    (3, 16, 64, 16, 320, [0, 7, 300], 3),
+    (3, 16, 64, 16, 320, [0, 7, 300], 1),
+    (2, 5, 32, 16, 100, [100, 1], 3),  # cache length not a multiple of the block: padded copy
+    (4, 20, 32, 16, 256, [0, 0, 0, 0], 3),
 ]
 
 
-@pytest.mark.parametrize("b,h,lat,rope,s,lengths", CASES)
+@pytest.mark.parametrize("b,h,lat,rope,s,lengths,splits", CASES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_matches_reference(b, h, lat, rope, s, lengths, dtype):
+def test_matches_reference(b, h, lat, rope, s, lengths, splits, dtype):
     rng = np.random.default_rng(len(lengths) * 100 + h)
     q, qp, kv, pe = make(rng, b, h, lat, rope, s, dtype)
     lengths = jnp.asarray(lengths, jnp.int32)
     out, lse = mla_decode(q, qp, kv, pe, lengths, sm_scale=0.2, return_lse=True, interpret=True,
-                          block_sizes=MLADecodeBlockSizes(block_k=32, k_splits=3))
+                          block_sizes=MLADecodeBlockSizes(block_k=32, k_splits=splits))
     ref, ref_lse = mla_decode_reference(q, qp, kv, pe, lengths, sm_scale=0.2, return_lse=True)
     assert out.dtype == dtype and out.shape == (b, h, lat)
     tol = 2e-5 if dtype == jnp.float32 else 2e-2
@@ -186,10 +187,11 @@ def test_int8_and_paged_lower_for_h100(qk_int8):
 
 
 # ------------------------------------------------------------------ the Mosaic GPU kernel (TMA, two warpgroups)
-@pytest.mark.parametrize("b,h,s,lengths,splits", [(3, 20, 100, [0, 37, 100], 2), (2, 128, 256, [1, 200], 3)])
+@pytest.mark.parametrize("b,h,s,lengths,splits", [(3, 20, 100, [0, 37, 100], 2), (3, 20, 100, [0, 37, 150], 1),
+                                                   (2, 128, 256, [1, 200], 3)])
 def test_mosaic_matches_reference(b, h, s, lengths, splits):
     """backend="mosaic" in the Mosaic GPU interpreter (bf16): heads padded to its 64-head tiles, caches to whole key
-    tiles, splits merged by their LSE; empty requests give zeros and -inf."""
+    tiles, splits merged by their LSE; empty requests give zeros and -inf; a length past the cache reads the cache."""
     from pallas_kernels.mla_decode_mgpu import MosaicBlockSizes
 
     rng = np.random.default_rng(b + h)
