@@ -2,7 +2,10 @@
 jitted program over distinct weight copies (larger than the L2 together), so that neither the host's dispatch nor
 the L2 flatters a configuration. Prints the best configurations per projection with their TB/s of FP8 weight bytes.
 
-    PYTHONPATH=. python bench/fp8_tune.py [--shapes o_proj,q_b_proj] [--grid wide] [--mosaic] [--out bench/results/fp8_tune.json]
+    PYTHONPATH=. python bench/fp8_tune.py [--shapes o_proj,q_b_proj] [--grid wide|mosaic] [--mosaic]
+        [--out bench/results/fp8_tune.json]
+
+--grid mosaic sweeps the Mosaic weight-only kernel (2-D HF-layout weights) beside the Triton kernel's default.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from bench.kernels import timed_in_graph
-from pallas_kernels.fp8_matmul import BlockSizes, fp8_matmul, quantize
+from pallas_kernels.fp8_matmul import BlockSizes, fp8_matmul, fp8_matmul_reference, quantize
+from pallas_kernels.fp8_matmul_mgpu import MosaicBlockSizes
 
 M = 16
 SHAPES = {  # name: (w shape, transpose_w, x shape)
@@ -31,7 +35,9 @@ SHAPES = {  # name: (w shape, transpose_w, x shape)
 GRIDS = {  # block_n, k_splits, warps, stages
     "default": list(itertools.product((64, 128), (None, 2, 4, 8, 16), (4,), (3, 5))),
     "wide": list(itertools.product((32, 64), (None, 4, 8, 16), (4, 8), (4, 6, 8))),
+    "mosaic": [(64, None, 4, 3)],  # the Triton default, beside MOSAIC_GRID
 }
+MOSAIC_GRID = list(itertools.product((None, 1, 2, 4, 8, 16), (3, 4, 6)))  # weight-only: k_splits, stages
 
 
 MOSAIC_SHAPES = {"o_proj": (7168, 16384), "q_b_proj": (24576, 1536)}  # FP8 x FP8 at prefill sizes
@@ -40,7 +46,6 @@ MOSAIC_SHAPES = {"o_proj": (7168, 16384), "q_b_proj": (24576, 1536)}  # FP8 x FP
 def mosaic_sweep(m: int = 704) -> dict:
     """The Mosaic FP8 x FP8 kernel's block sizes at prefill token counts (whole-call timing: these calls are long)."""
     from bench.kernels import timed
-    from pallas_kernels.fp8_matmul_mgpu import MosaicBlockSizes
 
     out = {}
     for name, (n, k) in MOSAIC_SHAPES.items():
@@ -82,24 +87,31 @@ def main():
         for i in range(copies):
             w, s = quantize(jax.random.normal(jax.random.key(i), w_shape, jnp.float32) / w_shape[-1] ** 0.5, 128)
             sets.append((jax.random.normal(jax.random.key(100 + i), x_shape, jnp.bfloat16), w, s))
+        configs = [(BlockSizes(block_m=16, block_n=bn, k_splits=splits, num_warps=warps, num_stages=stages),
+                    {"backend": "triton", "block_n": bn, "k_splits": splits, "num_warps": warps, "num_stages": stages})
+                   for bn, splits, warps, stages in GRIDS[args.grid]]
+        if args.grid == "mosaic" and len(w_shape) == 2:
+            configs += [(MosaicBlockSizes(k_splits=splits, stages=stages),
+                         {"backend": "mosaic", "k_splits": splits, "num_stages": stages})
+                        for splits, stages in MOSAIC_GRID]
+        want = fp8_matmul_reference(*sets[0], transpose_w=transpose_w).astype(jnp.float32)
         rows = []
-        for bn, splits, warps, stages in GRIDS[args.grid]:
-            bs = BlockSizes(block_m=16, block_n=bn, k_splits=splits, num_warps=warps, num_stages=stages)
+        for bs, row in configs:
             fn = lambda x, w, s, bs=bs: fp8_matmul(x, w, s, transpose_w=transpose_w, block_sizes=bs)  # noqa: E731
             try:
+                got = jax.jit(fn)(*sets[0]).astype(jnp.float32)
                 ms = timed_in_graph(fn, sets)
             except Exception as e:  # noqa: BLE001 - a configuration that does not compile is skipped
                 print(f"  {name} {bs}: failed {str(e)[:100]}")
                 continue
-            rows.append({"us": ms * 1e3, "TBps": (nbytes + sets[0][2].nbytes) / ms / 1e9, "block_n": bn,
-                         "k_splits": splits, "num_warps": warps, "num_stages": stages})
+            err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+            rows.append({"us": ms * 1e3, "TBps": (nbytes + sets[0][2].nbytes) / ms / 1e9, "rel_err": err, **row})
         rows.sort(key=lambda r: r["us"])
         res["shapes"][name] = rows
-        default = next((r for r in rows if r["block_n"] == 128 and r["k_splits"] is None and r["num_stages"] == 3), None)
-        print(f"{name} {w_shape} M={M}: default {default and round(default['us'], 1)} us; best:", flush=True)
-        for r in rows[:4]:
-            print(f"    {r['us']:.1f} us {r['TBps']:.2f} TB/s  bn={r['block_n']} splits={r['k_splits']} "
-                  f"warps={r['num_warps']} stages={r['num_stages']}")
+        print(f"{name} {w_shape} M={M}; best:", flush=True)
+        for r in rows[:6]:
+            print(f"    {r['us']:.1f} us {r['TBps']:.2f} TB/s err {r['rel_err']:.1e} "
+                  + " ".join(f"{k}={v}" for k, v in r.items() if k not in ("us", "TBps", "rel_err")))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
 

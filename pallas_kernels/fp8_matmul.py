@@ -188,6 +188,26 @@ def _mosaic(x, w, w_scale, *, block, transpose_w, activations, block_sizes, inte
     return y[:m, :n]
 
 
+def _mosaic_weight_only_applies(x, w, block, transpose_w, activations) -> bool:
+    """The Mosaic weight-only kernel's scope: 16-bit x [M, K] (M <= 256) @ w [N, K]^T, 128-blocks, N a multiple of
+    64 and K of 128 (R1's q_a, q_b, kv_a and o_proj), bf16 activations."""
+    n, k = w.shape[-2:]
+    return (x.ndim == 2 and w.ndim == 2 and transpose_w and block == fp8_matmul_mgpu.BLOCK
+            and not _use_fp8_activations(activations, x.shape[0]) and x.shape[0] <= 256
+            and x.dtype in (jnp.bfloat16, jnp.float16) and n % fp8_matmul_mgpu.WEIGHT_ROWS == 0 and k % block == 0)
+
+
+def _mosaic_weight_only(x, w, w_scale, *, block_sizes, interpret):
+    """The Mosaic weight-only kernel (calls inside `_mosaic_weight_only_applies`): tokens padded to a multiple of 8,
+    K split so that a few programs per SM are resident; partial sums added and transposed here."""
+    m, (n, k) = x.shape[0], w.shape
+    k_steps = k // fp8_matmul_mgpu.BLOCK
+    splits = block_sizes.k_splits or max(1, min(cdiv(4 * H100_SMS, n // fp8_matmul_mgpu.WEIGHT_ROWS), k_steps // 4))
+    parts = fp8_matmul_mgpu.weight_only(pad_to(x, 0, cdiv(m, 8) * 8), w, w_scale.astype(jnp.float32),
+                                        k_splits=min(splits, k_steps), stages=block_sizes.stages, interpret=interpret)
+    return parts.sum(0).T[:m].astype(x.dtype)
+
+
 def _check_shapes(x, w, w_scale, block, transpose_w) -> tuple[int, int, int]:
     """(groups, N, K) of a valid call (groups 1 for a 2-D w); a clear error otherwise."""
     if w.dtype != E4M3:
@@ -240,9 +260,13 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
         if _mosaic_applies(x, w, block, transpose_w, activations):
             return _mosaic(x, w, w_scale, block=block, transpose_w=transpose_w, activations=activations,
                            block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp)
+        if explicit and _mosaic_weight_only_applies(x, w, block, transpose_w, activations):
+            return _mosaic_weight_only(x, w, w_scale, block_sizes=block_sizes or MosaicBlockSizes(stages=4),
+                                       interpret=interp)
         if explicit:
-            raise ValueError("fp8_matmul backend='mosaic' runs the FP8-activation path of x [M, K] @ w [N, K]^T with "
-                             "128-blocks (activations='fp8', or 'auto' with M >= 128): use backend='triton'")
+            raise ValueError("fp8_matmul backend='mosaic' runs x [M, K] @ w [N, K]^T with 128-blocks: the FP8-activation "
+                             "path (activations='fp8', or 'auto' with M >= 128) and the weight-only one (16-bit x, "
+                             "M <= 256, N a multiple of 64, K of 128): use backend='triton'")
     bs = block_sizes or BlockSizes()
     grouped = w.ndim == 3
     w3 = w if grouped else w[None]

@@ -1,4 +1,6 @@
-"""fp8_matmul's FP8-activation path for Hopper on the Mosaic GPU backend: e4m3 x e4m3 warpgroup MMAs with
+"""fp8_matmul's kernels for Hopper on the Mosaic GPU backend.
+
+`matmul`, the FP8-activation path: e4m3 x e4m3 warpgroup MMAs with
 DeepSeek's per-128-K promotion (as in DeepGEMM): each 128-wide K step multiplies one [64, K-block] tile of the
 quantised activations with one [128, K-block] tile of the weight into a fresh float32 accumulator, which is scaled
 by the token's activation scale times the weight block's scale and added to the running float32 sum. Operand tiles
@@ -6,6 +8,14 @@ arrive by TMA through `stages` shared-memory buffers while the previous step mul
 [64, 128] output tile.
 
 Both operands are K-major, as FP8 wgmma requires: x [M, K] and w in HF row layout [N, K].
+
+`weight_only`, the memory-bound decode path (16-bit activations, a few tokens): the product is computed transposed,
+y^T = W x^T, so that the weight is the MMA's left operand and the tokens its narrow right one (wgmma's N may be
+8..256: no padding of the tokens to 64). Each program streams [64, 128] e4m3 tiles of its 64 weight rows by TMA
+through `stages` buffers, widens each tile in registers to x's dtype (exact: e4m3 fits bf16 / f16), multiplies it
+with the [128, tokens] x tile into a fresh float32 accumulator and adds that times the tile's block scale to the
+running sum (the block-scale promotion of the Triton kernel). The K loop is split across programs (split-K); the
+float32 partial sums [splits, N, tokens] are added (and transposed) in XLA.
 """
 
 from __future__ import annotations
@@ -25,8 +35,12 @@ BLOCK = 128  # DeepSeek's scale block: one weight scale per 128 x 128, one activ
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBlockSizes:
-    block_m: int = 64  # token rows per program (one warpgroup MMA tile)
+    block_m: int = 64  # token rows per program (one warpgroup MMA tile; FP8-activation path)
     stages: int = 3  # K steps in flight
+    k_splits: int | None = None  # weight-only path: K splits; None: enough programs to fill an H100 a few times
+
+
+WEIGHT_ROWS = 64  # weight-only path: weight rows per program (the MMA's M)
 
 
 def matmul(xq, xs_t, w, ws, *, out_dtype, block_sizes: MosaicBlockSizes = MosaicBlockSizes(), interpret=False):
@@ -81,3 +95,62 @@ def matmul(xq, xs_t, w, ws, *, out_dtype, block_sizes: MosaicBlockSizes = Mosaic
         grid_names=("m", "n"),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
     )(xq, xs_t, w, ws)
+
+
+def weight_only(x, w, ws, *, k_splits: int, stages: int, interpret=False):
+    """x [Mp, K] bf16 / f16 with Mp a multiple of 8 (<= 256), K of 128; w [N, K] e4m3 with N a multiple of 64;
+    ws [ceil(N / 128), K / 128] float32. Returns float32 partial sums [k_splits, N, Mp] whose sum over the first
+    axis is (x @ dequant(w)^T)^T."""
+    mp, k = x.shape
+    n = w.shape[0]
+    k_steps = k // BLOCK
+    per = -(-k_steps // k_splits)  # K steps per split; the last split may have fewer (or none)
+    wgmma = plgpu.Layout.WGMMA
+
+    def body(x_ref, w_ref, ws_ref, o_ref, x_smem, w_smem, bar, *a_smem):
+        ni, si = lax.axis_index("n"), lax.axis_index("s")
+        n0 = pl.multiple_of(ni * WEIGHT_ROWS, WEIGHT_ROWS)
+        nb = lax.div(ni, jnp.int32(BLOCK // WEIGHT_ROWS))  # the weight rows' scale block
+        j0 = si * per
+        steps = jnp.clip(k_steps - j0, 0, per)
+
+        def fetch(j, slot):
+            k0 = pl.multiple_of((j0 + j) * BLOCK, BLOCK)
+            plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(k0, BLOCK)], x_smem.at[slot], bar.at[slot])
+            plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(n0, WEIGHT_ROWS), pl.ds(k0, BLOCK)], w_smem.at[slot], bar.at[slot])
+
+        for s in range(stages):
+            pl.when(s < steps)(lambda s=s: fetch(s, s))
+
+        def step(j, acc):
+            slot = lax.rem(j, jnp.int32(stages))
+            plgpu.barrier_wait(bar.at[slot])
+            scale = ws_ref[nb, j0 + j]
+            a = plgpu.layout_cast(plgpu.load(w_smem.at[slot], layout=plgpu.Layout.WGMMA_UPCAST_2X), wgmma)
+            a = a.astype(jnp.float16).astype(x.dtype) if x.dtype != jnp.float16 else a.astype(x.dtype)
+            if interpret:  # the interpreter's wgmma takes its left operand from shared memory only
+                a_smem[0][...] = a
+                plgpu.commit_smem()
+                a = a_smem[0]
+
+            def mma(acc_ref):
+                plgpu.wgmma(acc_ref, a, x_smem.at[slot].transpose((1, 0)))
+                return acc_ref[...]
+
+            part = pl.run_scoped(mma, plgpu.ACC((WEIGHT_ROWS, mp), jnp.float32))
+            pl.when(j + stages < steps)(lambda: fetch(j + stages, slot))  # the slot's operands are consumed
+            return acc + part * scale
+
+        acc = lax.fori_loop(0, steps, step, plgpu.layout_cast(jnp.zeros((WEIGHT_ROWS, mp), jnp.float32), wgmma))
+        o_ref[si, pl.ds(n0, WEIGHT_ROWS), :] = acc
+
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((k_splits, n, mp), jnp.float32),
+        scratch_types=[smem((stages, mp, BLOCK), x.dtype), smem((stages, WEIGHT_ROWS, BLOCK), w.dtype),
+                       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                       *([smem((WEIGHT_ROWS, BLOCK), x.dtype)] if interpret else [])],
+        grid=(n // WEIGHT_ROWS, k_splits),
+        grid_names=("n", "s"),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+    )(x, w, ws)
