@@ -27,7 +27,9 @@ def resolve_interpret(interpret: bool | None) -> bool:
 # Which Pallas GPU backend each kernel uses when the caller does not say (backend=None, no block sizes); the one
 # place to flip. Measured on one H100 (bench/RESULTS.md, 2026-11-25): fp8_matmul's Mosaic FP8 x FP8 kernel beat the
 # Triton one at every R1 projection at 704 tokens (o_proj 0.295 vs 0.520 ms, q_b 0.126 vs 0.166), so it is the
-# default for the FP8-activation path (the weight-only decode path has no Mosaic kernel and stays on Triton).
+# default for the FP8-activation path; its weight-only kernel (2-D weights) beat the Triton one at 16 tokens at R1's
+# o_proj (49 vs ~56 us) and q_a (9.3 vs 12.4), tied at q_b (20.2 vs 20.0) and lost at kv_a (9.1 vs 8.2; fp8_tune.py
+# --grid mosaic, 2026-11-26), so it is the default there too (grouped W_UK / W_UV stay on Triton).
 # mla_decode's Mosaic kernel (scores once per tile, P shared between its two warpgroups) reads the cache at
 # 2.05 TB/s at B=64 L=4096 vs 0.87 for the Triton one (bench/kernels.py, 5395a1a), and is faster at the seed case
 # (19-21 vs 24-29 us in-graph).

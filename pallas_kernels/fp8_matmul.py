@@ -5,7 +5,9 @@ Three paths, chosen by the token count M and the activation format:
 - weight-only (decode, M < 128): each program streams 128-wide K tiles of its weight columns as FP8 (half the bytes
   of bf16), widens them exactly to x's dtype in registers, multiplies with x on the tensor cores and adds the
   tile's product times its block scale into a float32 accumulator. Memory-bound: the K loop is split across
-  programs (split-K, partial sums added in XLA) so that a few output tiles still fill the GPU.
+  programs (split-K, partial sums added in XLA) so that a few output tiles still fill the GPU. Two kernels: the
+  Triton one (every layout) and the Mosaic GPU one (fp8_matmul_mgpu.weight_only: TMA-fed, y^T = W x^T on wgmma;
+  2-D HF-layout weights with N a multiple of 64), the GPU default where it applies.
 - FP8 activations (prefill, M >= 128): x is quantised per token per 128 channels first (DeepSeek's `act_quant`:
   s = max(|x|, 1e-4) / 448, x / s in e4m3; one fused XLA pass), then the kernel runs FP8 x FP8 dots with float32
   accumulation, scaling each 128-wide partial product by s_x[m] * s_w before adding it (the per-block promotion
@@ -198,11 +200,14 @@ def _mosaic_weight_only_applies(x, w, block, transpose_w, activations) -> bool:
 
 
 def _mosaic_weight_only(x, w, w_scale, *, block_sizes, interpret):
-    """The Mosaic weight-only kernel (calls inside `_mosaic_weight_only_applies`): tokens padded to a multiple of 8,
-    K split so that a few programs per SM are resident; partial sums added and transposed here."""
+    """The Mosaic weight-only kernel (calls inside `_mosaic_weight_only_applies`): tokens padded to a multiple of 8;
+    K split into the largest power of two that keeps the programs within two per SM and >= 4 K steps each (the
+    best or near it at R1's four projections, `bench/fp8_tune.py --grid mosaic`); partial sums added and transposed
+    here."""
     m, (n, k) = x.shape[0], w.shape
     k_steps = k // fp8_matmul_mgpu.BLOCK
-    splits = block_sizes.k_splits or max(1, min(cdiv(4 * H100_SMS, n // fp8_matmul_mgpu.WEIGHT_ROWS), k_steps // 4))
+    fit = min(2 * H100_SMS // (n // fp8_matmul_mgpu.WEIGHT_ROWS), k_steps // 4)
+    splits = block_sizes.k_splits or 1 << max(fit, 1).bit_length() - 1
     parts = fp8_matmul_mgpu.weight_only(pad_to(x, 0, cdiv(m, 8) * 8), w, w_scale.astype(jnp.float32),
                                         k_splits=min(splits, k_steps), stages=block_sizes.stages, interpret=interpret)
     return parts.sum(0).T[:m].astype(x.dtype)
@@ -244,9 +249,9 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     activations: "auto" (bf16 x with FP8 weights below 128 tokens, FP8 x at 128 and above), "bf16" or "fp8".
     bf16 activations at M >= DEQUANTIZE_MIN_M take the dequantised path (XLA's GEMM on the widened weight) unless a
     backend or block sizes ask for a kernel.
-    backend: "triton" (every layout) or "mosaic" (fp8_matmul_mgpu.py: FP8 x FP8 wgmma; the
-    FP8-activation path of a 2-D x and a 2-D HF-layout weight with 128-blocks); None: the backend that
-    block_sizes belong to, else common.DEFAULT_BACKEND.
+    backend: "triton" (every layout) or "mosaic" (fp8_matmul_mgpu.py, a 2-D x and a 2-D HF-layout weight with
+    128-blocks: FP8 x FP8 wgmma on the FP8-activation path, the weight-only kernel for 16-bit x of <= 256 tokens
+    with N a multiple of 64); None: the backend that block_sizes belong to, else common.DEFAULT_BACKEND.
     """
     interp = resolve_interpret(interpret)
     g, n, k = _check_shapes(x, w, w_scale, block, transpose_w)
@@ -260,7 +265,7 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
         if _mosaic_applies(x, w, block, transpose_w, activations):
             return _mosaic(x, w, w_scale, block=block, transpose_w=transpose_w, activations=activations,
                            block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp)
-        if explicit and _mosaic_weight_only_applies(x, w, block, transpose_w, activations):
+        if _mosaic_weight_only_applies(x, w, block, transpose_w, activations):
             return _mosaic_weight_only(x, w, w_scale, block_sizes=block_sizes or MosaicBlockSizes(stages=4),
                                        interpret=interp)
         if explicit:
