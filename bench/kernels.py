@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import commit, copy_bandwidth
+from bench.common import commit, copy_bandwidth, gpu_kernel_times
 from jaxlm.seed import DECODE_PAST, median_ms
 from pallas_kernels import mla_decode, mla_decode_reference
 from pallas_kernels.common import DEFAULT_BACKEND, quantize_rows_int8
@@ -65,6 +65,14 @@ def fresh_copies(args, n: int, seed: int = 0) -> list[tuple]:
         return jax.random.normal(jax.random.fold_in(jax.random.key(seed + i), j), x.shape, x.dtype)
 
     return [tuple(fresh(i, j, x) for j, x in enumerate(args)) for i in range(n)]
+
+
+def gpu_ms(fn, *args, calls=20) -> float | None:
+    """GPU kernel time per call of fn(*args) from a profiler trace (None without a GPU): the kernels' own cost, without
+    the host's dispatch, which on the GPU machine's host exceeds a short kernel's time."""
+    run = lambda: jax.block_until_ready(fn(*args))  # noqa: E731
+    run()
+    return gpu_kernel_times(run, calls)["busy_ms"]
 
 
 def _try_ms(key, fn, *args) -> dict:
@@ -112,7 +120,8 @@ def mla_decode_cases(scale=0.1352338):
                           "triton_rel_err": float(np.linalg.norm(out_mg - want) / np.linalg.norm(want))}
             except Exception as e:  # a compile or launch failure on the card: record and go on
                 other = {"triton": f"failed: {str(e)[:200]}"}
-            rows.append({"B": b, "L": length, "pallas_ms": t_k, "xla_ms": t_x, "rel_err": err, **other,
+            gpu = {"pallas_gpu_ms": gpu_ms(kernel, q, qp, kv, pe, lens)} if (b, length) == (64, 4096) else {}
+            rows.append({"B": b, "L": length, "pallas_ms": t_k, "xla_ms": t_x, "rel_err": err, **other, **gpu,
                          "int8_cache_ms": t_c8, "int8_cache_TBps": (nbytes - b * length * 508) / t_c8 / 1e9,
                          "int8_cache_rel_err": float(np.linalg.norm(out_c8 - want) / np.linalg.norm(want)),
                          "qk_int8_ms": t_8, "qk_int8_TBps": nbytes / t_8 / 1e9,
@@ -134,6 +143,8 @@ def mla_decode_cases(scale=0.1352338):
         in_graph["triton_in_graph_ms"] = timed_in_graph(kernel_mg, sets)
     except Exception as e:  # a compile or launch failure on the card: record and go on
         in_graph["triton_in_graph"] = f"failed: {str(e)[:200]}"
+    in_graph["pallas_gpu_ms"] = gpu_ms(kernel, *args)
+    in_graph["triton_gpu_ms"] = gpu_ms(kernel_mg, *args)
     rows.append({"B": b, "L": "seed 50-400", "pallas_ms": t, "xla_ms": timed(ref, *args), "seed": True, **in_graph,
                  "int8_cache_ms": timed(functools.partial(kernel_c8, s=kv_s), *args[:2], kv8, *args[3:]),
                  **_try_ms("triton_ms", kernel_mg, *args),
@@ -272,7 +283,11 @@ def sage_summary(sage: list[dict]) -> dict:
 def mla_decode_summary(rows: list[dict]) -> dict:
     b64 = next(r for r in rows if r["B"] == 64 and r["L"] == 4096)
     seed_row = next(r for r in rows if r.get("seed"))
+    nbytes = 64 * 4096 * 1152 + 64 * 128 * 1088 * 2
+    gpu = lambda ms, scale: None if ms is None else scale(ms)  # noqa: E731  (no trace: None)
     return dict(mla_decode_tbps_b64_l4096=b64["pallas_TBps"], mla_decode_seed_us=1e3 * seed_row["pallas_ms"],
+                mla_decode_tbps_b64_l4096_gpu=gpu(b64.get("pallas_gpu_ms"), lambda ms: nbytes / ms / 1e9),
+                mla_decode_seed_gpu_us=gpu(seed_row.get("pallas_gpu_ms"), lambda ms: 1e3 * ms),
                 mla_decode_seed_in_graph_us=1e3 * seed_row["pallas_in_graph_ms"],
                 mla_decode_int8_cache_b64_l4096_ms=b64["int8_cache_ms"],
                 mla_decode_triton_tbps_b64_l4096=b64.get("triton_TBps"),
@@ -301,7 +316,9 @@ def print_mla_decode(rows, dev):
             print(f"seed case (16 requests, 50-400): {r['pallas_ms'] * 1e3:.1f} us (qk_int8 {r['qk_int8_ms'] * 1e3:.1f} us, "
                   f"int8 cache {r['int8_cache_ms'] * 1e3:.1f} us, triton {1e3 * r.get('triton_ms', float('nan')):.1f} us, "
                   f"XLA {r['xla_ms'] * 1e3:.1f} us); inside one jitted program: {r['pallas_in_graph_ms'] * 1e3:.1f} us "
-                  f"(triton {1e3 * r.get('triton_in_graph_ms', float('nan')):.1f} us, XLA {r['xla_in_graph_ms'] * 1e3:.1f} us)")
+                  f"(triton {1e3 * r.get('triton_in_graph_ms', float('nan')):.1f} us, XLA {r['xla_in_graph_ms'] * 1e3:.1f} us)"
+                  f"; GPU kernel time per call {1e3 * (r['pallas_gpu_ms'] or float('nan')):.1f} us "
+                  f"(triton {1e3 * (r['triton_gpu_ms'] or float('nan')):.1f} us)")
             continue
         print(f"{r['B']:>3} {r['L']:>6} {r['pallas_ms']:>10.3f} {r['pallas_TBps']:>6.2f} {r['pallas_TFLOPs']:>8.1f} "
               f"{r['xla_ms']:>8.3f} {r['xla_TBps']:>6.2f} {r['speedup_vs_xla']:>7.1f}x {r['rel_err']:>8.1e}  "
@@ -309,6 +326,9 @@ def print_mla_decode(rows, dev):
               f"int8 cache {r['int8_cache_ms']:.3f} ms {r['int8_cache_TBps']:.2f} TB/s err {r['int8_cache_rel_err']:.1e}  "
               + (f"triton {r['triton_ms']:.3f} ms {r['triton_TBps']:.2f} TB/s err {r['triton_rel_err']:.1e}"
                  if r.get("triton_ms") else f"triton {r.get('triton')}"))
+        if r.get("pallas_gpu_ms"):
+            print(f"{'':>10} GPU kernel time per call {r['pallas_gpu_ms']:.3f} ms = "
+                  f"{r['pallas_TBps'] * r['pallas_ms'] / r['pallas_gpu_ms']:.2f} TB/s")
 
 
 def print_fp8(fp8, dev, bw, res):
