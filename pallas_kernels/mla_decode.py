@@ -4,8 +4,8 @@ Flash-decoding (Dao et al., "Flash-Decoding for long-context inference", 2023; s
 `pallas/ops/gpu/decode_attention.py`; MLA layout as in DeepSeek FlashMLA): the grid is
 (request, head block, sequence split); each program streams `block_k` cache rows at a time, scores them as two
 dots (q_latent . kv^T over 512 + q_pe . pe^T over 64, so both are powers of two) with an online base-2 softmax,
-accumulates p . kv into a [block_h, 512] float32 tile, and writes (o, m, l) for its split; the splits are merged
-with their log-sum-exp in XLA. Shorter requests skip the splits past their length. One shared KV "head": the
+accumulates p . kv into a [block_h, 512] float32 tile, and writes its normalised output and log-sum-exp; the
+splits are merged by a small Pallas pass over each request's non-empty splits. Shorter requests skip the splits past their length. One shared KV "head": the
 heads of a block reuse every cache tile they load.
 """
 
@@ -102,8 +102,11 @@ def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, *refs, scale, block_k, spli
     o, m, l = jax.lax.fori_loop(0, steps, body, init)
     has = l > 0  # the split's output normalised (in q's dtype: half the bytes of float32 partials to write and merge)
     l_safe = jnp.where(has, l, 1.0)
-    o_ref[...] = (o / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(has, m + jnp.log2(l_safe), -jnp.inf)
+
+    @pl.when((steps > 0) | (pl.num_programs(2) == 1))  # the merge reads each request's non-empty splits only
+    def _():
+        o_ref[...] = (o / l_safe[:, None]).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(has, m + jnp.log2(l_safe), -jnp.inf)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "qk_int8", "block_sizes", "backend", "interpret",
@@ -172,7 +175,7 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
         cache_specs = [pl.BlockSpec((None, s_pad, *c.shape[2:]), lambda i, j, k, n=c.ndim: (i,) + (0,) * (n - 1))
                        for c in caches]
     k_splits = bs.k_splits or max(1, min(cdiv(2 * H100_SMS, b * head_blocks), cdiv(s_len, 2 * block_k)))
-    split_len = cdiv(cdiv(s_len, k_splits), block_k) * block_k
+    split_len = _split_len(s_len, k_splits, block_k)
     lengths = jnp.minimum(jnp.asarray(lengths, jnp.int32), s_len).reshape(b, 1)
     kernel = functools.partial(_kernel, scale=sm_scale * LOG2E, block_k=block_k, split_len=split_len, qk_int8=qk_int8,
                                int8_cache=int8_cache, paged=paged)
@@ -197,7 +200,7 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
         interpret=interp,
         name="mla_decode",
     )(q_latent, q_pe, *caches[:2], lengths, *caches[2:])
-    return _merge_splits(o, lse2, h, return_lse)
+    return _merge_splits(o, lse2, lengths[:, 0], split_len, s_len, h, return_lse, interp)
 
 
 def _mosaic_unsupported(q_latent, q_pe, kv_cache, pe_cache, qk_int8, kv_scale, block_table) -> str | None:
@@ -220,28 +223,79 @@ def _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale, block_size
     programs = b * (h_pad // mla_decode_mgpu.HEADS)
     # splits while a whole wave of programs fits the SMs (B=64 x 2 head blocks: 1; the seed's 16 x 2: 4)
     k_splits = block_sizes.k_splits or max(1, min(H100_SMS // programs, cdiv(s_len, 2 * bk)))
+    lengths = jnp.asarray(lengths, jnp.int32)
+    split_len = _split_len(s_pad, k_splits, bk)
     o, lse2 = mla_decode_mgpu.decode(
         pad_to(q_latent, 1, h_pad), pad_to(q_pe, 1, h_pad), pad_to(kv_cache, 1, s_pad), pad_to(pe_cache, 1, s_pad),
-        jnp.asarray(lengths, jnp.int32), max_len=s_len, scale_log2=sm_scale * LOG2E, block_sizes=block_sizes,
-        k_splits=k_splits, interpret=interpret)
-    return _merge_splits(o, lse2, h, return_lse)
+        lengths, max_len=s_len, scale_log2=sm_scale * LOG2E, block_sizes=block_sizes, k_splits=k_splits,
+        split_len=split_len, interpret=interpret)
+    return _merge_splits(o, lse2, lengths, split_len, s_len, h, return_lse, interpret)
 
 
-def _merge_splits(o, lse2, h: int, return_lse: bool):
-    """Combine the splits' normalised outputs o [B, splits, Hp, L] with their base-2 LSEs [B, splits, Hp] (-inf:
-    the split saw no key) -> o [B, h, L] in o's dtype (zeros where no split saw a key), and the natural-log LSE.
-    A single split is the answer already (B=64 x 128 heads fills the GPU unsplit): no pass over o."""
-    if o.shape[1] == 1:
-        return (o[:, 0, :h], lse2[:, 0, :h] / LOG2E) if return_lse else o[:, 0, :h]
-    top = lse2.max(axis=1)
+def _split_len(s_len: int, k_splits: int, block_k: int) -> int:
+    """Cache rows per sequence split (whole key tiles): split s covers [s * split_len, (s + 1) * split_len), so a
+    request's non-empty splits are the first ceil(length / split_len)."""
+    return cdiv(cdiv(s_len, k_splits), block_k) * block_k
+
+
+MERGE_UNROLL = 4  # splits whose loads the merge issues together
+
+
+def _merge_kernel(len_ref, o_ref, lse_ref, out_ref, lse_out_ref, *, split_len: int, splits: int, max_len: int):
+    """One (request, 16-head block, latent chunk): the request's non-empty splits only (a prefix: the others were
+    never written), weighted by exp2(lse - max lse); MERGE_UNROLL masked loads in flight at a time."""
+    n = jnp.clip(cdiv(jnp.minimum(len_ref[0], max_len), split_len), 0, splits)
+
+    def splits_of(i):  # (split, mask) of group i
+        return [(jnp.minimum(i * MERGE_UNROLL + u, splits - 1), i * MERGE_UNROLL + u < n) for u in range(MERGE_UNROLL)]
+
+    def lse_of(s, ok):
+        return pltriton.load(lse_ref.at[s], mask=jnp.full(lse_ref.shape[1:], ok), other=-jnp.inf)
+
+    groups = cdiv(n, MERGE_UNROLL)
+    top = jax.lax.fori_loop(0, groups, lambda i, t: functools.reduce(
+        jnp.maximum, [lse_of(s, ok) for s, ok in splits_of(i)], t), jnp.full(lse_ref.shape[1:], -jnp.inf))
     top_safe = jnp.where(jnp.isfinite(top), top, 0.0)
-    w = jnp.exp2(lse2 - top_safe[:, None])  # [B, splits, Hp]; 0 for empty splits
-    total = w.sum(axis=1)
+
+    def add(i, carry):
+        acc, total = carry
+        for s, ok in splits_of(i):
+            w = jnp.exp2(lse_of(s, ok) - top_safe)  # [bh]; 0 past the non-empty splits
+            o = pltriton.load(o_ref.at[s], mask=jnp.full(out_ref.shape, ok), other=0.0)
+            acc, total = acc + o.astype(jnp.float32) * w[:, None], total + w
+        return acc, total
+
+    acc, total = jax.lax.fori_loop(0, groups, add, (jnp.zeros(out_ref.shape, jnp.float32), jnp.zeros_like(top)))
     denom = jnp.where(total > 0, total, 1.0)
-    out = ((o.astype(jnp.float32) * w[..., None]).sum(axis=1) / denom[..., None])[:, :h].astype(o.dtype)
-    if not return_lse:
-        return out
-    return out, jnp.where(total > 0, top_safe + jnp.log2(denom), -jnp.inf)[:, :h] / LOG2E
+    out_ref[...] = (acc / denom[:, None]).astype(out_ref.dtype)
+    lse_out_ref[...] = jnp.where(total > 0, top_safe + jnp.log2(denom), -jnp.inf) / LOG2E
+
+
+def _merge_splits(o, lse2, lengths, split_len: int, max_len: int, h: int, return_lse: bool, interpret: bool):
+    """Combine the splits' normalised outputs o [B, splits, Hp, L] with their base-2 LSEs [B, splits, Hp] (-inf:
+    the split saw no key; with several splits the kernels write only each request's first
+    ceil(min(length, max_len) / split_len), the non-empty ones) -> o [B, h, L] in o's dtype (zeros where no split saw
+    a key), and the natural-log LSE. A single split is the answer already (B=64 x 128 heads fills the GPU unsplit):
+    no pass over o. Otherwise one Pallas pass over the non-empty splits (the seed's decode case: half of them)."""
+    b, splits, hp, lat = o.shape
+    if splits == 1:
+        return (o[:, 0, :h], lse2[:, 0, :h] / LOG2E) if return_lse else o[:, 0, :h]
+    bh = 16  # Hp is a multiple of 16 (both kernels' head tiles)
+    bl = min(lat & -lat, 128)  # a power of two dividing L
+    out, lse = pl.pallas_call(
+        functools.partial(_merge_kernel, split_len=split_len, splits=splits, max_len=max_len),
+        grid=(b, hp // bh, lat // bl),
+        in_specs=[pl.BlockSpec((1,), lambda i, j, k: (i,)),
+                  pl.BlockSpec((None, splits, bh, bl), lambda i, j, k: (i, 0, j, k)),
+                  pl.BlockSpec((None, splits, bh), lambda i, j, k: (i, 0, j))],
+        out_specs=[pl.BlockSpec((None, bh, bl), lambda i, j, k: (i, j, k)),
+                   pl.BlockSpec((None, bh), lambda i, j, k: (i, j))],
+        out_shape=[jax.ShapeDtypeStruct((b, hp, lat), o.dtype), jax.ShapeDtypeStruct((b, hp), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="mla_decode_merge",
+    )(lengths, o, lse2)
+    return (out[:, :h], lse[:, :h]) if return_lse else out[:, :h]
 
 
 def gather_pages(cache, block_table):

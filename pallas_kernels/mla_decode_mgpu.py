@@ -8,7 +8,7 @@ fit one warpgroup's registers). The scores are computed once per tile (an earlie
 warpgroups: 0.73 TB/s at B=64, L=4096 on an H100; bench/RESULTS.md has the numbers since).
 
 Each split writes its normalised output in 16 bits (staged in Q's shared-memory buffer once warpgroup 0 is past
-its last read of Q) and its base-2 LSE; `mla_decode` merges the splits in XLA. Shared memory is full to the last
+its last read of Q) and its base-2 LSE; `mla_decode` merges the splits (a small Pallas pass). Shared memory is full to the last
 bytes at block_k 64 with 2 stages (Q 64 KB + 2 x 72 KB of tiles + P 8 KB), so Q's rope part is a register operand
 on the GPU. 16-bit caches with contiguous slots; the int8 latent cache, paged caches and qk_int8 stay on the
 Triton kernel.
@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import cdiv, online_softmax_step, smem
+from pallas_kernels.common import online_softmax_step, smem
 
 HEADS = 64  # query heads per program: one wgmma M tile
 
@@ -49,19 +49,18 @@ def unsupported(lat: int, rope: int, dtype, kv_dtype) -> str | None:
 
 
 def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, max_len: int, scale_log2: float,
-           block_sizes: MosaicBlockSizes, k_splits: int, interpret: bool = False):
+           block_sizes: MosaicBlockSizes, k_splits: int, split_len: int, interpret: bool = False):
     """q_latent [B, Hp, L], q_pe [B, Hp, R] (Hp a multiple of 64), kv_cache [B, S, L], pe_cache [B, S, R] (S a
     multiple of block_k), lengths [B] int32, clamped here to max_len (the rows before any padding of S);
-    scale_log2 = sm_scale * log2(e). Returns per split
+    scale_log2 = sm_scale * log2(e); split s covers rows [s * split_len, (s + 1) * split_len). Returns per split
     (o [B, splits, Hp, L] normalised, in the caches' dtype; lse2 [B, splits, Hp] base 2, -inf where empty)."""
     bs = block_sizes
     bk, stages = bs.block_k, bs.stages
     b, hp, lat = q_latent.shape
-    s_len, rope = kv_cache.shape[1], pe_cache.shape[2]
+    rope = pe_cache.shape[2]
     dt = kv_cache.dtype
     half = lat // 2
     head_blocks = hp // HEADS
-    split_len = cdiv(cdiv(s_len, k_splits), bk) * bk
     wgmma = plgpu.Layout.WGMMA
 
     def body(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, o_ref, lse_ref):
@@ -73,6 +72,8 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, max_len: int, scale_l
         start = split * split_len
         steps = jnp.maximum(lax.div(jnp.minimum(start + split_len, length) - start + (bk - 1), jnp.int32(bk)), 0)
         h0 = hb * HEADS
+        # an empty split writes nothing when there are several: the merge reads each request's non-empty ones only
+        writes = (steps > 0) if k_splits > 1 else True
 
         def scoped(ql_smem, qp_smem, kv_smem, pe_smem, p_smem, row_smem, q_bar, kv_bar, kv_free, p_ready, p_free,
                    q_done, o_done):
@@ -120,18 +121,21 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, max_len: int, scale_l
                 plgpu.barrier_arrive(o_done.at[0])
                 plgpu.barrier_wait(o_done.at[0])
                 if not second:
-                    plgpu.copy_smem_to_gmem(ql_smem, o_ref.at[req, split, pl.ds(h0, HEADS)])
+                    pl.when(writes)(lambda: plgpu.copy_smem_to_gmem(ql_smem, o_ref.at[req, split, pl.ds(h0, HEADS)]))
 
             @pl.when(wg == 0)
             def _scores():  # Q.K^T, the online softmax and the first half of P.V
                 plgpu.set_max_registers(232, action="increase")
-                plgpu.copy_gmem_to_smem(ql_ref.at[req, pl.ds(h0, HEADS)], ql_smem, q_bar.at[0])
-                if interpret:  # the interpreter's wgmma reads its left operand from shared memory only
-                    plgpu.copy_gmem_to_smem(qp_ref.at[req, pl.ds(h0, HEADS)], qp_smem, q_bar.at[0])
-                    qp_op = qp_smem
-                else:  # Q's rope part as a register operand: shared memory is full to the last bytes
-                    qp_op = plgpu.load(qp_ref.at[req, pl.ds(h0, HEADS)], layout=wgmma, optimized=False)
-                plgpu.barrier_wait(q_bar.at[0])
+                @pl.when(steps > 0)  # an empty split needs no Q
+                def _():
+                    plgpu.copy_gmem_to_smem(ql_ref.at[req, pl.ds(h0, HEADS)], ql_smem, q_bar.at[0])
+                    if interpret:  # the interpreter's wgmma reads its left operand from shared memory only
+                        plgpu.copy_gmem_to_smem(qp_ref.at[req, pl.ds(h0, HEADS)], qp_smem, q_bar.at[0])
+                    plgpu.barrier_wait(q_bar.at[0])
+
+                # Q's rope part as a register operand on the GPU: shared memory is full to the last bytes
+                qp_op = qp_smem if interpret else plgpu.load(qp_ref.at[req, pl.ds(h0, HEADS)], layout=wgmma,
+                                                             optimized=False)
                 cols0 = plgpu.broadcasted_iota(jnp.int32, (HEADS, bk), 1, layout=wgmma)
 
                 def step(j, carry, masked):
@@ -176,7 +180,7 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, max_len: int, scale_l
                 finish(acc, l_safe)  # past o_done group 1 has read l
                 row_smem[...] = jnp.where(has, m + jnp.log2(l_safe), -jnp.inf)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(row_smem, lse_ref.at[req, split, pl.ds(h0, HEADS)])
+                pl.when(writes)(lambda: plgpu.copy_smem_to_gmem(row_smem, lse_ref.at[req, split, pl.ds(h0, HEADS)]))
                 plgpu.wait_smem_to_gmem(0)
 
             @pl.when(wg == 1)

@@ -188,7 +188,7 @@ def test_int8_and_paged_lower_for_h100(qk_int8):
 
 # ------------------------------------------------------------------ the Mosaic GPU kernel (TMA, two warpgroups)
 @pytest.mark.parametrize("b,h,s,lengths,splits", [(3, 20, 100, [0, 37, 100], 2), (3, 20, 100, [0, 37, 150], 1),
-                                                   (2, 128, 256, [1, 200], 3)])
+                                                   (3, 20, 100, [0, 37, 150], 4), (2, 128, 256, [1, 200], 3)])
 def test_mosaic_matches_reference(b, h, s, lengths, splits):
     """backend="mosaic" in the Mosaic GPU interpreter (bf16): heads padded to its 64-head tiles, caches to whole key
     tiles, splits merged by their LSE; empty requests give zeros and -inf; a length past the cache reads the cache."""
