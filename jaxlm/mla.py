@@ -276,6 +276,19 @@ def _linear(x, params, name, spec, impl, heads: int | None = None):
     return y if bias is None else y + bias
 
 
+def _linears_of_x(x, params, names_specs, impl):
+    """x [T, D] through several weights that all take it ((name, einsum spec), ...): with FP8 weights on the Pallas
+    path one fp8_matmuls call (a single weight-only launch at decode sizes), else `_linear` each."""
+    ws = [params[name] for name, _ in names_specs]
+    if (impl == "pallas" and all(isinstance(w, Fp8Weight) and w.block == ws[0].block for w in ws)
+            and not any(name in FP8_ACTIVATIONS for name, _ in names_specs)):
+        ys = pallas_kernels.fp8_matmuls(x, [w.w for w in ws], [w.scale for w in ws], block=ws[0].block,
+                                        activations="bf16")
+        return [y if params.get(name + "_bias") is None else y + params[name + "_bias"]
+                for y, (name, _) in zip(ys, names_specs)]
+    return [_linear(x, params, name, spec, impl) for name, spec in names_specs]
+
+
 def _absorb_uk(q_nope, params, impl):
     """q_nope [T, N, P] -> q_latent [T, N, L] = q_nope . W_UK per head."""
     w = params["w_uk"]
@@ -311,11 +324,12 @@ def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array,
     n = cfg.num_heads
     if cfg.q_lora_rank is None:
         q = _linear(x, params, "q_proj", "td,dnh->tnh", impl, heads=n)
-    else:
-        c = rms_norm(_linear(x, params, "q_a_proj", "td,dq->tq", impl), params["q_a_layernorm"], cfg.norm_eps)
-        q = _linear(c, params, "q_b_proj", "tq,qnh->tnh", impl, heads=n)
+        ckv = _linear(x, params, "kv_a_proj_with_mqa", "td,de->te", impl)
+    else:  # q_a and kv_a both take x: one FP8 launch
+        ca, ckv = _linears_of_x(x, params, [("q_a_proj", "td,dq->tq"), ("kv_a_proj_with_mqa", "td,de->te")], impl)
+        q = _linear(rms_norm(ca, params["q_a_layernorm"], cfg.norm_eps), params, "q_b_proj", "tq,qnh->tnh", impl,
+                    heads=n)
     q_nope, q_pe = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
-    ckv = _linear(x, params, "kv_a_proj_with_mqa", "td,de->te", impl)
     latent = rms_norm(ckv[:, : cfg.kv_lora_rank], params["kv_a_layernorm"], cfg.norm_eps)
     k_pe = ckv[:, cfg.kv_lora_rank :]
     inv_freq, attention_factor = cfg.rope()

@@ -2,13 +2,13 @@
 
 from pallas_kernels.cache_update import update_cache, update_cache_reference
 from pallas_kernels.common import on_gpu
-from pallas_kernels.fp8_matmul import Fp8Weight, fp8_matmul, fp8_matmul_reference
+from pallas_kernels.fp8_matmul import Fp8Weight, fp8_matmul, fp8_matmul_reference, fp8_matmuls
 from pallas_kernels.mla_decode import BlockSizes as MLADecodeBlockSizes
 from pallas_kernels.mla_decode import mla_decode, mla_decode_reference
 from pallas_kernels.sage_attention import BlockSizes as SageBlockSizes
 from pallas_kernels.sage_attention import sage_attention, sage_attention_reference
 from pallas_kernels.common import segments as sage_attention_segments
 
-__all__ = ["Fp8Weight", "MLADecodeBlockSizes", "SageBlockSizes", "fp8_matmul", "fp8_matmul_reference", "mla_decode",
-           "mla_decode_reference", "on_gpu", "sage_attention", "sage_attention_reference", "sage_attention_segments",
-           "update_cache", "update_cache_reference"]
+__all__ = ["Fp8Weight", "MLADecodeBlockSizes", "SageBlockSizes", "fp8_matmul", "fp8_matmul_reference", "fp8_matmuls",
+           "mla_decode", "mla_decode_reference", "on_gpu", "sage_attention", "sage_attention_reference",
+           "sage_attention_segments", "update_cache", "update_cache_reference"]

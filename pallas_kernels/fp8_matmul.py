@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -199,18 +200,22 @@ def _mosaic_weight_only_applies(x, w, block, transpose_w, activations) -> bool:
             and x.dtype in (jnp.bfloat16, jnp.float16) and n % fp8_matmul_mgpu.WEIGHT_ROWS == 0 and k % block == 0)
 
 
-def _mosaic_weight_only(x, w, w_scale, *, block_sizes, interpret):
-    """The Mosaic weight-only kernel (calls inside `_mosaic_weight_only_applies`): tokens padded to a multiple of 8;
-    K split into the largest power of two that keeps the programs within two per SM and >= 4 K steps each (the
-    best or near it at R1's four projections, `bench/fp8_tune.py --grid mosaic`); partial sums added and transposed
-    here."""
-    m, (n, k) = x.shape[0], w.shape
+def _mosaic_weight_only(x, weights, *, block_sizes, interpret):
+    """The Mosaic weight-only kernel for x and one or more weights ((w, scale), ...) inside
+    `_mosaic_weight_only_applies`, in one launch: tokens padded to a multiple of 8; K split into the largest power
+    of two that keeps the programs within two per SM and >= 4 K steps each (the best or near it at R1's four
+    projections, `bench/fp8_tune.py --grid mosaic`); partial sums added and transposed here. Returns each weight's
+    product [M, N_i]."""
+    m, k = x.shape
     k_steps = k // fp8_matmul_mgpu.BLOCK
-    fit = min(2 * H100_SMS // (n // fp8_matmul_mgpu.WEIGHT_ROWS), k_steps // 4)
+    tiles = sum(w.shape[0] for w, _ in weights) // fp8_matmul_mgpu.WEIGHT_ROWS
+    fit = min(2 * H100_SMS // tiles, k_steps // 4)
     splits = block_sizes.k_splits or 1 << max(fit, 1).bit_length() - 1
-    parts = fp8_matmul_mgpu.weight_only(pad_to(x, 0, cdiv(m, 8) * 8), w, w_scale.astype(jnp.float32),
+    parts = fp8_matmul_mgpu.weight_only(pad_to(x, 0, cdiv(m, 8) * 8), [(w, s.astype(jnp.float32)) for w, s in weights],
                                         k_splits=min(splits, k_steps), stages=block_sizes.stages, interpret=interpret)
-    return parts.sum(0).T[:m].astype(x.dtype)
+    y = parts.sum(0).T[:m].astype(x.dtype)
+    ends = list(itertools.accumulate(w.shape[0] for w, _ in weights))
+    return [y[:, e - w.shape[0]:e] for (w, _), e in zip(weights, ends)]
 
 
 def _check_shapes(x, w, w_scale, block, transpose_w) -> tuple[int, int, int]:
@@ -266,8 +271,8 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
             return _mosaic(x, w, w_scale, block=block, transpose_w=transpose_w, activations=activations,
                            block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp)
         if _mosaic_weight_only_applies(x, w, block, transpose_w, activations):
-            return _mosaic_weight_only(x, w, w_scale, block_sizes=block_sizes or MosaicBlockSizes(stages=4),
-                                       interpret=interp)
+            return _mosaic_weight_only(x, [(w, w_scale)], block_sizes=block_sizes or MosaicBlockSizes(stages=4),
+                                       interpret=interp)[0]
         if explicit:
             raise ValueError("fp8_matmul backend='mosaic' runs x [M, K] @ w [N, K]^T with 128-blocks: the FP8-activation "
                              "path (activations='fp8', or 'auto' with M >= 128) and the weight-only one (16-bit x, "
@@ -322,3 +327,26 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     y = out[0] if splits == 1 else out.sum(0).astype(x.dtype)
     y = y[:m, :, :n]
     return y if grouped else y[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("block", "activations", "block_sizes", "backend", "interpret"))
+def fp8_matmuls(x, weights, scales, *, block: int = 128, activations: str = "auto",
+                block_sizes: BlockSizes | MosaicBlockSizes | None = None, backend: str | None = None,
+                interpret: bool | None = None):
+    """x @ dequant(w_i)^T for several HF-layout weights that multiply the same x [M, K] (MLA's q_a and kv_a): one
+    Mosaic weight-only launch for all of them where that kernel takes every one (the GPU default at decode sizes:
+    one launch and one split-K sum instead of one each), else `fp8_matmul` per weight. Returns a tuple."""
+    weights, scales = tuple(weights), tuple(scales)
+    if len(weights) != len(scales) or not weights:
+        raise ValueError(f"fp8_matmuls: one scale per weight, at least one weight; got {len(weights)} / {len(scales)}")
+    interp = resolve_interpret(interpret)
+    for w, sc in zip(weights, scales):
+        _check_shapes(x, w, sc, block, True)
+    explicit = backend is not None or block_sizes is not None  # as in fp8_matmul: past 128 tokens, dequantised
+    if ((x.shape[0] < DEQUANTIZE_MIN_M or explicit)
+            and resolve_backend("fp8_matmul", backend, block_sizes, MosaicBlockSizes, interp) == "mosaic"
+            and all(_mosaic_weight_only_applies(x, w, block, True, activations) for w in weights)):
+        return tuple(_mosaic_weight_only(x, list(zip(weights, scales)),
+                                         block_sizes=block_sizes or MosaicBlockSizes(stages=4), interpret=interp))
+    return tuple(fp8_matmul(x, w, sc, block=block, activations=activations, block_sizes=block_sizes, backend=backend,
+                            interpret=interpret) for w, sc in zip(weights, scales))

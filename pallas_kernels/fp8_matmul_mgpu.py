@@ -97,27 +97,35 @@ def matmul(xq, xs_t, w, ws, *, out_dtype, block_sizes: MosaicBlockSizes = Mosaic
     )(xq, xs_t, w, ws)
 
 
-def weight_only(x, w, ws, *, k_splits: int, stages: int, interpret=False):
-    """x [Mp, K] bf16 / f16 with Mp a multiple of 8 (<= 256), K of 128; w [N, K] e4m3 with N a multiple of 64;
-    ws [ceil(N / 128), K / 128] float32. Returns float32 partial sums [k_splits, N, Mp] whose sum over the first
-    axis is (x @ dequant(w)^T)^T."""
+def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
+    """x [Mp, K] bf16 / f16 with Mp a multiple of 8 (<= 256), K of 128; weights ((w [N_i, K] e4m3 with N_i a
+    multiple of 64, ws [ceil(N_i / 128), K / 128] float32), ...): every weight that multiplies x, in one launch.
+    Returns float32 partial sums [k_splits, sum N_i, Mp] (the weights' rows side by side) whose sum over the first
+    axis is (x @ [dequant(w_1); dequant(w_2); ...]^T)^T."""
     mp, k = x.shape
-    n = w.shape[0]
+    tiles = [w.shape[0] // WEIGHT_ROWS for w, _ in weights]
+    firsts = [sum(tiles[:i]) for i in range(len(tiles))]  # each weight's first program row tile
     k_steps = k // BLOCK
     per = -(-k_steps // k_splits)  # K steps per split; the last split may have fewer (or none)
     wgmma = plgpu.Layout.WGMMA
 
-    def body(x_ref, w_ref, ws_ref, o_ref, x_smem, w_smem, bar, *a_smem):
+    def body(x_ref, *refs):
+        w_refs, s_refs = refs[0:2 * len(weights):2], refs[1:2 * len(weights):2]
+        o_ref, x_smem, w_smem, bar, *a_smem = refs[2 * len(weights):]
         ni, si = lax.axis_index("n"), lax.axis_index("s")
-        n0 = pl.multiple_of(ni * WEIGHT_ROWS, WEIGHT_ROWS)
-        nb = lax.div(ni, jnp.int32(BLOCK // WEIGHT_ROWS))  # the weight rows' scale block
+        # this program's weight (uniform per program) and its 64-row tile within it
+        mine = [(ni >= f) & (ni < f + t) for f, t in zip(firsts, tiles)]
+        local = [jnp.clip(ni - f, 0, t - 1) for f, t in zip(firsts, tiles)]
         j0 = si * per
         steps = jnp.clip(k_steps - j0, 0, per)
 
         def fetch(j, slot):
             k0 = pl.multiple_of((j0 + j) * BLOCK, BLOCK)
             plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(k0, BLOCK)], x_smem.at[slot], bar.at[slot])
-            plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(n0, WEIGHT_ROWS), pl.ds(k0, BLOCK)], w_smem.at[slot], bar.at[slot])
+            for w_ref, is_mine, t in zip(w_refs, mine, local):
+                rows = pl.ds(pl.multiple_of(t * WEIGHT_ROWS, WEIGHT_ROWS), WEIGHT_ROWS)
+                pl.when(is_mine)(lambda w_ref=w_ref, rows=rows: plgpu.copy_gmem_to_smem(
+                    w_ref.at[rows, pl.ds(k0, BLOCK)], w_smem.at[slot], bar.at[slot]))
 
         for s in range(stages):
             pl.when(s < steps)(lambda s=s: fetch(s, s))
@@ -125,7 +133,9 @@ def weight_only(x, w, ws, *, k_splits: int, stages: int, interpret=False):
         def step(j, acc):
             slot = lax.rem(j, jnp.int32(stages))
             plgpu.barrier_wait(bar.at[slot])
-            scale = ws_ref[nb, j0 + j]
+            scale = 0.0
+            for s_ref, is_mine, t in zip(s_refs, mine, local):  # the tile's block scale (64 | 128 rows)
+                scale = jnp.where(is_mine, s_ref[lax.div(t, jnp.int32(BLOCK // WEIGHT_ROWS)), j0 + j], scale)
             a = plgpu.layout_cast(plgpu.load(w_smem.at[slot], layout=plgpu.Layout.WGMMA_UPCAST_2X), wgmma)
             a = a.astype(jnp.float16).astype(x.dtype) if x.dtype != jnp.float16 else a.astype(x.dtype)
             if interpret:  # the interpreter's wgmma takes its left operand from shared memory only
@@ -142,15 +152,16 @@ def weight_only(x, w, ws, *, k_splits: int, stages: int, interpret=False):
             return acc + part * scale
 
         acc = lax.fori_loop(0, steps, step, plgpu.layout_cast(jnp.zeros((WEIGHT_ROWS, mp), jnp.float32), wgmma))
-        o_ref[si, pl.ds(n0, WEIGHT_ROWS), :] = acc
+        o_ref[si, pl.ds(pl.multiple_of(ni * WEIGHT_ROWS, WEIGHT_ROWS), WEIGHT_ROWS), :] = acc
 
+    w_dtype = weights[0][0].dtype
     return plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((k_splits, n, mp), jnp.float32),
-        scratch_types=[smem((stages, mp, BLOCK), x.dtype), smem((stages, WEIGHT_ROWS, BLOCK), w.dtype),
+        out_type=jax.ShapeDtypeStruct((k_splits, sum(tiles) * WEIGHT_ROWS, mp), jnp.float32),
+        scratch_types=[smem((stages, mp, BLOCK), x.dtype), smem((stages, WEIGHT_ROWS, BLOCK), w_dtype),
                        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                        *([smem((WEIGHT_ROWS, BLOCK), x.dtype)] if interpret else [])],
-        grid=(n // WEIGHT_ROWS, k_splits),
+        grid=(sum(tiles), k_splits),
         grid_names=("n", "s"),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
-    )(x, w, ws)
+    )(x, *[a for w, ws in weights for a in (w, ws)])

@@ -106,3 +106,6 @@ def test_fp8_matmul(m):
     close(pk.fp8_matmul(x, w, s), ref, cos=0.9995, rel_l1=0.03)
     for backend in ("mosaic", "triton"):  # Mosaic: FP8 x FP8 from 128 tokens, weight-only below
         close(pk.fp8_matmul(x, w, s, backend=backend), ref, cos=0.9995, rel_l1=0.03)
+    w2, s2 = quantize(rng.standard_normal((576, 7168)).astype(np.float32))  # q_a and kv_a: one launch below 128
+    for y, want in zip(pk.fp8_matmuls(x, [w, w2], [s, s2]), (ref, pk.fp8_matmul_reference(x, w2, s2))):
+        close(y, want, cos=0.9995, rel_l1=0.03)

@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pallas_kernels import fp8_matmul, fp8_matmul_reference
+from pallas_kernels import fp8_matmul, fp8_matmul_reference, fp8_matmuls
 from pallas_kernels.fp8_matmul import DEQUANTIZE_MIN_M, BlockSizes, dequantize, quantize, quantize_activations
 from pallas_kernels.lowering import export_for_h100
 
@@ -147,6 +147,22 @@ def test_mosaic_weight_only_matches_reference(m, n, k, splits):
     ref = fp8_matmul_reference(x, w, s)
     assert out.shape == (m, n) and out.dtype == jnp.bfloat16
     assert rel(out, ref) <= 1e-2, rel(out, ref)
+
+
+@pytest.mark.parametrize("n2,backend", [(192, "mosaic"), (192, "triton"), (100, None)])
+def test_fp8_matmuls_shared_x(n2, backend):
+    """Several weights on one x (MLA's q_a and kv_a): one Mosaic weight-only launch when the kernel takes every
+    weight (N multiples of 64), else one fp8_matmul each (the Triton kernel: asked for, or the interpreter's
+    default); each output equals its own reference either way."""
+    rng = np.random.default_rng(n2)
+    (w1, s1), (w2, s2) = (quantize(rng.standard_normal((n, 384)).astype(np.float32)) for n in (128, n2))
+    x = jnp.asarray(rng.standard_normal((13, 384)), jnp.bfloat16)
+    y1, y2 = fp8_matmuls(x, [w1, w2], [s1, s2], backend=backend, interpret=True)
+    for y, w, s in ((y1, w1, s1), (y2, w2, s2)):
+        ref = fp8_matmul_reference(x, w, s)
+        assert y.shape == ref.shape and y.dtype == jnp.bfloat16 and rel(y, ref) <= 1e-2, rel(y, ref)
+    with pytest.raises(ValueError, match="one scale per weight"):
+        fp8_matmuls(x, [w1, w2], [s1], interpret=True)
 
 
 def test_mosaic_lowers_for_h100_at_r1_o_proj():
