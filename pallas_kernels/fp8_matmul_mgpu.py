@@ -3,9 +3,10 @@
 `matmul`, the FP8-activation path: e4m3 x e4m3 warpgroup MMAs with
 DeepSeek's per-128-K promotion (as in DeepGEMM): each 128-wide K step multiplies one [64, K-block] tile of the
 quantised activations with one [128, K-block] tile of the weight into a fresh float32 accumulator, which is scaled
-by the token's activation scale times the weight block's scale and added to the running float32 sum. Operand tiles
-arrive by TMA through `stages` shared-memory buffers while the previous step multiplies. One warpgroup per
-[64, 128] output tile.
+by the token's activation scale times the weight block's scale and added to the running float32 sum. A TMA
+warpgroup streams the operand tiles through `stages` shared-memory buffers; each program's [block_m, 128] output
+tile is split between block_m / 64 compute warpgroups that share the weight tile (one promotes while the other's
+MMA runs).
 
 Both operands are K-major, as FP8 wgmma requires: x [M, K] and w in HF row layout [N, K].
 
@@ -35,64 +36,95 @@ BLOCK = 128  # DeepSeek's scale block: one weight scale per 128 x 128, one activ
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBlockSizes:
-    block_m: int = 64  # token rows per program (one warpgroup MMA tile; FP8-activation path)
+    block_m: int = 128  # FP8-activation path: token rows per program, 64 per compute warpgroup (64 or 128)
     stages: int = 3  # K steps in flight
     k_splits: int | None = None  # weight-only path: K splits; None: enough programs to fill an H100 a few times
 
 
-WEIGHT_ROWS = 64  # weight-only path: weight rows per program (the MMA's M)
+WEIGHT_ROWS = 64  # one warpgroup MMA's M: weight rows per program (weight-only), token rows per warpgroup (FP8 x FP8)
 
 
 def matmul(xq, xs_t, w, ws, *, out_dtype, block_sizes: MosaicBlockSizes = MosaicBlockSizes(), interpret=False):
-    """xq [M, K] e4m3 with M a multiple of block_m, K of 128; xs_t [K/128, M] float32 activation scales; w [N, K]
-    e4m3 with N a multiple of 128; ws [N/128, K/128] float32. Returns x @ dequant(w)^T [M, N] in `out_dtype`."""
+    """xq [M, K] e4m3 with M a multiple of block_m (64 or 128), K of 128; xs_t [K/128, M] float32 activation scales;
+    w [N, K] e4m3 with N a multiple of 128; ws [N/128, K/128] float32. Returns x @ dequant(w)^T [M, N] in
+    `out_dtype`. One program per [block_m, 128] output tile: a TMA warpgroup streams the K steps' operand tiles
+    through `stages` buffers; block_m / 64 compute warpgroups share each weight tile, one 64-row block of x each (one
+    warpgroup's promotion runs while the other's MMA is on the tensor cores)."""
     bm, stages = block_sizes.block_m, block_sizes.stages
+    wgs = bm // WEIGHT_ROWS  # compute warpgroups, 64 token rows each
     m, k = xq.shape
     n = w.shape[0]
     k_steps = k // BLOCK
     layout = plgpu.Layout.WGMMA
 
-    def body(x_ref, xs_ref, w_ref, ws_ref, o_ref, x_smem, w_smem, xs_smem, o_smem, bar):
-        mi, ni = lax.axis_index("m"), lax.axis_index("n")
+    def body(x_ref, xs_ref, w_ref, ws_ref, o_ref):
+        mi, ni, wg = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("wg")
         m0, n0 = pl.multiple_of(mi * bm, bm), pl.multiple_of(ni * BLOCK, BLOCK)
 
-        def fetch(j, slot):
-            k0 = j * BLOCK if isinstance(j, int) else pl.multiple_of(j * BLOCK, BLOCK)
-            plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(m0, bm), pl.ds(k0, BLOCK)], x_smem.at[slot], bar.at[slot])
-            plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(n0, BLOCK), pl.ds(k0, BLOCK)], w_smem.at[slot], bar.at[slot])
-            plgpu.copy_gmem_to_smem(xs_ref.at[j, pl.ds(m0, bm)], xs_smem.at[slot], bar.at[slot])
+        def scoped(x_smem, w_smem, xs_smem, o_smem, full, free):
+            def fetch(j, slot):
+                k0 = pl.multiple_of(j * BLOCK, BLOCK)
+                plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(n0, BLOCK), pl.ds(k0, BLOCK)], w_smem.at[slot], full.at[slot])
+                for g in range(wgs):
+                    rows = pl.ds(m0 + g * WEIGHT_ROWS, WEIGHT_ROWS)
+                    plgpu.copy_gmem_to_smem(x_ref.at[rows, pl.ds(k0, BLOCK)], x_smem.at[slot, g], full.at[slot])
+                    plgpu.copy_gmem_to_smem(xs_ref.at[j, rows], xs_smem.at[slot, g], full.at[slot])
 
-        for s in range(min(stages, k_steps)):
-            fetch(s, s)
+            @pl.when(wg == wgs)
+            def _memory():  # refills a slot once every compute warpgroup freed it
+                plgpu.set_max_registers(40, action="decrease")
 
-        def step(j, acc):
-            slot = lax.rem(j, jnp.int32(stages))
-            plgpu.barrier_wait(bar.at[slot])
+                @pl.loop(0, k_steps)
+                def _(j):
+                    slot = lax.rem(j, jnp.int32(stages))
+                    pl.when(j >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
+                    fetch(j, slot)
 
-            def mma(acc_ref):
-                plgpu.wgmma(acc_ref, x_smem.at[slot], w_smem.at[slot].transpose((1, 0)))
-                return acc_ref[...]
+                @pl.loop(max(k_steps - stages, 0), k_steps)
+                def _(j):  # the last steps' releases, observed
+                    plgpu.barrier_wait(free.at[lax.rem(j, jnp.int32(stages))])
 
-            part = pl.run_scoped(mma, plgpu.ACC((bm, BLOCK), jnp.float32))
-            xs = plgpu.load(xs_smem.at[slot], layout=layout.reduce(1), optimized=False)
-            acc = acc + part * lax.broadcast_in_dim(xs * ws_ref[ni, j], (bm, BLOCK), [0])
-            pl.when(j + stages < k_steps)(lambda: fetch(j + stages, slot))  # the slot's operands are consumed
-            return acc
+            @pl.when(wg < wgs)
+            def _compute():
+                plgpu.set_max_registers(232 if wgs > 1 else 240, action="increase")
 
-        acc = lax.fori_loop(0, k_steps, step, plgpu.layout_cast(jnp.zeros((bm, BLOCK), jnp.float32), layout))
-        o_smem[...] = acc.astype(out_dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[pl.ds(m0, bm), pl.ds(n0, BLOCK)])
-        plgpu.wait_smem_to_gmem(0)
+                def step(j, acc):
+                    slot = lax.rem(j, jnp.int32(stages))
+                    plgpu.barrier_wait(full.at[slot])
+
+                    def mma(acc_ref):
+                        plgpu.wgmma(acc_ref, x_smem.at[slot, wg], w_smem.at[slot].transpose((1, 0)))
+                        return acc_ref[...]
+
+                    part = pl.run_scoped(mma, plgpu.ACC((WEIGHT_ROWS, BLOCK), jnp.float32))
+                    xs = plgpu.load(xs_smem.at[slot, wg], layout=layout.reduce(1), optimized=False)
+                    plgpu.barrier_arrive(free.at[slot])  # this group's operands of the slot are consumed
+                    return acc + part * lax.broadcast_in_dim(xs * ws_ref[ni, j], (WEIGHT_ROWS, BLOCK), [0])
+
+                zeros = plgpu.layout_cast(jnp.zeros((WEIGHT_ROWS, BLOCK), jnp.float32), layout)
+                acc = lax.fori_loop(0, k_steps, step, zeros)
+                o_smem.at[wg][...] = acc.astype(out_dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem.at[wg],
+                                        o_ref.at[pl.ds(m0 + wg * WEIGHT_ROWS, WEIGHT_ROWS), pl.ds(n0, BLOCK)])
+                plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(
+            scoped,
+            smem((stages, wgs, WEIGHT_ROWS, BLOCK), xq.dtype), smem((stages, BLOCK, BLOCK), w.dtype),
+            plgpu.SMEM((stages, wgs, WEIGHT_ROWS), jnp.float32), smem((wgs, WEIGHT_ROWS, BLOCK), out_dtype),
+            plgpu.Barrier(num_arrivals=1 + 2 * wgs, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            collective_axes="wg",
+        )
 
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        scratch_types=[smem((stages, bm, BLOCK), xq.dtype), smem((stages, BLOCK, BLOCK), w.dtype),
-                       plgpu.SMEM((stages, bm), jnp.float32), smem((bm, BLOCK), out_dtype),
-                       plgpu.Barrier(num_arrivals=3, num_barriers=stages)],
         grid=(m // bm, n // BLOCK),
         grid_names=("m", "n"),
+        num_threads=wgs + 1,
+        thread_name="wg",
         interpret=plgpu.InterpretGPUParams() if interpret else False,
     )(xq, xs_t, w, ws)
 
