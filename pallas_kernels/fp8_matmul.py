@@ -186,7 +186,8 @@ def _mosaic(x, w, w_scale, *, block, transpose_w, activations, block_sizes, inte
     m_pad = cdiv(m, block_sizes.block_m) * block_sizes.block_m
     k_pad, n_pad = cdiv(x.shape[1], block) * block, cdiv(n, block) * block
     xq, xs = quantize_activations(pad_to(pad_to(x, 0, m_pad), 1, k_pad), block)
-    y = fp8_matmul_mgpu.matmul(xq, xs.T, pad_to(pad_to(w, 0, n_pad), 1, k_pad), w_scale.astype(jnp.float32),
+    ws = pad_to(w_scale.astype(jnp.float32), 1, cdiv(w_scale.shape[1], 4) * 4)  # TMA rows of 16-byte multiples
+    y = fp8_matmul_mgpu.matmul(xq, xs.T, pad_to(pad_to(w, 0, n_pad), 1, k_pad), ws,
                                out_dtype=x.dtype, block_sizes=block_sizes, interpret=interpret)
     return y[:m, :n]
 
@@ -271,7 +272,7 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
             return _mosaic(x, w, w_scale, block=block, transpose_w=transpose_w, activations=activations,
                            block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp)
         if _mosaic_weight_only_applies(x, w, block, transpose_w, activations):
-            return _mosaic_weight_only(x, [(w, w_scale)], block_sizes=block_sizes or MosaicBlockSizes(stages=4),
+            return _mosaic_weight_only(x, [(w, w_scale)], block_sizes=block_sizes or MosaicBlockSizes(),
                                        interpret=interp)[0]
         if explicit:
             raise ValueError("fp8_matmul backend='mosaic' runs x [M, K] @ w [N, K]^T with 128-blocks: the FP8-activation "
@@ -347,6 +348,6 @@ def fp8_matmuls(x, weights, scales, *, block: int = 128, activations: str = "aut
             and resolve_backend("fp8_matmul", backend, block_sizes, MosaicBlockSizes, interp) == "mosaic"
             and all(_mosaic_weight_only_applies(x, w, block, True, activations) for w in weights)):
         return tuple(_mosaic_weight_only(x, list(zip(weights, scales)),
-                                         block_sizes=block_sizes or MosaicBlockSizes(stages=4), interpret=interp))
+                                         block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp))
     return tuple(fp8_matmul(x, w, sc, block=block, activations=activations, block_sizes=block_sizes, backend=backend,
                             interpret=interpret) for w, sc in zip(weights, scales))

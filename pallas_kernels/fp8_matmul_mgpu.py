@@ -37,7 +37,7 @@ BLOCK = 128  # DeepSeek's scale block: one weight scale per 128 x 128, one activ
 @dataclasses.dataclass(frozen=True)
 class MosaicBlockSizes:
     block_m: int = 128  # FP8-activation path: token rows per program, 64 per compute warpgroup (64 or 128)
-    stages: int = 3  # K steps in flight
+    stages: int = 4  # K steps in flight (from bench/fp8_tune.py: best for both paths at R1's sizes)
     k_splits: int | None = None  # weight-only path: K splits; None: enough programs to fill an H100 a few times
 
 
@@ -46,12 +46,15 @@ WEIGHT_ROWS = 64  # one warpgroup MMA's M: weight rows per program (weight-only)
 
 def matmul(xq, xs_t, w, ws, *, out_dtype, block_sizes: MosaicBlockSizes = MosaicBlockSizes(), interpret=False):
     """xq [M, K] e4m3 with M a multiple of block_m (64 or 128), K of 128; xs_t [K/128, M] float32 activation scales;
-    w [N, K] e4m3 with N a multiple of 128; ws [N/128, K/128] float32. Returns x @ dequant(w)^T [M, N] in
+    w [N, K] e4m3 with N a multiple of 128; ws [N/128, >= K/128] float32 (columns padded to a multiple of 4 for
+    TMA). Returns x @ dequant(w)^T [M, N] in
     `out_dtype`. One program per [block_m, 128] output tile: a TMA warpgroup streams the K steps' operand tiles
     through `stages` buffers; block_m / 64 compute warpgroups share each weight tile, one 64-row block of x each (one
     warpgroup's promotion runs while the other's MMA is on the tensor cores)."""
     bm, stages = block_sizes.block_m, block_sizes.stages
     wgs = bm // WEIGHT_ROWS  # compute warpgroups, 64 token rows each
+    if bm not in (64, 128) or stages < 2:
+        raise ValueError(f"fp8_matmul (mosaic): block_m must be 64 or 128 and stages >= 2, got {block_sizes}")
     m, k = xq.shape
     n = w.shape[0]
     k_steps = k // BLOCK
@@ -61,7 +64,7 @@ def matmul(xq, xs_t, w, ws, *, out_dtype, block_sizes: MosaicBlockSizes = Mosaic
         mi, ni, wg = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("wg")
         m0, n0 = pl.multiple_of(mi * bm, bm), pl.multiple_of(ni * BLOCK, BLOCK)
 
-        def scoped(x_smem, w_smem, xs_smem, o_smem, full, free):
+        def scoped(x_smem, w_smem, xs_smem, o_smem, ws_smem, full, free, ws_bar):
             def fetch(j, slot):
                 k0 = pl.multiple_of(j * BLOCK, BLOCK)
                 plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(n0, BLOCK), pl.ds(k0, BLOCK)], w_smem.at[slot], full.at[slot])
@@ -73,6 +76,7 @@ def matmul(xq, xs_t, w, ws, *, out_dtype, block_sizes: MosaicBlockSizes = Mosaic
             @pl.when(wg == wgs)
             def _memory():  # refills a slot once every compute warpgroup freed it
                 plgpu.set_max_registers(40, action="decrease")
+                plgpu.copy_gmem_to_smem(ws_ref.at[ni], ws_smem, ws_bar.at[0])  # the weight rows' block scales
 
                 @pl.loop(0, k_steps)
                 def _(j):
@@ -99,8 +103,9 @@ def matmul(xq, xs_t, w, ws, *, out_dtype, block_sizes: MosaicBlockSizes = Mosaic
                     part = pl.run_scoped(mma, plgpu.ACC((WEIGHT_ROWS, BLOCK), jnp.float32))
                     xs = plgpu.load(xs_smem.at[slot, wg], layout=layout.reduce(1), optimized=False)
                     plgpu.barrier_arrive(free.at[slot])  # this group's operands of the slot are consumed
-                    return acc + part * lax.broadcast_in_dim(xs * ws_ref[ni, j], (WEIGHT_ROWS, BLOCK), [0])
+                    return acc + part * lax.broadcast_in_dim(xs * ws_smem[j], (WEIGHT_ROWS, BLOCK), [0])
 
+                plgpu.barrier_wait(ws_bar.at[0])
                 zeros = plgpu.layout_cast(jnp.zeros((WEIGHT_ROWS, BLOCK), jnp.float32), layout)
                 acc = lax.fori_loop(0, k_steps, step, zeros)
                 o_smem.at[wg][...] = acc.astype(out_dtype)
@@ -113,8 +118,9 @@ def matmul(xq, xs_t, w, ws, *, out_dtype, block_sizes: MosaicBlockSizes = Mosaic
             scoped,
             smem((stages, wgs, WEIGHT_ROWS, BLOCK), xq.dtype), smem((stages, BLOCK, BLOCK), w.dtype),
             plgpu.SMEM((stages, wgs, WEIGHT_ROWS), jnp.float32), smem((wgs, WEIGHT_ROWS, BLOCK), out_dtype),
+            plgpu.SMEM((ws.shape[1],), jnp.float32),
             plgpu.Barrier(num_arrivals=1 + 2 * wgs, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages), plgpu.Barrier(num_arrivals=1, num_barriers=1),
             collective_axes="wg",
         )
 
