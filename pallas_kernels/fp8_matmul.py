@@ -179,6 +179,12 @@ def _mosaic_applies(x, w, block, transpose_w, activations) -> bool:
             and _use_fp8_activations(activations, x.shape[0]))
 
 
+def _scale_rows(w_scale):
+    """Block scales as the Mosaic kernels copy them to shared memory, one row per program: float32, the columns
+    padded to a multiple of 4 (TMA moves multiples of 16 bytes; a no-op at R1's sizes)."""
+    return pad_to(w_scale.astype(jnp.float32), 1, cdiv(w_scale.shape[1], 4) * 4)
+
+
 def _mosaic(x, w, w_scale, *, block, transpose_w, activations, block_sizes, interpret):
     """The Mosaic GPU FP8 x FP8 kernel (calls inside `_mosaic_applies`): activations quantised here (one XLA pass),
     shapes padded to its tiles (checked by the caller)."""
@@ -186,8 +192,7 @@ def _mosaic(x, w, w_scale, *, block, transpose_w, activations, block_sizes, inte
     m_pad = cdiv(m, block_sizes.block_m) * block_sizes.block_m
     k_pad, n_pad = cdiv(x.shape[1], block) * block, cdiv(n, block) * block
     xq, xs = quantize_activations(pad_to(pad_to(x, 0, m_pad), 1, k_pad), block)
-    ws = pad_to(w_scale.astype(jnp.float32), 1, cdiv(w_scale.shape[1], 4) * 4)  # TMA rows of 16-byte multiples
-    y = fp8_matmul_mgpu.matmul(xq, xs.T, pad_to(pad_to(w, 0, n_pad), 1, k_pad), ws,
+    y = fp8_matmul_mgpu.matmul(xq, xs.T, pad_to(pad_to(w, 0, n_pad), 1, k_pad), _scale_rows(w_scale),
                                out_dtype=x.dtype, block_sizes=block_sizes, interpret=interpret)
     return y[:m, :n]
 
@@ -212,7 +217,7 @@ def _mosaic_weight_only(x, weights, *, block_sizes, interpret):
     tiles = sum(w.shape[0] for w, _ in weights) // fp8_matmul_mgpu.WEIGHT_ROWS
     fit = min(2 * H100_SMS // tiles, k_steps // 4)
     splits = block_sizes.k_splits or 1 << max(fit, 1).bit_length() - 1
-    parts = fp8_matmul_mgpu.weight_only(pad_to(x, 0, cdiv(m, 8) * 8), [(w, s.astype(jnp.float32)) for w, s in weights],
+    parts = fp8_matmul_mgpu.weight_only(pad_to(x, 0, cdiv(m, 8) * 8), [(w, _scale_rows(s)) for w, s in weights],
                                         k_splits=min(splits, k_steps), stages=block_sizes.stages, interpret=interpret)
     y = parts.sum(0).T[:m].astype(x.dtype)
     ends = list(itertools.accumulate(w.shape[0] for w, _ in weights))

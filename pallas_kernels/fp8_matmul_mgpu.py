@@ -137,7 +137,8 @@ def matmul(xq, xs_t, w, ws, *, out_dtype, block_sizes: MosaicBlockSizes = Mosaic
 
 def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
     """x [Mp, K] bf16 / f16 with Mp a multiple of 8 (<= 256), K of 128; weights ((w [N_i, K] e4m3 with N_i a
-    multiple of 64, ws [ceil(N_i / 128), K / 128] float32), ...): every weight that multiplies x, in one launch.
+    multiple of 64, ws [ceil(N_i / 128), >= K / 128] float32, columns padded to a multiple of 4 for TMA), ...):
+    every weight that multiplies x, in one launch.
     Returns float32 partial sums [k_splits, sum N_i, Mp] (the weights' rows side by side) whose sum over the first
     axis is (x @ [dequant(w_1); dequant(w_2); ...]^T)^T."""
     mp, k = x.shape
@@ -149,7 +150,7 @@ def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
 
     def body(x_ref, *refs):
         w_refs, s_refs = refs[0:2 * len(weights):2], refs[1:2 * len(weights):2]
-        o_ref, x_smem, w_smem, bar, *a_smem = refs[2 * len(weights):]
+        o_ref, x_smem, w_smem, ws_smem, bar, ws_bar, *a_smem = refs[2 * len(weights):]
         ni, si = lax.axis_index("n"), lax.axis_index("s")
         # this program's weight (uniform per program) and its 64-row tile within it
         mine = [(ni >= f) & (ni < f + t) for f, t in zip(firsts, tiles)]
@@ -165,15 +166,17 @@ def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
                 pl.when(is_mine)(lambda w_ref=w_ref, rows=rows: plgpu.copy_gmem_to_smem(
                     w_ref.at[rows, pl.ds(k0, BLOCK)], w_smem.at[slot], bar.at[slot]))
 
+        for s_ref, is_mine, t in zip(s_refs, mine, local):  # the tile's row of block scales (64 | 128 rows)
+            pl.when(is_mine)(lambda s_ref=s_ref, t=t: plgpu.copy_gmem_to_smem(
+                s_ref.at[lax.div(t, jnp.int32(BLOCK // WEIGHT_ROWS))], ws_smem, ws_bar.at[0]))
         for s in range(stages):
             pl.when(s < steps)(lambda s=s: fetch(s, s))
+        plgpu.barrier_wait(ws_bar.at[0])
 
         def step(j, acc):
             slot = lax.rem(j, jnp.int32(stages))
             plgpu.barrier_wait(bar.at[slot])
-            scale = 0.0
-            for s_ref, is_mine, t in zip(s_refs, mine, local):  # the tile's block scale (64 | 128 rows)
-                scale = jnp.where(is_mine, s_ref[lax.div(t, jnp.int32(BLOCK // WEIGHT_ROWS)), j0 + j], scale)
+            scale = ws_smem[j0 + j]
             a = plgpu.layout_cast(plgpu.load(w_smem.at[slot], layout=plgpu.Layout.WGMMA_UPCAST_2X), wgmma)
             a = a.astype(jnp.float16).astype(x.dtype) if x.dtype != jnp.float16 else a.astype(x.dtype)
             if interpret:  # the interpreter's wgmma takes its left operand from shared memory only
@@ -197,7 +200,8 @@ def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
         body,
         out_type=jax.ShapeDtypeStruct((k_splits, sum(tiles) * WEIGHT_ROWS, mp), jnp.float32),
         scratch_types=[smem((stages, mp, BLOCK), x.dtype), smem((stages, WEIGHT_ROWS, BLOCK), w_dtype),
-                       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                       plgpu.SMEM((weights[0][1].shape[1],), jnp.float32),
+                       plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_arrivals=1, num_barriers=1),
                        *([smem((WEIGHT_ROWS, BLOCK), x.dtype)] if interpret else [])],
         grid=(sum(tiles), k_splits),
         grid_names=("n", "s"),
