@@ -198,11 +198,11 @@ def _mosaic(x, w, w_scale, *, block, transpose_w, activations, block_sizes, inte
 
 
 def _mosaic_weight_only_applies(x, w, block, transpose_w, activations) -> bool:
-    """The Mosaic weight-only kernel's scope: 16-bit x [M, K] (M <= 256) @ w [N, K]^T, 128-blocks, N a multiple of
-    64 and K of 128 (R1's q_a, q_b, kv_a and o_proj), bf16 activations."""
+    """The Mosaic weight-only kernel's scope: 16-bit x [M, K] (M <= 128: its tiles fit shared memory) @ w [N, K]^T,
+    128-blocks, N a multiple of 64 and K of 128 (R1's q_a, q_b, kv_a and o_proj), bf16 activations."""
     n, k = w.shape[-2:]
     return (x.ndim == 2 and w.ndim == 2 and transpose_w and block == fp8_matmul_mgpu.BLOCK
-            and not _use_fp8_activations(activations, x.shape[0]) and x.shape[0] <= 256
+            and not _use_fp8_activations(activations, x.shape[0]) and x.shape[0] <= 128
             and x.dtype in (jnp.bfloat16, jnp.float16) and n % fp8_matmul_mgpu.WEIGHT_ROWS == 0 and k % block == 0)
 
 
@@ -261,7 +261,7 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     bf16 activations at M >= DEQUANTIZE_MIN_M take the dequantised path (XLA's GEMM on the widened weight) unless a
     backend or block sizes ask for a kernel.
     backend: "triton" (every layout) or "mosaic" (fp8_matmul_mgpu.py, a 2-D x and a 2-D HF-layout weight with
-    128-blocks: FP8 x FP8 wgmma on the FP8-activation path, the weight-only kernel for 16-bit x of <= 256 tokens
+    128-blocks: FP8 x FP8 wgmma on the FP8-activation path, the weight-only kernel for 16-bit x of <= 128 tokens
     with N a multiple of 64); None: the backend that block_sizes belong to, else common.DEFAULT_BACKEND.
     """
     interp = resolve_interpret(interpret)
@@ -280,9 +280,9 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
             return _mosaic_weight_only(x, [(w, w_scale)], block_sizes=block_sizes or MosaicBlockSizes(),
                                        interpret=interp)[0]
         if explicit:
-            raise ValueError("fp8_matmul backend='mosaic' runs x [M, K] @ w [N, K]^T with 128-blocks: the FP8-activation "
-                             "path (activations='fp8', or 'auto' with M >= 128) and the weight-only one (16-bit x, "
-                             "M <= 256, N a multiple of 64, K of 128): use backend='triton'")
+            raise ValueError("fp8_matmul backend='mosaic' runs x [M, K] @ w [N, K]^T with 128-blocks: the "
+                             "FP8-activation path (activations='fp8', or 'auto' with M >= 128) and the weight-only "
+                             "one (16-bit x, M <= 128, N a multiple of 64, K of 128): use backend='triton'")
     bs = block_sizes or BlockSizes()
     grouped = w.ndim == 3
     w3 = w if grouped else w[None]

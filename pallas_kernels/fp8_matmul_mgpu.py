@@ -136,11 +136,11 @@ def matmul(xq, xs_t, w, ws, *, out_dtype, block_sizes: MosaicBlockSizes = Mosaic
 
 
 def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
-    """x [Mp, K] bf16 / f16 with Mp a multiple of 8 (<= 256), K of 128; weights ((w [N_i, K] e4m3 with N_i a
-    multiple of 64, ws [ceil(N_i / 128), >= K / 128] float32, columns padded to a multiple of 4 for TMA), ...):
-    every weight that multiplies x, in one launch.
-    Returns float32 partial sums [k_splits, sum N_i, Mp] (the weights' rows side by side) whose sum over the first
-    axis is (x @ [dequant(w_1); dequant(w_2); ...]^T)^T."""
+    """x [Mp, K] bf16 / f16 with Mp a multiple of 8 (<= 128: `stages` x tiles fit shared memory), K of 128;
+    weights ((w [N_i, K] e4m3 with N_i a multiple of 64, ws [ceil(N_i / 128), >= K / 128] float32, columns padded
+    to a multiple of 4 for TMA), ...): every weight that multiplies x, in one launch. Returns float32 partial sums
+    [k_splits, sum N_i, Mp] (the weights' rows side by side) whose sum over the first axis is
+    (x @ [dequant(w_1); dequant(w_2); ...]^T)^T."""
     mp, k = x.shape
     tiles = [w.shape[0] // WEIGHT_ROWS for w, _ in weights]
     firsts = [sum(tiles[:i]) for i in range(len(tiles))]  # each weight's first program row tile
@@ -201,7 +201,8 @@ def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
         out_type=jax.ShapeDtypeStruct((k_splits, sum(tiles) * WEIGHT_ROWS, mp), jnp.float32),
         scratch_types=[smem((stages, mp, BLOCK), x.dtype), smem((stages, WEIGHT_ROWS, BLOCK), w_dtype),
                        plgpu.SMEM((weights[0][1].shape[1],), jnp.float32),
-                       plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_arrivals=1, num_barriers=1),
+                       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                       plgpu.Barrier(num_arrivals=1, num_barriers=1),  # the scale row landed
                        *([smem((WEIGHT_ROWS, BLOCK), x.dtype)] if interpret else [])],
         grid=(sum(tiles), k_splits),
         grid_names=("n", "s"),

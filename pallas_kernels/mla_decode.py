@@ -5,8 +5,8 @@ Flash-decoding (Dao et al., "Flash-Decoding for long-context inference", 2023; s
 (request, head block, sequence split); each program streams `block_k` cache rows at a time, scores them as two
 dots (q_latent . kv^T over 512 + q_pe . pe^T over 64, so both are powers of two) with an online base-2 softmax,
 accumulates p . kv into a [block_h, 512] float32 tile, and writes its normalised output and log-sum-exp; the
-splits are merged by a small Pallas pass over each request's non-empty splits. Shorter requests skip the splits past their length. One shared KV "head": the
-heads of a block reuse every cache tile they load.
+splits are merged by a small Pallas pass over each request's non-empty splits. Shorter requests skip the splits
+past their length. One shared KV "head": the heads of a block reuse every cache tile they load.
 """
 
 from __future__ import annotations

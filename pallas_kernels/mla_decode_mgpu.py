@@ -8,10 +8,10 @@ fit one warpgroup's registers). The scores are computed once per tile (an earlie
 warpgroups: 0.73 TB/s at B=64, L=4096 on an H100; bench/RESULTS.md has the numbers since).
 
 Each split writes its normalised output in 16 bits (staged in Q's shared-memory buffer once warpgroup 0 is past
-its last read of Q) and its base-2 LSE; `mla_decode` merges the splits (a small Pallas pass). Shared memory is full to the last
-bytes at block_k 64 with 2 stages (Q 64 KB + 2 x 72 KB of tiles + P 8 KB), so Q's rope part is a register operand
-on the GPU. 16-bit caches with contiguous slots; the int8 latent cache, paged caches and qk_int8 stay on the
-Triton kernel.
+its last read of Q) and its base-2 LSE (an empty split writes nothing when there are several); `mla_decode`
+merges the splits (a small Pallas pass). Shared memory is full to the last bytes at block_k 64 with 2 stages
+(Q 64 KB + 2 x 72 KB of tiles + P 8 KB), so Q's rope part is a register operand on the GPU. 16-bit caches with
+contiguous slots; the int8 latent cache, paged caches and qk_int8 stay on the Triton kernel.
 
 The Mosaic GPU interpreter runs every warpgroup as its own XLA CPU computation; with a single host device it can
 stall waiting for one of them (the tests run with 8 host devices, tests/conftest.py).
