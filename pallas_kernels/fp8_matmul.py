@@ -202,7 +202,7 @@ def _mosaic_weight_only_applies(x, w, block, transpose_w, activations) -> bool:
     128-blocks, N a multiple of 64 and K of 128 (R1's q_a, q_b, kv_a and o_proj), bf16 activations."""
     n, k = w.shape[-2:]
     return (x.ndim == 2 and w.ndim == 2 and transpose_w and block == fp8_matmul_mgpu.BLOCK
-            and not _use_fp8_activations(activations, x.shape[0]) and x.shape[0] <= 128
+            and not _use_fp8_activations(activations, x.shape[0]) and 0 < x.shape[0] <= 128
             and x.dtype in (jnp.bfloat16, jnp.float16) and n % fp8_matmul_mgpu.WEIGHT_ROWS == 0 and k % block == 0)
 
 
@@ -267,6 +267,8 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     interp = resolve_interpret(interpret)
     g, n, k = _check_shapes(x, w, w_scale, block, transpose_w)
     m = x.shape[0]
+    if m == 0:  # no tokens (an empty batch): nothing to launch
+        return jnp.zeros((0, g, n) if w.ndim == 3 else (0, n), x.dtype)
     fp8_act = _use_fp8_activations(activations, m)
     explicit = backend is not None or block_sizes is not None  # block sizes name their backend too
     if not fp8_act and m >= DEQUANTIZE_MIN_M and not explicit:

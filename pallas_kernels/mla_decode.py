@@ -130,6 +130,9 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
     """
     b, h, lat = q_latent.shape
     rope = pe_cache.shape[2]
+    if b == 0:  # no requests: nothing to launch
+        out = jnp.zeros((0, h, lat), q_latent.dtype)
+        return (out, jnp.zeros((0, h), jnp.float32)) if return_lse else out
     interp = resolve_interpret(interpret)
     explicit = backend is not None or block_sizes is not None  # block sizes name their backend too
     backend = resolve_backend("mla_decode", backend, block_sizes, MosaicBlockSizes, interp)

@@ -167,6 +167,9 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     cu_q = jnp.asarray(cu_seqlens_q, jnp.int32)
     cu_k = jnp.asarray(cu_seqlens_k, jnp.int32)
     nb = cu_q.shape[0] - 1
+    if tq == 0 or nb == 0:  # no query rows, or no requests (every row padding): zeros, nothing to launch
+        o = jnp.zeros((tq, hq, v.shape[2]), qp[0].dtype)
+        return (o, jnp.full((tq, hq), -jnp.inf, jnp.float32)) if return_lse else o
     means = None
     if smooth_k and tk:
         means, seg_k = _request_means(kp, cu_k)

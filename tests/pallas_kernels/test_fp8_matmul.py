@@ -165,6 +165,18 @@ def test_fp8_matmuls_shared_x(n2, backend):
         fp8_matmuls(x, [w1, w2], [s1], interpret=True)
 
 
+@pytest.mark.parametrize("backend", [None, "mosaic"])
+def test_no_tokens(backend):
+    """An empty batch gives an empty product (no launch), for 2-D and grouped weights and through fp8_matmuls."""
+    rng = np.random.default_rng(0)
+    w, s = quantize(rng.standard_normal((128, 256)).astype(np.float32))
+    wg, sg = quantize(rng.standard_normal((4, 64, 256)).astype(np.float32))
+    x = jnp.zeros((0, 256), jnp.bfloat16)
+    assert fp8_matmul(x, w, s, backend=backend, interpret=True).shape == (0, 128)
+    assert fp8_matmul(x, wg, sg, interpret=True).shape == (0, 4, 64)
+    assert [y.shape for y in fp8_matmuls(x, [w, w], [s, s], backend=backend, interpret=True)] == [(0, 128)] * 2
+
+
 def test_mosaic_lowers_for_h100_at_r1_o_proj():
     pytest.importorskip("jax_cuda13_plugin", reason="Mosaic GPU lowering needs jax_cuda13_plugin (.ci/env.sh test)")
     S = jax.ShapeDtypeStruct

@@ -186,6 +186,15 @@ def test_int8_and_paged_lower_for_h100(qk_int8):
     assert "mla_decode" in text
 
 
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_no_requests(backend):
+    """An empty batch gives empty outputs (no launch)."""
+    q, qp, kv, pe = make(np.random.default_rng(0), 0, 64, 128, 64, 64, jnp.bfloat16)
+    out, lse = mla_decode(q, qp, kv, pe, jnp.zeros((0,), jnp.int32), sm_scale=0.1, backend=backend, interpret=True,
+                          return_lse=True)
+    assert out.shape == (0, 64, 128) and lse.shape == (0, 64)
+
+
 # ------------------------------------------------------------------ the Mosaic GPU kernel (TMA, two warpgroups)
 @pytest.mark.parametrize("b,h,s,lengths,splits", [(3, 20, 100, [0, 37, 100], 2), (3, 20, 100, [0, 37, 150], 1),
                                                    (3, 20, 100, [0, 37, 150], 4), (2, 128, 256, [1, 200], 3)])

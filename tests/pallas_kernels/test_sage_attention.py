@@ -104,6 +104,18 @@ def test_parts_equal_their_concatenation(backend, bs):
         sage_attention((q[..., :128], q[..., 128:]), (k[..., :64], k[..., 64:]), v, cq, ck, interpret=True)
 
 
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+@pytest.mark.parametrize("rows,cu", [(0, [0]), (0, [0, 0]), (5, [0])], ids=["no-rows", "empty-request", "no-requests"])
+def test_nothing_to_attend(backend, rows, cu):
+    """No query rows, or no requests (rows all padding): zeros and -inf LSEs, nothing launched (the Mosaic GPU
+    interpreter would otherwise wait forever on a kernel with no work)."""
+    x = jnp.ones((rows, 4, 64), jnp.bfloat16)
+    cu = jnp.asarray(cu, jnp.int32)
+    o, lse = sage_attention(x, x, x, cu, cu, backend=backend, interpret=True, return_lse=True)
+    assert o.shape == (rows, 4, 64) and lse.shape == (rows, 4)
+    assert np.all(np.asarray(o, np.float32) == 0) and np.all(np.isneginf(np.asarray(lse)))
+
+
 @pytest.mark.parametrize("d,dv", [(128, 128), (192, 128), (64, 64)])
 def test_lowers_for_h100(d, dv):
     S = jax.ShapeDtypeStruct
