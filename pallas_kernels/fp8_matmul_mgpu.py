@@ -47,10 +47,10 @@ WEIGHT_ROWS = 64  # one warpgroup MMA's M: weight rows per program (weight-only)
 def matmul(xq, xs_t, w, ws, *, out_dtype, block_sizes: MosaicBlockSizes = MosaicBlockSizes(), interpret=False):
     """xq [M, K] e4m3 with M a multiple of block_m (64 or 128), K of 128; xs_t [K/128, M] float32 activation scales;
     w [N, K] e4m3 with N a multiple of 128; ws [N/128, >= K/128] float32 (columns padded to a multiple of 4 for
-    TMA). Returns x @ dequant(w)^T [M, N] in
-    `out_dtype`. One program per [block_m, 128] output tile: a TMA warpgroup streams the K steps' operand tiles
-    through `stages` buffers; block_m / 64 compute warpgroups share each weight tile, one 64-row block of x each (one
-    warpgroup's promotion runs while the other's MMA is on the tensor cores)."""
+    TMA). Returns x @ dequant(w)^T [M, N] in `out_dtype`. One program per [block_m, 128] output tile: a TMA
+    warpgroup streams the K steps' operand tiles through `stages` buffers; block_m / 64 compute warpgroups share each
+    weight tile, one 64-row block of x each (one warpgroup's promotion runs while the other's MMA is on the tensor
+    cores); the weight rows' block scales are copied to shared memory once."""
     bm, stages = block_sizes.block_m, block_sizes.stages
     wgs = bm // WEIGHT_ROWS  # compute warpgroups, 64 token rows each
     if bm not in (64, 128) or stages < 2:
