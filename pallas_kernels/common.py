@@ -31,13 +31,13 @@ def resolve_interpret(interpret: bool | None) -> bool:
 # o_proj (49 vs ~56 us) and q_a (9.3 vs 12.4), tied at q_b (20.2 vs 20.0) and lost at kv_a (9.1 vs 8.2; fp8_tune.py
 # --grid mosaic, 2026-11-26), so it is the default there too (grouped W_UK / W_UV stay on Triton).
 # mla_decode's Mosaic kernel (scores once per tile, P shared between its two warpgroups) reads the cache at
-# 2.05 TB/s at B=64 L=4096 vs 0.87 for the Triton one (bench/kernels.py, 5395a1a), and is faster at the seed case
-# (19-21 vs 24-29 us in-graph).
+# 2.27 TB/s at B=64 L=4096 vs 0.76 for the Triton one (bench/kernels.py, b193faa), and is faster at the seed case
+# (14.8 vs 19.9 us of GPU kernel time).
 # sage_attention's Mosaic path (with align_rows, 9c97f5c) is 1.06x / 1.40x / 1.45x the Triton one's speed at
 # S = 1k / 4k / 16k (16 heads, D = 128) but slower inside the MLA layer's seed prefill (D 192, requests of 64-256
 # tokens: GPU busy 1.026 vs 0.943 ms; again 1.054 vs 0.938 with its per-tile K scales, 88c486f): it stays "triton".
-# A "mosaic" default sends only the calls a Mosaic kernel covers there (fp8_matmul: FP8 activations; mla_decode:
-# 16-bit contiguous caches).
+# A "mosaic" default sends only the calls a Mosaic kernel covers there (fp8_matmul: FP8 activations, and weight-only
+# calls on 2-D weights of <= 128 tokens; mla_decode: 16-bit contiguous caches).
 DEFAULT_BACKEND = {"sage_attention": "triton", "mla_decode": "mosaic", "fp8_matmul": "mosaic"}
 
 

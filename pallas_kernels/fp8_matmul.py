@@ -224,6 +224,26 @@ def _mosaic_weight_only(x, weights, *, block_sizes, interpret):
     return [y[:, e - w.shape[0]:e] for (w, _), e in zip(weights, ends)]
 
 
+def _route(x, w, block, transpose_w, activations, block_sizes, backend, interp) -> str:
+    """Which path a call takes: "dequantized" (bf16 activations from DEQUANTIZE_MIN_M tokens, no backend or block
+    sizes asked for), "mosaic" (FP8 x FP8), "mosaic_weight_only" or "triton". A "mosaic" default sends only the
+    calls a Mosaic kernel covers there; asked for by name, a call it does not cover is an error."""
+    explicit = backend is not None or block_sizes is not None  # block sizes name their backend too
+    if not _use_fp8_activations(activations, x.shape[0]) and x.shape[0] >= DEQUANTIZE_MIN_M and not explicit:
+        return "dequantized"
+    if resolve_backend("fp8_matmul", backend, block_sizes, MosaicBlockSizes, interp) == "triton":
+        return "triton"
+    if _mosaic_applies(x, w, block, transpose_w, activations):
+        return "mosaic"
+    if _mosaic_weight_only_applies(x, w, block, transpose_w, activations):
+        return "mosaic_weight_only"
+    if explicit:
+        raise ValueError("fp8_matmul backend='mosaic' runs x [M, K] @ w [N, K]^T with 128-blocks: the "
+                         "FP8-activation path (activations='fp8', or 'auto' with M >= 128) and the weight-only "
+                         "one (16-bit x, M <= 128, N a multiple of 64, K of 128): use backend='triton'")
+    return "triton"
+
+
 def _check_shapes(x, w, w_scale, block, transpose_w) -> tuple[int, int, int]:
     """(groups, N, K) of a valid call (groups 1 for a 2-D w); a clear error otherwise."""
     if w.dtype != E4M3:
@@ -270,21 +290,15 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     if m == 0:  # no tokens (an empty batch): nothing to launch
         return jnp.zeros((0, g, n) if w.ndim == 3 else (0, n), x.dtype)
     fp8_act = _use_fp8_activations(activations, m)
-    explicit = backend is not None or block_sizes is not None  # block sizes name their backend too
-    if not fp8_act and m >= DEQUANTIZE_MIN_M and not explicit:
+    route = _route(x, w, block, transpose_w, activations, block_sizes, backend, interp)
+    if route == "dequantized":
         return _dequantized(x, w, w_scale, block=block, transpose_w=transpose_w)
-    backend = resolve_backend("fp8_matmul", backend, block_sizes, MosaicBlockSizes, interp)
-    if backend == "mosaic":  # a "mosaic" default sends only the calls the Mosaic kernel covers there
-        if _mosaic_applies(x, w, block, transpose_w, activations):
-            return _mosaic(x, w, w_scale, block=block, transpose_w=transpose_w, activations=activations,
-                           block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp)
-        if _mosaic_weight_only_applies(x, w, block, transpose_w, activations):
-            return _mosaic_weight_only(x, [(w, w_scale)], block_sizes=block_sizes or MosaicBlockSizes(),
-                                       interpret=interp)[0]
-        if explicit:
-            raise ValueError("fp8_matmul backend='mosaic' runs x [M, K] @ w [N, K]^T with 128-blocks: the "
-                             "FP8-activation path (activations='fp8', or 'auto' with M >= 128) and the weight-only "
-                             "one (16-bit x, M <= 128, N a multiple of 64, K of 128): use backend='triton'")
+    if route == "mosaic":
+        return _mosaic(x, w, w_scale, block=block, transpose_w=transpose_w, activations=activations,
+                       block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp)
+    if route == "mosaic_weight_only":
+        return _mosaic_weight_only(x, [(w, w_scale)], block_sizes=block_sizes or MosaicBlockSizes(),
+                                   interpret=interp)[0]
     bs = block_sizes or BlockSizes()
     grouped = w.ndim == 3
     w3 = w if grouped else w[None]
@@ -350,10 +364,8 @@ def fp8_matmuls(x, weights, scales, *, block: int = 128, activations: str = "aut
     interp = resolve_interpret(interpret)
     for w, sc in zip(weights, scales):
         _check_shapes(x, w, sc, block, True)
-    explicit = backend is not None or block_sizes is not None  # as in fp8_matmul: past 128 tokens, dequantised
-    if ((x.shape[0] < DEQUANTIZE_MIN_M or explicit)
-            and resolve_backend("fp8_matmul", backend, block_sizes, MosaicBlockSizes, interp) == "mosaic"
-            and all(_mosaic_weight_only_applies(x, w, block, True, activations) for w in weights)):
+    if x.shape[0] and all(_route(x, w, block, True, activations, block_sizes, backend, interp)
+                          == "mosaic_weight_only" for w in weights):
         return tuple(_mosaic_weight_only(x, list(zip(weights, scales)),
                                          block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp))
     return tuple(fp8_matmul(x, w, sc, block=block, activations=activations, block_sizes=block_sizes, backend=backend,
