@@ -130,7 +130,12 @@ def test_lowers_for_h100(d, dv):
 MOSAIC = MosaicBlockSizes(block_q=64, block_k=64, compute_wgs=2)
 
 
-@pytest.mark.parametrize("lq,lk,hq,hk,d,dv", CASES)
+# the Mosaic interpreter runs programs one by one: CASES with the 16-head case at 8 heads (GQA 8 kept; the Triton
+# tests above cover 16 heads)
+MOSAIC_CASES = [c if c[2] != 16 else (c[0], c[1], 8, 1, *c[4:]) for c in CASES]
+
+
+@pytest.mark.parametrize("lq,lk,hq,hk,d,dv", MOSAIC_CASES)
 def test_mosaic_matches_reference(lq, lk, hq, hk, d, dv):
     """backend="mosaic" in the Mosaic GPU interpreter: same bounds as the Triton kernel, bf16 inputs (its P.V MMA
     is 16-bit), block tails and zero-length requests included."""
