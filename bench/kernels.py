@@ -4,9 +4,10 @@
 
 (--parts: which kernels; --quick: sage_attention at the fastest block sizes of the full sweeps only.)
 
-sage_attention: D=128, causal, 16 heads, S in {1k, 4k, 16k} with B = 16, 4, 1 requests of length S, against
-`jax.nn.dot_product_attention` with cuDNN and with XLA (same bf16 inputs, [B, S, H, D]). TFLOP/s count the causal
-half: 2 * B * S^2 * H * D.
+sage_attention: D=128, causal, 16 heads, S in {1k, 4k, 16k} with B = 16, 4, 1 requests of length S: the default
+call (backend "auto", which picks the kernel by request length: "sage" columns), and each backend over its block
+sizes ("triton", "mosaic"), against `jax.nn.dot_product_attention` with cuDNN and with XLA (same bf16 inputs,
+[B, S, H, D]) and JAX's attention_mgpu. TFLOP/s count the causal half: 2 * B * S^2 * H * D.
 
 mla_decode: 128 heads, latent 512 + rope 64, bf16 caches, B in {16, 64}, L in {400, 4096, 32768} (every request at
 length L): the default backend ("pallas" columns; Mosaic on a GPU) and backend="triton" ("triton" columns), against
@@ -32,7 +33,8 @@ from bench.common import commit, copy_bandwidth, gpu_kernel_times
 from jaxlm.seed import DECODE_PAST, median_ms
 from pallas_kernels import mla_decode, mla_decode_reference
 from pallas_kernels.common import DEFAULT_BACKEND, quantize_rows_int8
-from pallas_kernels.sage_attention import BlockSizes, MosaicBlockSizes, sage_attention, sage_attention_reference
+from pallas_kernels.sage_attention import (BlockSizes, MosaicBlockSizes, auto_backend, sage_attention,
+                                          sage_attention_reference)
 
 
 def timed(fn, *args, calls=20):
@@ -231,21 +233,26 @@ def sage_cases(sweep=((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32,
         row = {"S": s, "B": b, "H": h, "D": d, "cudnn_ms": timed(cudnn, q, k, v)}
         row["xla_ms"] = timed(xla, q, k, v) if s <= 4096 else None
         row.update(mgpu_attention(q, k, v))
-        best = None
+        want = want.astype(np.float64)
+        cos = lambda a: float((a * want).sum() / np.linalg.norm(a) / np.linalg.norm(want))  # noqa: E731
+        # the default call (backend "auto": Mosaic or Triton by request length), what a user gets
+        default = jax.jit(lambda q, k, v, cu: sage_attention(q, k, v, cu, cu))
+        out = np.asarray(default(flat(q), flat(k), flat(v), cu), np.float64)
+        row.update(sage_ms=timed(default, flat(q), flat(k), flat(v), cu), cos_vs_cudnn=cos(out),
+                   sage_backend=auto_backend(b * s, b * s, b, d, d, jnp.bfloat16))
+        best = None  # the Triton kernel (backend="triton") over its block sizes
         for bq, bk, w, st in sweep:
             fn = jax.jit(lambda q, k, v, cu, bs=BlockSizes(bq, bk, w, st): sage_attention(q, k, v, cu, cu, block_sizes=bs))
             try:
                 t = timed(fn, flat(q), flat(k), flat(v), cu)
             except Exception as e:  # a block shape the card cannot hold: record and go on
-                row[f"sage_{bq}_{bk}_{w}_{st}"] = f"failed: {str(e)[:80]}"
+                row[f"triton_{bq}_{bk}_{w}_{st}"] = f"failed: {str(e)[:80]}"
                 continue
-            row[f"sage_{bq}_{bk}_{w}_{st}_ms"] = t
+            row[f"triton_{bq}_{bk}_{w}_{st}_ms"] = t
             if best is None or t < best[0]:
                 best = (t, (bq, bk, w, st), fn)
-        out = np.asarray(best[2](flat(q), flat(k), flat(v), cu), np.float64)
-        want = want.astype(np.float64)
-        cos = lambda a: float((a * want).sum() / np.linalg.norm(a) / np.linalg.norm(want))  # noqa: E731
-        row.update(sage_ms=best[0], sage_blocks=best[1], cos_vs_cudnn=cos(out))
+        row.update(triton_ms=best[0], triton_blocks=best[1],
+                   triton_cos_vs_cudnn=cos(np.asarray(best[2](flat(q), flat(k), flat(v), cu), np.float64)))
         mosaic = None  # the Mosaic GPU kernel (backend="mosaic") over its block sizes
         for bq, bk, st, wgs in mosaic_sweep:
             fn = jax.jit(lambda q, k, v, cu, bs=MosaicBlockSizes(bq, bk, st, wgs): sage_attention(
@@ -265,7 +272,7 @@ def sage_cases(sweep=((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32,
             one = jnp.array([0, s], jnp.int32)
             ref = np.asarray(sage_attention_reference(q[0], k[0], v[0], one, one), np.float32)
             row["rel_l1_vs_f32_reference"] = float(np.abs(out[:s] - ref).sum() / np.abs(ref).sum())
-        for name in ("sage", "mosaic", "cudnn", "xla", "mgpu"):
+        for name in ("sage", "triton", "mosaic", "cudnn", "xla", "mgpu"):
             if row.get(f"{name}_ms"):
                 row[f"{name}_TFLOPs"] = flops / row[f"{name}_ms"] / 1e9
         row["sage_vs_cudnn"] = row["cudnn_ms"] / row["sage_ms"]
@@ -275,7 +282,8 @@ def sage_cases(sweep=((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32,
 
 def sage_summary(sage: list[dict]) -> dict:
     s16k = next(r for r in sage if r["S"] == 16384)
-    return dict(sage_tflops_s16k=s16k["sage_TFLOPs"], cudnn_tflops_s16k=s16k["cudnn_TFLOPs"],
+    return dict(sage_tflops_s16k=s16k["sage_TFLOPs"], sage_backend_s16k=s16k["sage_backend"],
+                cudnn_tflops_s16k=s16k["cudnn_TFLOPs"], sage_triton_tflops_s16k=s16k.get("triton_TFLOPs"),
                 sage_mosaic_tflops_s16k=s16k.get("mosaic_TFLOPs"), mgpu_tflops_s16k=s16k.get("mgpu_TFLOPs"),
                 sage_cosine=min(r["cos_vs_cudnn"] for r in sage))
 
@@ -296,12 +304,14 @@ def mla_decode_summary(rows: list[dict]) -> dict:
 
 
 def print_sage(sage, dev):
-    print(f"\nsage_attention, causal, H=16, D=128, bf16, {dev.device_kind}")
-    print(f"{'S':>6} {'B':>3} {'sage ms':>8} {'TF/s':>6} {'cudnn ms':>9} {'TF/s':>6} {'xla TF/s':>8} {'vs cudnn':>8} {'cos':>9} blocks")
+    print(f"\nsage_attention, causal, H=16, D=128, bf16, {dev.device_kind}; sage = the default call (its backend)")
+    print(f"{'S':>6} {'B':>3} {'sage ms':>8} {'TF/s':>6} {'cudnn ms':>9} {'TF/s':>6} {'xla TF/s':>8} {'vs cudnn':>8} {'cos':>9} backend")
     for r in sage:
         xla_tf = f"{r['xla_TFLOPs']:.0f}" if r.get("xla_TFLOPs") else "-"
         print(f"{r['S']:>6} {r['B']:>3} {r['sage_ms']:>8.3f} {r['sage_TFLOPs']:>6.0f} {r['cudnn_ms']:>9.3f} "
-              f"{r['cudnn_TFLOPs']:>6.0f} {xla_tf:>8} {r['sage_vs_cudnn']:>7.2f}x {r['cos_vs_cudnn']:>9.6f} {r['sage_blocks']}")
+              f"{r['cudnn_TFLOPs']:>6.0f} {xla_tf:>8} {r['sage_vs_cudnn']:>7.2f}x {r['cos_vs_cudnn']:>9.6f} {r['sage_backend']}")
+        print(f"{'':>6} triton backend: {r['triton_ms']:.3f} ms, {r['triton_TFLOPs']:.0f} TF/s, "
+              f"{r['cudnn_ms'] / r['triton_ms']:.2f}x cuDNN, blocks {r['triton_blocks']}")
         mosaic = (f"{r['mosaic_ms']:.3f} ms, {r['mosaic_TFLOPs']:.0f} TF/s, {r['cudnn_ms'] / r['mosaic_ms']:.2f}x cuDNN, "
                   f"cos {r['mosaic_cos_vs_cudnn']:.6f}, blocks {r['mosaic_blocks']}") if r.get("mosaic_ms") else "failed"
         print(f"{'':>6} mosaic backend: {mosaic}")

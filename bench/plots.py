@@ -25,6 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 STYLE = {  # one look per series across all plots
     "jaxlm": dict(color="#1f6feb", marker="o", label="jaxlm (Pallas)"),
     "jaxlm_mosaic": dict(color="#1a7f37", marker="P", label="jaxlm (Pallas, Mosaic GPU backend)"),
+    "jaxlm_triton": dict(color="#1f6feb", marker="o", label="jaxlm (Pallas, Triton backend)"),
+    "jaxlm_default": dict(color="#0a3069", marker="*", ms=11, ls="none", label="jaxlm default call (backend auto)"),
     "jax_peer": dict(color="#8250df", marker="s", ls="--", label="jaxlm, XLA attention (JAX peer)"),
     "hf": dict(color="#cf222e", marker="^", label="HF transformers"),
     "cudnn": dict(color="#cf222e", marker="^", label="cuDNN (jax.nn.dot_product_attention)"),
@@ -121,7 +123,8 @@ def plot_kernels(res: dict, mla_res: dict, out: Path) -> Path | None:
     ax = axes[0]
     rows = sorted(res.get("sage_attention", []), key=lambda r: r["S"])
     xs = [r["S"] for r in rows]
-    _series(ax, xs, [r.get("sage_TFLOPs") for r in rows], "jaxlm")
+    _series(ax, xs, [r.get("sage_TFLOPs") if "triton_ms" in r else None for r in rows], "jaxlm_default")
+    _series(ax, xs, [r.get("triton_TFLOPs", r.get("sage_TFLOPs")) for r in rows], "jaxlm_triton")  # older: sage = Triton
     _series(ax, xs, [r.get("mosaic_TFLOPs") for r in rows], "jaxlm_mosaic")
     _series(ax, xs, [r.get("cudnn_TFLOPs") for r in rows], "cudnn")
     _series(ax, xs, [r.get("mgpu_TFLOPs") for r in rows], "mgpu")

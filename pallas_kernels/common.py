@@ -33,12 +33,14 @@ def resolve_interpret(interpret: bool | None) -> bool:
 # mla_decode's Mosaic kernel (scores once per tile, P shared between its two warpgroups) reads the cache at
 # 2.27 TB/s at B=64 L=4096 vs 0.76 for the Triton one (bench/kernels.py, b193faa), and is faster at the seed case
 # (14.8 vs 19.9 us of GPU kernel time).
-# sage_attention's Mosaic path (with align_rows, 9c97f5c) is 1.06x / 1.40x / 1.45x the Triton one's speed at
-# S = 1k / 4k / 16k (16 heads, D = 128) but slower inside the MLA layer's seed prefill (D 192, requests of 64-256
-# tokens: GPU busy 1.026 vs 0.943 ms; again 1.054 vs 0.938 with its per-tile K scales, 88c486f): it stays "triton".
+# sage_attention ("auto": by request length, sage_attention.auto_backend): its Mosaic kernel wins for long requests
+# and loses for short ones, where the passes around it and its 128-row programs cost more than they save (16k packed
+# tokens in equal requests, 16 heads, causal, 2026-11-26: D 128 Mosaic / Triton ms 0.43 / 0.49 at 1024 tokens per
+# request, 0.69 / 0.99 at 4096, 2.03 / 3.10 at 16384, but 0.42 / 0.40 at 512 and 0.48 / 0.37 at 128; MLA's D 192
+# from 4096 tokens: 0.94 / 1.13, 0.66 / 0.59 at 1024).
 # A "mosaic" default sends only the calls a Mosaic kernel covers there (fp8_matmul: FP8 activations, and weight-only
-# calls on 2-D weights of <= 128 tokens; mla_decode: 16-bit contiguous caches).
-DEFAULT_BACKEND = {"sage_attention": "triton", "mla_decode": "mosaic", "fp8_matmul": "mosaic"}
+# calls on 2-D weights of <= 128 tokens; mla_decode: 16-bit contiguous caches; sage_attention: 16-bit V).
+DEFAULT_BACKEND = {"sage_attention": "auto", "mla_decode": "mosaic", "fp8_matmul": "mosaic"}
 
 
 def resolve_backend(kernel: str, backend: str | None, block_sizes=None, mosaic_sizes: type | None = None,
@@ -47,13 +49,15 @@ def resolve_backend(kernel: str, backend: str | None, block_sizes=None, mosaic_s
     block sizes: "triton"), else the kernel's DEFAULT_BACKEND entry for compiled calls and "triton" in interpret
     mode (the Triton kernels cover every option; the Mosaic GPU interpreter runs each warpgroup as its own XLA
     computation, minutes for a layer's test: the Mosaic kernels' own tests name their backend). Block sizes of the
-    other backend are an error."""
+    other backend are an error. "auto" (sage_attention's default) is returned as is: the kernel decides from its
+    inputs."""
     sized = block_sizes is not None and mosaic_sizes is not None
     if backend is None and sized:
         backend = "mosaic" if isinstance(block_sizes, mosaic_sizes) else "triton"
     backend = backend or ("triton" if interpret else DEFAULT_BACKEND[kernel])
-    if backend not in ("triton", "mosaic"):
-        raise ValueError(f"{kernel}: backend must be one of ('triton', 'mosaic'), got {backend!r}")
+    choices = ("triton", "mosaic", "auto") if DEFAULT_BACKEND[kernel] == "auto" else ("triton", "mosaic")
+    if backend not in choices:
+        raise ValueError(f"{kernel}: backend must be one of {choices}, got {backend!r}")
     if sized and isinstance(block_sizes, mosaic_sizes) != (backend == "mosaic"):
         raise ValueError(f"{kernel}: block_sizes {block_sizes} do not belong to backend {backend!r}")
     return backend

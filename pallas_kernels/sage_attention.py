@@ -50,6 +50,20 @@ class BlockSizes:
         return self.block_q
 
 
+# Mean tokens per request from which backend="auto" takes the Mosaic kernel, by head dim (the crossover measured on
+# an H100 with 16k packed tokens, 16 heads, causal: common.DEFAULT_BACKEND's notes and bench/RESULTS.md)
+MOSAIC_MIN_TOKENS = ((128, 1024), (256, 4096))  # (Dqk up to, tokens)
+
+
+def auto_backend(tq: int, tk: int, requests: int, dqk: int, dv: int, v_dtype) -> str:
+    """The backend `backend="auto"` runs: "mosaic" when the Mosaic kernel takes these sizes and the requests are
+    long enough on average (queries and keys) for it to win, else "triton"."""
+    if sage_attention_mgpu.unsupported(cdiv(dqk, 32) * 32, max(16, next_pow2(dv)), v_dtype):
+        return "triton"
+    need = next((n for d, n in MOSAIC_MIN_TOKENS if dqk <= d), None)
+    return "mosaic" if need is not None and min(tq, tk) >= need * max(requests, 1) else "triton"
+
+
 def _request_means(parts, cu):
     """Per-request means over tokens of each of `parts` (x [T, H, D_i]) -> ([B, H, D_i] per part, the request of each
     token), as one-hot matmuls (no scatter) sharing one membership matrix."""
@@ -148,8 +162,9 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     q and k may each be a tuple of parts along the head dim (the same widths for both), standing for their
     concatenation: MLA's (q_nope, q_pe) and (k_nope, k_pe) go in without a concatenated copy (the Triton kernel
     reads each part as its own chunk; the Mosaic path concatenates).
-    backend: "triton" or "mosaic" (Hopper wgmma kernel, sage_attention_mgpu.py; 16-bit V); None: the backend
-    block_sizes belong to, else the kernel's entry in common.DEFAULT_BACKEND;
+    backend: "triton", "mosaic" (Hopper wgmma kernel, sage_attention_mgpu.py; 16-bit V) or "auto" (`auto_backend`:
+    Mosaic for long requests); None: the backend block_sizes belong to, else common.DEFAULT_BACKEND ("auto") for
+    compiled calls and "triton" in interpret mode;
     block_sizes: BlockSizes for the first, MosaicBlockSizes for the second (None: the backend's defaults)."""
     qp, kp = _parts(q), _parts(k)
     tq, hq = qp[0].shape[:2]
@@ -161,12 +176,14 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
                          "fit (q and k parts of equal widths, k and v of equal length and heads, Hq % Hk == 0)")
     dqk = sum(widths)
     interp = resolve_interpret(interpret)
-    backend = resolve_backend("sage_attention", backend, block_sizes, MosaicBlockSizes, interp)
-    bs = block_sizes or (MosaicBlockSizes() if backend == "mosaic" else BlockSizes())
-    sm_scale = dqk**-0.5 if sm_scale is None else sm_scale
     cu_q = jnp.asarray(cu_seqlens_q, jnp.int32)
     cu_k = jnp.asarray(cu_seqlens_k, jnp.int32)
     nb = cu_q.shape[0] - 1
+    backend = resolve_backend("sage_attention", backend, block_sizes, MosaicBlockSizes, interp)
+    if backend == "auto":
+        backend = auto_backend(tq, tk, nb, dqk, v.shape[2], v.dtype)
+    bs = block_sizes or (MosaicBlockSizes() if backend == "mosaic" else BlockSizes())
+    sm_scale = dqk**-0.5 if sm_scale is None else sm_scale
     if tq == 0 or nb == 0:  # no query rows, or no requests (every row padding): zeros, nothing to launch
         o = jnp.zeros((tq, hq, v.shape[2]), qp[0].dtype)
         return (o, jnp.full((tq, hq), -jnp.inf, jnp.float32)) if return_lse else o

@@ -216,3 +216,28 @@ def test_align_rows_matches_reference(align, d, width, quantize, shift, per_tile
     if per_tile:  # one scale per tile and head
         sc = np.asarray(scale).reshape(3, -1, align)
         np.testing.assert_array_equal(sc, np.repeat(sc[..., :1], align, axis=-1))
+
+
+def test_auto_backend_picks_by_request_length():
+    """backend="auto" (the compiled default) takes the Mosaic kernel for long requests, where it was measured faster
+    (common.DEFAULT_BACKEND's notes), and the Triton one for short requests, head dims without a rule, or a V the
+    Mosaic kernel cannot multiply; "auto" is accepted by name, unknown backends are an error naming the choices."""
+    from pallas_kernels.common import resolve_backend
+    from pallas_kernels.sage_attention import MOSAIC_MIN_TOKENS, auto_backend
+
+    bf = jnp.bfloat16
+    (d1, n1), (d2, n2) = MOSAIC_MIN_TOKENS
+    assert auto_backend(16384, 16384, 1, d1, 128, bf) == "mosaic"
+    assert auto_backend(16 * n1, 16 * n1, 16, d1, 128, bf) == "mosaic"
+    assert auto_backend(16 * n1 - 1, 16 * n1, 16, d1, 128, bf) == "triton"  # one row short of the mean
+    assert auto_backend(16 * n1, 16 * n1, 16, d2, 128, bf) == "triton"  # MLA's 192 needs longer requests
+    assert auto_backend(16 * n2, 16 * n2, 16, d2, 128, bf) == "mosaic"
+    assert auto_backend(16384, 16384, 1, 2 * d2, 128, bf) == "triton"  # no rule for this head dim
+    assert auto_backend(16384, 16384, 1, d1, 128, jnp.float32) == "triton"  # the Mosaic P.V is 16-bit
+    assert resolve_backend("sage_attention", None) == "auto"
+    assert resolve_backend("sage_attention", "auto") == "auto"
+    assert resolve_backend("sage_attention", None, interpret=True) == "triton"
+    with pytest.raises(ValueError, match="'triton', 'mosaic', 'auto'"):
+        resolve_backend("sage_attention", "cudnn")
+    with pytest.raises(ValueError, match=r"\('triton', 'mosaic'\)"):
+        resolve_backend("mla_decode", "auto")
