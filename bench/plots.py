@@ -139,7 +139,7 @@ def plot_kernels(res: dict, mla_res: dict, out: Path) -> Path | None:
         # the default backend ("pallas") is the Mosaic kernel from 6ae80e9; older results name it mosaic_TBps
         mosaic = "mosaic_TBps" if any("mosaic_TBps" in r for r in rows) else "pallas_TBps"
         triton = "pallas_TBps" if mosaic == "mosaic_TBps" else "triton_TBps"
-        for key, field in (("jaxlm", triton), ("jaxlm_mosaic", mosaic), ("xla", "xla_TBps")):
+        for key, field in (("jaxlm_triton", triton), ("jaxlm_mosaic", mosaic), ("xla", "xla_TBps")):
             pts = [(x, r.get(field)) for x, r in zip(xs, rows) if r.get(field)]
             if pts:
                 ax.plot(*zip(*pts), **{**STYLE[key], "alpha": alpha, "label": f"{STYLE[key]['label']}, B={b}"})
