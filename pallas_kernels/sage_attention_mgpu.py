@@ -255,8 +255,6 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
                 qs = plgpu.load(qs_ref.at[h, pl.ds(q0, bq)], layout=wgmma.reduce(1), optimized=False)
                 plgpu.barrier_wait(q_bar.at[wg])
                 row_base = i * rows_per_blk + wg * bq
-                rows = row_base + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma)
-                cols0 = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma)
                 my_steps = jnp.where(row_base < len_q, steps_until(row_base + bq), 0)
                 # tiles every row of this warpgroup sees whole (no mask): keys < min(len_k, row_base + diag + 1)
                 seen = jnp.minimum(len_k, row_base + diag + 1) if causal else len_k
@@ -277,10 +275,13 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
                     plgpu.barrier_arrive(k_free.at[slot])
                     s = s_int.astype(jnp.float32)  # base-2 logits / (qs * ks)
                     if masked:
-                        cols = cols0 + j * bk
+                        # built here, not before the loops: two [bq, bk] int32 index tiles held across them would
+                        # take 64 registers a thread each
+                        cols = j * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma)
                         ok = cols < len_k
-                        if causal:
-                            ok = ok & (cols <= rows + diag)
+                        if causal:  # key <= query row + diag, the row being row_base + the tile's row
+                            ok = ok & (cols - plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma)
+                                       <= row_base + diag)
                         s = jnp.where(ok, s, -jnp.inf)
                     p, m_new, l, acc, _ = online_softmax_step(s, m, l, acc, masked, scale=qs * ks)
                     if interpret:  # the interpreter's wgmma reads its left operand from shared memory only
