@@ -14,12 +14,14 @@ not need unread. Key tiles that every row of a warpgroup sees whole run without 
 warpgroups a shared barrier alternates them (one's softmax runs while the other's MMAs do, as in JAX's
 attention_mgpu), and the wait for the next K tile overlaps the P.V MMA.
 
-TMA wants tile offsets it can prove aligned (Mosaic GPU's layout inference checks that a copy's dynamic row index
-is a multiple of the shared-memory tiling), so each request's rows are first moved to a multiple of the block by
-`align_rows`: one Triton pass per operand that also smooths K and quantises Q and K (so the XLA passes of the
-Triton path - K minus its mean, absmax, convert - are not needed here); every program writes its own output tile,
-which a gather maps back to the packed rows (the tail of a request's last block belongs to no request and is
-dropped, so no program writes rows another one owns).
+TMA wants row offsets it can prove aligned (Mosaic GPU's layout inference checks that a copy's dynamic row index
+is a multiple of the shared-memory tiling, 8 rows). Keys stay where they are: a request's key tiles start at its
+first row rounded down to 8, and the few leading rows that belong to the request before are masked. `key_tiles`
+(one Triton pass) smooths and quantises K per such tile in place; V is read as given. Queries are moved by
+`align_rows` (one Triton pass that also quantises them) to a multiple of the program's rows; every program writes
+its own output tile, which a gather maps back to the packed rows (the tail of a request's last block belongs to no
+request and is dropped, so no program writes rows another one owns). The Triton path's XLA passes (K minus its
+mean, absmax, convert) are not needed here.
 
 On CPU it runs in the Mosaic GPU interpreter (`plgpu.InterpretGPUParams`), which the tests use; lowering for an
 H100 needs the `jax_cuda13_plugin` package (the CPU CI installs it without its CUDA runtime).
@@ -79,93 +81,160 @@ def row_plan(cu, total: int, align: int):
     return base, req, (start - base[req]).astype(jnp.int32), size
 
 
-def _align_kernel(tile_req_ref, tile_off_ref, cu_ref, x_ref, *refs, align, chunks, pad_chunks, quantize, shift,
-                  mult, eps, per_tile):
-    """One `align`-row tile of one head: the request's rows loaded (masked past its length), smoothed, quantised,
+def _quantize(parts, scale_of_rows, eps):
+    """int8-valued float32 parts and their float32 scale(s): absmax / 127 (floored at eps / 127) of
+    `scale_of_rows(absmax of each row)`, rounded half up."""
+    amax = scale_of_rows(functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=1) for x in parts]))
+    scale = jnp.maximum(amax, eps) / 127.0
+    return [jnp.clip(jnp.floor(x / scale[:, None] + 0.5), -127.0, 127.0) for x in parts], scale
+
+
+def _align_kernel(tile_req_ref, tile_off_ref, cu_ref, x_ref, y_ref, s_ref, *, align, chunks, pad_chunks, mult, eps):
+    """One `align`-row tile of one head: the request's rows loaded (masked past its length), quantised per row,
     written whole (zeros past the length and in the padding columns)."""
-    refs = list(refs)
-    mean_ref = refs.pop(0) if shift else None
-    y_ref = refs.pop(0)
     t, h = pl.program_id(0), pl.program_id(1)
     req, off = tile_req_ref[0], tile_off_ref[0]  # this tile's entries (the block specs select them)
     length = cu_ref[req + 1] - cu_ref[req]
     ok = (off + jnp.arange(align)) < length
     src = cu_ref[req] + off
-    parts = []
-    for c0, w in chunks:
-        x = pltriton.load(x_ref.at[pl.ds(src, align), h, pl.ds(c0, w)], mask=ok[:, None], other=0).astype(jnp.float32)
-        if shift:
-            x = jnp.where(ok[:, None], x - mean_ref[req, h, pl.ds(c0, w)][None, :], 0.0)
-        parts.append(x)
+    parts = [pltriton.load(x_ref.at[pl.ds(src, align), h, pl.ds(c0, w)], mask=ok[:, None], other=0).astype(
+        jnp.float32) for c0, w in chunks]
+    parts, scale = _quantize(parts, lambda amax: amax, eps)
     rows = pl.ds(t * align, align)
-    if quantize:
-        amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=1) for x in parts])
-        if per_tile:  # one scale for the tile's rows (every row holds it)
-            amax = jnp.full((align,), jnp.max(amax), jnp.float32)
-        scale = jnp.maximum(amax, eps) / 127.0
-        parts = [jnp.clip(jnp.floor(x / scale[:, None] + 0.5), -127.0, 127.0) for x in parts]
-        refs[0][h, rows] = scale * mult
+    s_ref[h, rows] = scale * mult
     for (c0, w), x in zip(chunks, parts):
         y_ref[rows, h, pl.ds(c0, w)] = x.astype(y_ref.dtype)
     for c0, w in pad_chunks:
         y_ref[rows, h, pl.ds(c0, w)] = jnp.zeros((align, w), y_ref.dtype)
 
 
-def align_rows(x, cu, align: int, *, width: int, quantize: bool, shift=None, mult: float = 1.0, eps: float = 1e-8,
-               per_tile: bool = False, interpret: bool = False):
-    """The packed rows x [T, H, D] of each request moved to a multiple of `align` (rows past a request and columns
-    past D zero), in one pass: a Triton kernel per (`align`-row tile, head). quantize: int8 rows with one float32
-    scale each (absmax / 127, floored at eps / 127, times `mult`), after subtracting `shift` [B, H, D] (K's
-    per-request mean) when given; per_tile: one scale per `align`-row tile and head (the tile's absmax, stored in
-    each of its rows), as SageAttention quantises K per block. Returns (y [size, H, width], scale [H, size] or None,
-    base [B])."""
+def _full(a):
+    return pl.BlockSpec(a.shape, lambda i, j: (0,) * len(a.shape))
+
+
+def align_rows(x, cu, align: int, *, width: int, mult: float = 1.0, eps: float = 1e-8, interpret: bool = False):
+    """Q's pass: the packed rows x [T, H, D] of each request moved to a multiple of `align` (rows past a request and
+    columns past D zero) and quantised to int8 with one float32 scale per row (absmax / 127, floored at eps / 127,
+    times `mult`), in one Triton kernel per (`align`-row tile, head). Returns (y [size, H, width] int8,
+    scale [H, size], base [B])."""
     t_rows, heads, d = x.shape
     base, tile_req, tile_off, size = row_plan(cu, t_rows, align)
     if interpret:  # the interpreter clamps out-of-range slices instead of masking them: give every tile room
         x = jnp.pad(x, ((0, align), (0, 0), (0, 0)))
-    full = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)  # noqa: E731
-    ins = [tile_req, tile_off, cu, x] + ([shift.astype(jnp.float32)] if shift is not None else [])
-    out_shape = [jax.ShapeDtypeStruct((size, heads, width), jnp.int8 if quantize else x.dtype)]
-    if quantize:
-        out_shape.append(jax.ShapeDtypeStruct((heads, size), jnp.float32))
+    out_shape = [jax.ShapeDtypeStruct((size, heads, width), jnp.int8), jax.ShapeDtypeStruct((heads, size), jnp.float32)]
     kernel = functools.partial(_align_kernel, align=align, chunks=pow2_chunks(d),
-                               pad_chunks=tuple((d + o, w) for o, w in pow2_chunks(width - d)), quantize=quantize,
-                               shift=shift is not None, mult=mult, eps=eps, per_tile=per_tile)
-    outs = pl.pallas_call(
+                               pad_chunks=tuple((d + o, w) for o, w in pow2_chunks(width - d)), mult=mult, eps=eps)
+    y, scale = pl.pallas_call(
         kernel,
         grid=(size // align, heads),
-        in_specs=[pl.BlockSpec((1,), lambda i, j: (i,)), pl.BlockSpec((1,), lambda i, j: (i,))]
-        + [full(a) for a in ins[2:]],
-        out_specs=[full(o) for o in out_shape],
+        in_specs=[pl.BlockSpec((1,), lambda i, j: (i,)), pl.BlockSpec((1,), lambda i, j: (i,)), _full(cu), _full(x)],
+        out_specs=[_full(o) for o in out_shape],
         out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1),
         interpret=interpret,
         name="align_rows",
-    )(*ins)
-    return outs[0], (outs[1] if quantize else None), base
+    )(tile_req, tile_off, cu, x)
+    return y, scale, base
 
 
-def align_rows_reference(x, cu, align: int, *, width: int, quantize: bool, shift=None, mult: float = 1.0,
-                         eps: float = 1e-8, per_tile: bool = False):
+def align_rows_reference(x, cu, align: int, *, width: int, mult: float = 1.0, eps: float = 1e-8):
     """align_rows in plain jnp (a gather; quantised with common.quantize_rows_int8)."""
     base, tile_req, tile_off, size = row_plan(cu, x.shape[0], align)
     r = jnp.arange(size, dtype=jnp.int32)
     req, off = tile_req[r // align], tile_off[r // align] + r % align
     keep = off < (cu[1:] - cu[:-1])[req]
-    y = x[jnp.where(keep, cu[req] + off, 0)].astype(jnp.float32)
-    if shift is not None:
-        y = y - shift.astype(jnp.float32)[req]
-    y = jnp.where(keep[:, None, None], y, 0.0)
-    scale = None
-    if quantize:
-        if per_tile:  # the tile's absmax for each of its rows
-            amax = jnp.abs(y).max(axis=2).reshape(size // align, align, -1).max(axis=1)  # [tiles, H]
-            scale = jnp.repeat(jnp.maximum(amax, eps) / 127.0, align, axis=0)  # [size, H]
-            y = jnp.clip(jnp.floor(y / scale[..., None] + 0.5), -127.0, 127.0)
-        else:
-            y, scale = quantize_rows_int8(y, eps)
-        scale = (scale * mult).T
-    return pad_to(y.astype(jnp.int8 if quantize else x.dtype), 2, width), scale, base
+    y = jnp.where(keep[:, None, None], x[jnp.where(keep, cu[req] + off, 0)].astype(jnp.float32), 0.0)
+    y, scale = quantize_rows_int8(y, eps)
+    return pad_to(y.astype(jnp.int8), 2, width), (scale * mult).T, base
+
+
+KEY_ALIGN = 8  # TMA rows of a tiled shared-memory buffer start at a multiple of its 8-row tiling
+
+
+def key_tile_plan(cu, total: int, block: int):
+    """K / V tiles of `block` packed rows per request, the first starting at the request's first row rounded down to
+    a multiple of KEY_ALIGN (so TMA can fetch it; its first `lead` rows belong to the request before): (lead [B],
+    tile_req / tile_idx [n] int32: each tile's request and index within it, n a static bound; tiles past the plan
+    have indices past their request's tiles)."""
+    nb = cu.shape[0] - 1
+    lens = cu[1:] - cu[:-1]
+    lead = lax.rem(cu[:-1], jnp.int32(KEY_ALIGN))
+    tiles = jnp.where(lens > 0, cdiv(lens + lead, block), 0)
+    cu_t = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(tiles)]).astype(jnp.int32)
+    n = cdiv(total, block) + 2 * nb  # each request adds at most two partial tiles
+    t = jnp.arange(n, dtype=jnp.int32)
+    req = segment_of(cu_t, t, nb)
+    return lead, req, t - cu_t[req], n
+
+
+def _key_tiles_kernel(tile_req_ref, tile_idx_ref, cu_ref, x_ref, *refs, block, chunks, pad_chunks, shift, eps):
+    """One K tile of one head, in place: the request's rows of it loaded, smoothed, quantised with the tile's one
+    scale, written (each row by its own request's tile only, so tiles sharing rows at request boundaries do not
+    clash); padding columns zero."""
+    mean_ref, y_ref, s_ref = refs if shift else (None, *refs)
+    h = pl.program_id(1)
+    req, ti = tile_req_ref[0], tile_idx_ref[0]
+    start, end = cu_ref[req], cu_ref[req + 1]
+    r0 = start - lax.rem(start, jnp.int32(KEY_ALIGN)) + ti * block
+    rows = r0 + jnp.arange(block)
+    ok = (rows >= start) & (rows < end)
+    parts = []
+    for c0, w in chunks:
+        x = pltriton.load(x_ref.at[pl.ds(r0, block), h, pl.ds(c0, w)], mask=ok[:, None], other=0).astype(jnp.float32)
+        if shift:
+            x = jnp.where(ok[:, None], x - mean_ref[req, h, pl.ds(c0, w)][None, :], 0.0)
+        parts.append(x)
+    parts, scale = _quantize(parts, lambda amax: jnp.full((block,), jnp.max(amax), jnp.float32), eps)
+    pltriton.store(s_ref.at[h, pl.ds(r0, block)], scale, mask=ok)
+    for (c0, w), x in zip(chunks, parts):
+        pltriton.store(y_ref.at[pl.ds(r0, block), h, pl.ds(c0, w)], x.astype(y_ref.dtype), mask=ok[:, None])
+    for c0, w in pad_chunks:
+        pltriton.store(y_ref.at[pl.ds(r0, block), h, pl.ds(c0, w)], jnp.zeros((block, w), y_ref.dtype),
+                       mask=ok[:, None])
+
+
+def key_tiles(k, cu, block: int, *, width: int, shift=None, eps: float = 1e-8, interpret: bool = False):
+    """K's pass: k [T, H, D] smoothed (minus `shift` [B, H, D], its per-request mean, when given) and quantised to
+    int8 per tile of `key_tile_plan` and head (the tile's absmax, as SageAttention quantises K per block), rows
+    staying where they are. Returns (y [T + block, H, width] int8, scale [H, T + block] float32: each row holds its
+    tile's scale; the `block` rows past T are headroom that no row of a request occupies)."""
+    t_rows, heads, d = k.shape
+    _, tile_req, tile_idx, n = key_tile_plan(cu, t_rows, block)
+    k = jnp.pad(k, ((0, block), (0, 0), (0, 0))) if interpret else k  # the interpreter clamps, Triton masks
+    ins = [tile_req, tile_idx, cu, k] + ([shift.astype(jnp.float32)] if shift is not None else [])
+    out_shape = [jax.ShapeDtypeStruct((t_rows + block, heads, width), jnp.int8),
+                 jax.ShapeDtypeStruct((heads, t_rows + block), jnp.float32)]
+    kernel = functools.partial(_key_tiles_kernel, block=block, chunks=pow2_chunks(d),
+                               pad_chunks=tuple((d + o, w) for o, w in pow2_chunks(width - d)),
+                               shift=shift is not None, eps=eps)
+    y, scale = pl.pallas_call(
+        kernel,
+        grid=(n, heads),
+        in_specs=[pl.BlockSpec((1,), lambda i, j: (i,)), pl.BlockSpec((1,), lambda i, j: (i,))]
+        + [_full(a) for a in ins[2:]],
+        out_specs=[_full(o) for o in out_shape],
+        out_shape=out_shape,
+        compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1),
+        interpret=interpret,
+        name="key_tiles",
+    )(*ins)
+    return y, scale
+
+
+def key_tiles_reference(k, cu, block: int, *, width: int, shift=None, eps: float = 1e-8):
+    """key_tiles in plain jnp, on the request rows [T, H, width] / [H, T] (the headroom rows are left out)."""
+    t_rows = k.shape[0]
+    seg, off = segments(cu, t_rows)
+    lead, _, _, _ = key_tile_plan(cu, t_rows, block)
+    tile_of_row = (off + lead[seg]) // block
+    y = k.astype(jnp.float32) - (shift.astype(jnp.float32)[seg] if shift is not None else 0.0)
+    amax_row = jnp.abs(y).max(axis=2)  # [T, H]
+    key = seg * (t_rows + 1) + tile_of_row  # one id per (request, tile)
+    same = key[:, None] == key[None, :]
+    amax = jnp.where(same[:, :, None], amax_row[None, :, :], 0.0).max(axis=1)  # the tile's absmax for each row
+    scale = jnp.maximum(amax, eps) / 127.0
+    y = jnp.clip(jnp.floor(y / scale[..., None] + 0.5), -127.0, 127.0)
+    return pad_to(y.astype(jnp.int8), 2, width), scale.T
 
 
 def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: float, group: int, causal: bool,
@@ -188,15 +257,16 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
     nqb = blk_req.shape[0]
     chunks = pow2_chunks(d)
     n_chunks = len(chunks)
-    # one Triton pass each: rows moved to tile-aligned places, Q / K smoothed and quantised on the way
-    prep = functools.partial(align_rows, interpret=interpret)
-    q_i8, qs_t, base_q = prep(q, cu_q, rows_per_blk, width=d, quantize=True, mult=q_mult)
-    k_i8, ks_t, base_k = prep(k, cu_k, bk, width=d, quantize=True, shift=k_mean, per_tile=True)
-    v, _, _ = prep(v, cu_k, bk, width=dv, quantize=False)
+    # one Triton pass each for Q (rows moved to tile-aligned places, quantised) and K (smoothed and quantised per
+    # key tile in place); V is read as it is
+    q_i8, qs_t, base_q = align_rows(q, cu_q, rows_per_blk, width=d, mult=q_mult, interpret=interpret)
+    k_i8, ks_t = key_tiles(k, cu_k, bk, width=d, shift=k_mean, interpret=interpret)
+    if dv != v.shape[2] or interpret:  # a V width the MMA cannot take; the interpreter's TMA needs the headroom
+        v = jnp.pad(v, ((0, bk), (0, 0), (0, dv - v.shape[2])))
     split = lambda x: [x[..., off:off + w] for off, w in chunks]  # noqa: E731  (TMA rows of one chunk each)
     wgmma = plgpu.Layout.WGMMA
 
-    def body(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, base_q_ref, base_k_ref, *refs):
+    def body(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, base_q_ref, *refs):
         q_refs, k_refs = refs[:n_chunks], refs[n_chunks:2 * n_chunks]
         v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs[2 * n_chunks:]
         blk, h, wg = lax.axis_index("qb"), lax.axis_index("h"), lax.axis_index("wg")
@@ -206,19 +276,22 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
         len_k = cu_k_ref[req + 1] - cu_k_ref[req]
         live = i * rows_per_blk < len_q  # blocks past the plan's end: read row 0, compute nothing
         blk_q0 = pl.multiple_of(jnp.where(live, base_q_ref[req] + i * rows_per_blk, 0), rows_per_blk)
-        k_start = base_k_ref[req]
+        # key tile j holds packed rows k_start + j * bk ..., k_start the request's first row rounded down to
+        # KEY_ALIGN: its first `lead` rows belong to the request before (masked), as key_tiles plans them
+        lead = lax.rem(cu_k_ref[req], jnp.int32(KEY_ALIGN))
+        k_start = pl.multiple_of(cu_k_ref[req] - lead, KEY_ALIGN)
         diag = len_k - len_q  # bottom-right causal alignment
 
         def steps_until(row_end):  # key tiles that rows < row_end (request-local) can see
             k_end = jnp.minimum(len_k, row_end + diag) if causal else len_k
-            return jnp.where(live, jnp.maximum(lax.div(k_end + (bk - 1), jnp.int32(bk)), 0), 0)
+            return jnp.where(live & (k_end > 0), lax.div(k_end + lead + (bk - 1), jnp.int32(bk)), 0)
 
         blk_steps = steps_until((i + 1) * rows_per_blk)  # what the program's last warpgroup needs
 
         def scoped(q_smem, k_smem, v_smem, ks_smem, o_smem, lse_smem, p_smem, q_bar, k_bar, v_bar, k_free, v_free,
                    turn):
             def fetch(j, slot):
-                k0 = pl.multiple_of(k_start + j * bk, bk)
+                k0 = pl.multiple_of(k_start + j * bk, KEY_ALIGN)
                 for c in range(n_chunks):
                     plgpu.copy_gmem_to_smem(k_refs[c].at[pl.ds(k0, bk), kv_head], k_smem[c].at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(ks_ref.at[kv_head, pl.ds(k0, bk)], ks_smem.at[slot], k_bar.at[slot])
@@ -256,9 +329,11 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
                 plgpu.barrier_wait(q_bar.at[wg])
                 row_base = i * rows_per_blk + wg * bq
                 my_steps = jnp.where(row_base < len_q, steps_until(row_base + bq), 0)
-                # tiles every row of this warpgroup sees whole (no mask): keys < min(len_k, row_base + diag + 1)
+                # tiles every row of this warpgroup sees whole (no mask): past the first when it has lead rows,
+                # and holding only keys < min(len_k, row_base + diag + 1)
                 seen = jnp.minimum(len_k, row_base + diag + 1) if causal else len_k
-                full_steps = jnp.minimum(my_steps, lax.div(jnp.maximum(seen, 0), jnp.int32(bk)))
+                first_full = jnp.minimum(my_steps, (lead > 0).astype(jnp.int32))
+                full_end = jnp.clip(lax.div(jnp.maximum(seen, 0) + lead, jnp.int32(bk)), first_full, my_steps)
 
                 def step(j, carry, masked):
                     acc, m, l = carry
@@ -271,14 +346,16 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
                         return acc_ref[...]
 
                     s_int = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.int32))
-                    ks = ks_smem[slot, 0]  # the K tile's scale (TMA-copied with the tile; every row holds it)
+                    # the K tile's scale, TMA-copied with it: every row holds its own tile's, so read a row of
+                    # this request (the first tile's first rows belong to the request before)
+                    ks = ks_smem[slot, jnp.where(j == 0, lead, 0)]
                     plgpu.barrier_arrive(k_free.at[slot])
                     s = s_int.astype(jnp.float32)  # base-2 logits / (qs * ks)
                     if masked:
                         # built here, not before the loops: two [bq, bk] int32 index tiles held across them would
                         # take 64 registers a thread each
-                        cols = j * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma)
-                        ok = cols < len_k
+                        cols = (j * bk - lead) + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=wgmma)
+                        ok = (cols >= 0) & (cols < len_k)
                         if causal:  # key <= query row + diag, the row being row_base + the tile's row
                             ok = ok & (cols - plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma)
                                        <= row_base + diag)
@@ -318,8 +395,9 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
                 pl.when(my_steps > 0)(lambda: plgpu.barrier_wait(k_bar.at[0]))
                 if wgs == 2:
                     pl.when(wg == 1)(take_turn)  # the second warpgroup starts half a step behind
-                carry = lax.fori_loop(0, full_steps, lambda j, c: step(j, c, False), init)
-                acc, m, l = lax.fori_loop(full_steps, my_steps, lambda j, c: step(j, c, True), carry)
+                carry = lax.fori_loop(0, first_full, lambda j, c: step(j, c, True), init)
+                carry = lax.fori_loop(first_full, full_end, lambda j, c: step(j, c, False), carry)
+                acc, m, l = lax.fori_loop(full_end, my_steps, lambda j, c: step(j, c, True), carry)
 
                 @pl.loop(my_steps, blk_steps)
                 def _(j):  # tiles only a later warpgroup needs (causal): see them land, free them unread
@@ -367,7 +445,7 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
-    )(blk_req, blk_idx, cu_q, cu_k, base_q, base_k, *split(q_i8), *split(k_i8), v, qs_t, ks_t)
+    )(blk_req, blk_idx, cu_q, cu_k, base_q, *split(q_i8), *split(k_i8), v, qs_t, ks_t)
     # packed row t of request r (offset o) sits in tile cu_qb[r] + o // rows at row o % rows
     seg, off = segments(cu_q, tq)
     tile = jnp.minimum(cu_qb[seg] + off // rows_per_blk, nqb - 1)

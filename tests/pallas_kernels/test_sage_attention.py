@@ -182,40 +182,60 @@ def test_mosaic_lowers_for_h100(d, dv):
     assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("align,d,width,quantize,shift,per_tile", [(64, 40, 64, True, True, False),
-                                                                  (64, 40, 64, True, True, True),
-                                                                  (128, 192, 192, True, False, False),
-                                                                  (64, 24, 32, False, False, False)])
-def test_align_rows_matches_reference(align, d, width, quantize, shift, per_tile):
-    """The Mosaic path's one-pass operand preparation (rows moved to tile-aligned places, K smoothed, int8 with row
-    or tile scales) equals its jnp reference exactly: zero-length, 1-row and odd requests, a request longer than a
-    tile, padding columns, poisoned outputs (the interpreter starts them as NaN)."""
+LENS = [0, 1, 7, 300, 0, 65]  # zero-length, 1-row and odd requests, one longer than a tile, unaligned starts
+
+
+@pytest.mark.parametrize("align,d,width", [(64, 40, 64), (128, 192, 192)])
+def test_align_rows_matches_reference(align, d, width):
+    """The Mosaic path's Q pass (rows moved to tile-aligned places, int8 with row scales) equals its jnp reference
+    exactly: awkward requests, padding columns, poisoned outputs (the interpreter starts them as NaN)."""
     from pallas_kernels.sage_attention_mgpu import align_rows, align_rows_reference
 
     rng = np.random.default_rng(align + d)
-    lens = [0, 1, 7, 300, 0, 65]
-    cu = jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
-    x = jnp.asarray(rng.standard_normal((sum(lens), 3, d)) * 4 + 2, jnp.bfloat16)
-    mean = jnp.asarray(rng.standard_normal((len(lens), 3, d)), jnp.float32) if shift else None
-    kw = dict(width=width, quantize=quantize, shift=mean, mult=0.125 if quantize else 1.0, per_tile=per_tile)
-    y, scale, base = align_rows(x, cu, align, interpret=True, **kw)
-    y_ref, scale_ref, base_ref = align_rows_reference(x, cu, align, **kw)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(LENS)]), jnp.int32)
+    x = jnp.asarray(rng.standard_normal((sum(LENS), 3, d)) * 4 + 2, jnp.bfloat16)
+    y, scale, base = align_rows(x, cu, align, width=width, mult=0.125, interpret=True)
+    y_ref, scale_ref, base_ref = align_rows_reference(x, cu, align, width=width, mult=0.125)
     np.testing.assert_array_equal(np.asarray(base), np.asarray(base_ref))
     np.testing.assert_array_equal(np.asarray(base) % align, 0)
     assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
-    if quantize:
-        np.testing.assert_allclose(np.asarray(scale), np.asarray(scale_ref), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(scale), np.asarray(scale_ref), rtol=1e-6)
     # the request of 300 rows sits at its base, unchanged apart from the quantisation
     r = 3
     rows = np.asarray(y[int(base[r]):int(base[r]) + 300, :, :d], np.float32)
-    if quantize:
-        rows = rows * np.asarray(scale)[:, int(base[r]):int(base[r]) + 300].T[..., None] / kw["mult"]
-    want = np.asarray(x[int(cu[r]):int(cu[r + 1])], np.float32) - (np.asarray(mean)[r] if shift else 0)
-    np.testing.assert_allclose(rows, want, atol=0.02 * np.abs(want).max() if quantize else 0)
-    if per_tile:  # one scale per tile and head
-        sc = np.asarray(scale).reshape(3, -1, align)
-        np.testing.assert_array_equal(sc, np.repeat(sc[..., :1], align, axis=-1))
+    rows = rows * np.asarray(scale)[:, int(base[r]):int(base[r]) + 300].T[..., None] / 0.125
+    want = np.asarray(x[int(cu[r]):int(cu[r + 1])], np.float32)
+    np.testing.assert_allclose(rows, want, atol=0.02 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("block,d,width,shift", [(64, 40, 64, True), (128, 192, 192, False)])
+def test_key_tiles_match_reference(block, d, width, shift):
+    """The Mosaic path's K pass (smoothed, int8 per key tile, rows in place, each request's tiles starting at its
+    first row rounded down to 8) equals its jnp reference exactly on the request rows; every row's scale is its own
+    request's tile's, and a tile's rows dequantise back to K minus its mean."""
+    from pallas_kernels.sage_attention_mgpu import KEY_ALIGN, key_tile_plan, key_tiles, key_tiles_reference
+
+    rng = np.random.default_rng(block + d)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(LENS)]), jnp.int32)
+    t = sum(LENS)
+    k = jnp.asarray(rng.standard_normal((t, 3, d)) * 4 + 2, jnp.bfloat16)
+    mean = jnp.asarray(rng.standard_normal((len(LENS), 3, d)), jnp.float32) if shift else None
+    y, scale = key_tiles(k, cu, block, width=width, shift=mean, interpret=True)
+    y_ref, scale_ref = key_tiles_reference(k, cu, block, width=width, shift=mean)
+    assert y.shape == (t + block, 3, width) and scale.shape == (3, t + block)
+    np.testing.assert_array_equal(np.asarray(y[:t], np.float32), np.asarray(y_ref, np.float32))
+    np.testing.assert_allclose(np.asarray(scale[:, :t]), np.asarray(scale_ref), rtol=1e-6)
+    lead, _, _, _ = key_tile_plan(cu, t, block)
+    np.testing.assert_array_equal(np.asarray(lead), np.asarray(cu[:-1]) % KEY_ALIGN)
+    r = 3  # 300 rows from row 8: tiles of `block` rows from row 8 (no lead rows)
+    got = np.asarray(y[8:308, :, :d], np.float32) * np.asarray(scale)[:, 8:308].T[..., None]
+    want = np.asarray(k[8:308], np.float32) - (np.asarray(mean)[r] if shift else 0)
+    np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())
+    assert len(np.unique(np.asarray(scale)[0, 8:8 + block])) == 1  # one scale per tile
+    r = 5  # 65 rows from row 308 (lead 4): its first tile holds rows 304.., of which 308.. are its own
+    first = np.asarray(scale)[0, 308:min(304 + block, t)]
+    assert len(np.unique(first)) == 1 and first[0] != np.asarray(scale)[0, 307]
 
 
 def test_auto_backend_picks_by_request_length():
