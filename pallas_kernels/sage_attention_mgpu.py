@@ -237,6 +237,20 @@ def key_tiles_reference(k, cu, block: int, *, width: int, shift=None, eps: float
     return pad_to(y.astype(jnp.int8), 2, width), scale.T
 
 
+def store_rows(src, dst_at, n, max_rows: int):
+    """TMA-store the first n (dynamic, <= max_rows) rows of the untiled shared-memory `src` to `dst_at(r0, size)`
+    (the destination slice for rows r0 .. r0 + size) as a ladder of power-of-two copies (a TMA box has a static
+    size: one copy per set bit of n), so that rows past n, which belong to other requests, are left alone."""
+    r0 = 0
+    size = 1 << (max_rows.bit_length() - 1)
+    while size:
+        take = (n & size) != 0
+        pl.when(take)(functools.partial(lambda r, z: plgpu.copy_smem_to_gmem(src.at[pl.ds(r, z)], dst_at(r, z)),
+                                        r0, size))
+        r0 = r0 + jnp.where(take, size, 0)
+        size //= 2
+
+
 def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: float, group: int, causal: bool,
               block_sizes: MosaicBlockSizes = MosaicBlockSizes(), interpret: bool = False):
     """q [Tq, Hq, D] / k [Tk, Hk, D] / v [Tk, Hk, Dv] 16-bit, packed; k_mean [B, Hk, D] (K's per-request mean,
@@ -416,7 +430,13 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
                 o_smem.at[wg][...] = (acc / lax.broadcast_in_dim(l_safe, (bq, dv), [0])).astype(vdt)
                 lse_smem.at[wg][...] = jnp.where(has, m + jnp.log2(l_safe), -jnp.inf)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[blk, h, pl.ds(wg * bq, bq)])
+                # the output rows straight into the packed [Tq, Hq, Dv] result: this warpgroup's rows of the request
+                # (a block past the plan writes zeros into the rows past the last request: blocks past the plan
+                # are at least as many as those rows' blocks)
+                past = cu_q_ref[cu_q_ref.shape[0] - 1] + (i - nqb) * rows_per_blk + wg * bq  # block nqb + k
+                dst = jnp.where(live, cu_q_ref[req] + row_base, past)
+                n_rows = jnp.clip(jnp.where(live, len_q - row_base, tq - past), 0, bq)
+                store_rows(o_smem.at[wg], lambda r0, size: o_ref.at[pl.ds(dst + r0, size), h], n_rows, bq)
                 plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[blk, h, pl.ds(wg * bq, bq)])
                 plgpu.wait_smem_to_gmem(0)
 
@@ -424,7 +444,8 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
             scoped,
             tuple(smem((wgs, bq, w), jnp.int8) for _, w in chunks),  # Q and K per power-of-two chunk of D
             tuple(smem((stages, bk, w), jnp.int8) for _, w in chunks),
-            smem((stages, bk, dv), vdt), plgpu.SMEM((stages, bk), jnp.float32), smem((wgs, bq, dv), vdt),
+            smem((stages, bk, dv), vdt), plgpu.SMEM((stages, bk), jnp.float32),
+            plgpu.SMEM((wgs, bq, dv), vdt),  # untiled: TMA stores of any row count from any row
             plgpu.SMEM((wgs, bq), jnp.float32), smem((wgs, bq, bk), vdt) if interpret else None,
             plgpu.Barrier(num_arrivals=n_chunks, num_barriers=wgs),
             plgpu.Barrier(num_arrivals=n_chunks + 1, num_barriers=stages),
@@ -435,9 +456,9 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
             collective_axes="wg",
         )
 
-    o_tiles, lse_tiles = plgpu.kernel(
+    o, lse_tiles = plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct((nqb, hq, rows_per_blk, dv), vdt),
+        out_type=(jax.ShapeDtypeStruct((tq, hq, dv), vdt),
                   jax.ShapeDtypeStruct((nqb, hq, rows_per_blk), jnp.float32)),
         grid=(nqb, hq),
         grid_names=("qb", "h"),
@@ -446,7 +467,9 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
     )(blk_req, blk_idx, cu_q, cu_k, base_q, *split(q_i8), *split(k_i8), v, qs_t, ks_t)
-    # packed row t of request r (offset o) sits in tile cu_qb[r] + o // rows at row o % rows
+    # the LSE of packed row t of request r (offset o) sits in tile cu_qb[r] + o // rows at row o % rows; rows past
+    # the last request see nothing
     seg, off = segments(cu_q, tq)
     tile = jnp.minimum(cu_qb[seg] + off // rows_per_blk, nqb - 1)
-    return o_tiles[tile, :, off % rows_per_blk], lse_tiles[tile, :, off % rows_per_blk]
+    in_request = (jnp.arange(tq) < cu_q[-1])[:, None]
+    return o, jnp.where(in_request, lse_tiles[tile, :, off % rows_per_blk], -jnp.inf)

@@ -182,6 +182,23 @@ def test_mosaic_lowers_for_h100(d, dv):
     assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("backend,bs", [("triton", SMALL), ("mosaic", MOSAIC)])
+def test_rows_past_the_last_request(backend, bs):
+    """Packed rows past the last request (padding up to a bucket; here more than a program's rows, random values)
+    come back as zeros with -inf LSEs (blocks past the plan write them; the output is not poisoned there), and the
+    requests' rows are untouched by them."""
+    rng = np.random.default_rng(3)
+    q, k, v, cq, ck = make(rng, [7, 300], [7, 300], 2, 1, 64, 64, jnp.bfloat16)
+    pad = jnp.asarray(rng.standard_normal((150, 2, 64)), jnp.bfloat16)
+    run = functools.partial(sage_attention, return_lse=True, backend=backend, block_sizes=bs, interpret=True)
+    out, lse = run(jnp.concatenate([q, pad]), k, v, cq, ck)
+    want, want_lse = run(q, k, v, cq, ck)
+    np.testing.assert_array_equal(np.asarray(out[:307], np.float32), np.asarray(want, np.float32))
+    np.testing.assert_array_equal(np.asarray(lse[:307]), np.asarray(want_lse))
+    np.testing.assert_array_equal(np.asarray(out[307:], np.float32), 0.0)
+    assert np.all(np.asarray(lse[307:]) == -np.inf)
+
+
 LENS = [0, 1, 7, 300, 0, 65]  # zero-length, 1-row and odd requests, one longer than a tile, unaligned starts
 
 
