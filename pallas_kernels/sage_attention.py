@@ -81,7 +81,7 @@ def _request_means(parts, cu):
 
 
 def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, qs_ref, ks_ref, *refs, block_q, block_k, group, causal,
-            chunks, n_blocks, tq):
+            chunks):
     # refs: the Q parts, the K parts (len(parts) each), v_ref, o_ref, lse_ref; chunks: (part, offset, width)
     n_parts = (len(refs) - 3) // 2
     q_refs, k_refs, (v_ref, o_ref, lse_ref) = refs[:n_parts], refs[n_parts:2 * n_parts], refs[2 * n_parts:]
@@ -92,12 +92,9 @@ def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, qs_ref, ks_ref, *refs,
     q_start, k_start = cu_q_ref[req], cu_k_ref[req]
     len_q = cu_q_ref[req + 1] - q_start
     len_k = cu_k_ref[req + 1] - k_start
-    rows = i * block_q + jnp.arange(block_q)  # request-local query rows
-    # a block past the plan (index n_blocks + k): rows past the last request, which get zeros (no keys)
-    dead = i >= n_blocks
-    past = cu_q_ref[cu_q_ref.shape[0] - 1] + (i - n_blocks) * block_q
-    row_ok = jnp.where(dead, past + jnp.arange(block_q) < tq, rows < len_q)
-    q0 = jnp.where(dead, past, q_start + i * block_q)
+    rows = i * block_q + jnp.arange(block_q)  # request-local query rows (none for a block past the plan)
+    row_ok = rows < len_q
+    q0 = q_start + i * block_q
     qs = pltriton.load(qs_ref.at[pl.ds(q0, block_q), head], mask=row_ok, other=0.0)  # [bq], incl. sm_scale*log2e
     qc = [pltriton.load(q_refs[part].at[pl.ds(q0, block_q), head, pl.ds(off, w)], mask=row_ok[:, None], other=0)
           for part, off, w in chunks]
@@ -134,7 +131,7 @@ def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, qs_ref, ks_ref, *refs,
 
     init = (jnp.zeros((block_q, dv), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
             jnp.zeros((block_q,), jnp.float32))
-    acc, m, l = jax.lax.fori_loop(0, jnp.where(dead, 0, jnp.maximum(cdiv(k_end, block_k), 0)), body, init)
+    acc, m, l = jax.lax.fori_loop(0, jnp.maximum(cdiv(k_end, block_k), 0), body, init)
     has = l > 0
     out = acc / jnp.where(has, l, 1.0)[:, None]
     pltriton.store(o_ref.at[pl.ds(q0, block_q), head, :], out.astype(o_ref.dtype), mask=row_ok[:, None])
@@ -159,7 +156,8 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
                    smooth_k: bool = True, return_lse: bool = False,
                    block_sizes: BlockSizes | MosaicBlockSizes | None = None, backend: str | None = None,
                    interpret: bool | None = None):
-    """Packed varlen attention with INT8 Q.K^T. Returns o [Tq, Hq, Dv] in q's dtype (zeros for rows that see no key),
+    """Packed varlen attention with INT8 Q.K^T. Returns o [Tq, Hq, Dv] in q's dtype (zeros for rows that see no key;
+    rows past cu_seqlens_q[-1] belong to no request and are left unspecified - zeros on the Mosaic path),
     and the natural-log LSE [Tq, Hq] of the true (unsmoothed, unquantised-scale) logits when `return_lse`.
 
     q and k may each be a tuple of parts along the head dim (the same widths for both), standing for their
@@ -200,8 +198,8 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     cu_qb = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks_per_req)])
     blk = jnp.arange(nqb, dtype=jnp.int32)
     blk_req = segment_of(cu_qb, blk, nb)
-    # a block past the plan gets index nqb + k (k-th such block): no rows of a request; it writes the zeros of the
-    # k-th block of rows past the last request (padding), which these blocks always cover
+    # a block past the plan gets index nqb + k (the k-th such block): no rows of a request; the Mosaic kernel has
+    # it write zeros into the k-th block of rows past the last request (padding), which these blocks always cover
     blk_idx = jnp.where(blk < cu_qb[-1], blk - cu_qb[blk_req], nqb + blk - cu_qb[-1])
     dv = v.shape[2]
     if backend == "mosaic":  # smoothing, quantisation and the kernel's row alignment in one pass per operand
@@ -248,7 +246,7 @@ def _triton(q_i8, k_i8, v, q_scale, k_scale, cu_q, cu_k, blk_req, blk_idx, *, ca
     full = lambda shape: pl.BlockSpec(shape, lambda i, h: (0,) * len(shape))  # noqa: E731
     chunks = tuple((part, off, w) for part, x in enumerate(q_i8) for off, w in pow2_chunks(x.shape[2]))
     kernel = functools.partial(_kernel, block_q=bs.block_q, block_k=bs.block_k, group=group, causal=causal,
-                               chunks=chunks, n_blocks=blk_req.shape[0], tq=tq)
+                               chunks=chunks)
     operands = [*q_i8, *k_i8, v]
     o, lse = pl.pallas_call(
         kernel,

@@ -182,11 +182,12 @@ def test_mosaic_lowers_for_h100(d, dv):
     assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("backend,bs", [("triton", SMALL), ("mosaic", MOSAIC)])
+@pytest.mark.parametrize("backend,bs", [("mosaic", MOSAIC)])
 def test_rows_past_the_last_request(backend, bs):
     """Packed rows past the last request (padding up to a bucket; here more than a program's rows, random values)
-    come back as zeros with -inf LSEs (blocks past the plan write them; the output is not poisoned there), and the
-    requests' rows are untouched by them."""
+    come back from the Mosaic path, which writes its output rows in place, as zeros with -inf LSEs (its blocks past
+    the plan write them), and the requests' rows are untouched by them. (The Triton kernel leaves such rows
+    unwritten: having its idle blocks write them cost it 23% at S=16k on an H100.)"""
     rng = np.random.default_rng(3)
     q, k, v, cq, ck = make(rng, [7, 300], [7, 300], 2, 1, 64, 64, jnp.bfloat16)
     pad = jnp.asarray(rng.standard_normal((150, 2, 64)), jnp.bfloat16)
