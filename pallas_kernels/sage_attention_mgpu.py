@@ -18,10 +18,11 @@ TMA wants row offsets it can prove aligned (Mosaic GPU's layout inference checks
 is a multiple of the shared-memory tiling, 8 rows). Keys stay where they are: a request's key tiles start at its
 first row rounded down to 8, and the few leading rows that belong to the request before are masked. `key_tiles`
 (one Triton pass) smooths and quantises K per such tile in place; V is read as given. Queries are moved by
-`align_rows` (one Triton pass that also quantises them) to a multiple of the program's rows; every program writes
-its own output tile, which a gather maps back to the packed rows (the tail of a request's last block belongs to no
-request and is dropped, so no program writes rows another one owns). The Triton path's XLA passes (K minus its
-mean, absmax, convert) are not needed here.
+`align_rows` (one Triton pass that also quantises them) to a multiple of the program's rows; every warpgroup writes
+its query rows of the request straight into the packed output (`store_rows`: TMA stores of a power-of-two ladder
+of rows from an untiled buffer, so rows of other requests are left alone; blocks past the plan write zeros into
+the rows past the last request), and only the small LSE goes through per-program tiles and a gather. The Triton
+path's XLA passes (K minus its mean, absmax, convert) are not needed here.
 
 On CPU it runs in the Mosaic GPU interpreter (`plgpu.InterpretGPUParams`), which the tests use; lowering for an
 H100 needs the `jax_cuda13_plugin` package (the CPU CI installs it without its CUDA runtime).
