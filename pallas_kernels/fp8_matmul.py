@@ -364,8 +364,9 @@ def fp8_matmuls(x, weights, scales, *, block: int = 128, activations: str = "aut
     interp = resolve_interpret(interpret)
     for w, sc in zip(weights, scales):
         _check_shapes(x, w, sc, block, True)
-    if x.shape[0] and all(_route(x, w, block, True, activations, block_sizes, backend, interp)
-                          == "mosaic_weight_only" for w in weights):
+    # no tokens: fp8_matmul below returns each empty product (routing would call an empty "mosaic" call an error)
+    if x.shape[0] > 0 and all(_route(x, w, block, True, activations, block_sizes, backend, interp)
+                              == "mosaic_weight_only" for w in weights):
         return tuple(_mosaic_weight_only(x, list(zip(weights, scales)),
                                          block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp))
     return tuple(fp8_matmul(x, w, sc, block=block, activations=activations, block_sizes=block_sizes, backend=backend,

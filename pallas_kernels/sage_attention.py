@@ -58,7 +58,7 @@ MOSAIC_MIN_TOKENS = ((128, 1024), (256, 4096))  # (Dqk up to, tokens)
 def auto_backend(tq: int, tk: int, requests: int, dqk: int, dv: int, v_dtype) -> str:
     """The backend `backend="auto"` runs: "mosaic" when the Mosaic kernel takes these sizes and the requests are
     long enough on average (queries and keys) for it to win, else "triton"."""
-    if sage_attention_mgpu.unsupported(cdiv(dqk, 32) * 32, max(16, next_pow2(dv)), v_dtype):
+    if sage_attention_mgpu.unsupported(dqk, dv, v_dtype):
         return "triton"
     need = next((n for d, n in MOSAIC_MIN_TOKENS if dqk <= d), None)
     return "mosaic" if need is not None and min(tq, tk) >= need * max(requests, 1) else "triton"

@@ -56,14 +56,18 @@ class MosaicBlockSizes:
         return self.block_q * self.compute_wgs
 
 
+def padded_dims(dqk: int, dv: int) -> tuple[int, int]:
+    """The head dims the kernel runs: int8 wgmma contracts 32 at a time and V's tile wants a power-of-two width, so
+    zero columns pad both (no-ops at the real sizes 192 = 128 + 64, 128, 64)."""
+    return cdiv(dqk, 32) * 32, max(16, next_pow2(dv))
+
+
 def unsupported(dqk: int, dv: int, v_dtype) -> str | None:
-    """Why this kernel cannot take these sizes (None when it can). dqk: the int8 width (a multiple of 32)."""
+    """Why this kernel cannot take these head dims and V dtype (None when it can)."""
     if jnp.dtype(v_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"V must be bfloat16 or float16 for the 16-bit P.V MMA, got {jnp.dtype(v_dtype)}"
-    if dqk % 32:
-        return f"the int8 head dim must be a multiple of 32, got {dqk}"
-    if dv < 16 or dv & (dv - 1) or dv > 256:
-        return f"the V head dim must be a power of two in [16, 256], got {dv}"
+    if padded_dims(dqk, dv)[1] > 256:
+        return f"the V head dim must be at most 256, got {dv}"
     return None
 
 
@@ -242,14 +246,15 @@ def store_rows(src, dst_at, n, max_rows: int):
     """TMA-store the first n (dynamic, <= max_rows) rows of the untiled shared-memory `src` to `dst_at(r0, size)`
     (the destination slice for rows r0 .. r0 + size) as a ladder of power-of-two copies (a TMA box has a static
     size: one copy per set bit of n), so that rows past n, which belong to other requests, are left alone."""
-    r0 = 0
-    size = 1 << (max_rows.bit_length() - 1)
-    while size:
+    r0 = 0  # a Python int until the first copy: a static first slice
+    for size in (1 << b for b in reversed(range(max_rows.bit_length()))):
         take = (n & size) != 0
-        pl.when(take)(functools.partial(lambda r, z: plgpu.copy_smem_to_gmem(src.at[pl.ds(r, z)], dst_at(r, z)),
-                                        r0, size))
+
+        @pl.when(take)
+        def _(r=r0, z=size):
+            plgpu.copy_smem_to_gmem(src.at[pl.ds(r, z)], dst_at(r, z))
+
         r0 = r0 + jnp.where(take, size, 0)
-        size //= 2
 
 
 def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: float, group: int, causal: bool,
@@ -263,10 +268,8 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
     rows_per_blk = bs.program_rows
     tq, hq, dqk = q.shape
     vdt = v.dtype
-    # int8 wgmma contracts 32 at a time and V's tile wants a power-of-two width: zero columns pad both (no-ops at
-    # the real sizes 192 = 128 + 64, 128, 64)
-    d, dv = cdiv(dqk, 32) * 32, max(16, next_pow2(v.shape[2]))
-    why = unsupported(d, dv, vdt)
+    d, dv = padded_dims(dqk, v.shape[2])
+    why = unsupported(dqk, v.shape[2], vdt)
     if why:
         raise ValueError(f"sage_attention backend='mosaic': {why}; use backend='triton'")
     nqb = blk_req.shape[0]
