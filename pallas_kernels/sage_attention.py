@@ -202,10 +202,11 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     # it write zeros into the k-th block of rows past the last request (padding), which these blocks always cover
     blk_idx = jnp.where(blk < cu_qb[-1], blk - cu_qb[blk_req], nqb + blk - cu_qb[-1])
     dv = v.shape[2]
-    if backend == "mosaic":  # Q and K: one pass each (smoothing, quantisation, Q's row alignment); V as it is
+    if backend == "mosaic":  # K: one pass (smoothing, quantisation per key tile); Q quantised in the kernel
         o, lse2 = sage_attention_mgpu.attention(_whole(qp), _whole(kp), v, None if means is None else _whole(means),
                                                 cu_q, cu_k, blk_req, blk_idx, cu_qb, q_mult=sm_scale * LOG2E,
-                                                group=hq // hk, causal=causal, block_sizes=bs, interpret=interp)
+                                                group=hq // hk, causal=causal, block_sizes=bs, eps=EPS,
+                                                interpret=interp)
     else:
         if means is not None:
             kp = [x.astype(jnp.float32) - m[seg_k] for x, m in zip(kp, means)]
