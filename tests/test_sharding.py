@@ -107,9 +107,9 @@ def test_qwen3_vl_generate_sharded_same_tokens(qwen, tp, dp, impl):
     prompts = [list(prompt(rng, [grid])[0]), list(prompt(rng, [], text_len=9)[0])]
     pixels = rng.standard_normal((24, 1536)).astype(np.float32)
     images = [[(pixels, grid)], None]
-    ref, ref_logits = qwen.generate_tokens(prompts, images, max_new_tokens=6, stop_tokens=(), return_logits=True)
+    ref, ref_logits = qwen.generate_tokens(prompts, images, max_new_tokens=4, stop_tokens=(), return_logits=True)
     sharded = qwen.shard(sharding.make_mesh(tp, dp))
-    out, logits = sharded.generate_tokens(prompts, images, max_new_tokens=6, stop_tokens=(), return_logits=True)
+    out, logits = sharded.generate_tokens(prompts, images, max_new_tokens=4, stop_tokens=(), return_logits=True)
     assert out == ref
     assert rel(logits, ref_logits) <= 1e-5
     text = sharded.params["text"]
