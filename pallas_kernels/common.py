@@ -33,11 +33,11 @@ def resolve_interpret(interpret: bool | None) -> bool:
 # mla_decode's Mosaic kernel (scores once per tile, P shared between its two warpgroups) reads the cache at
 # 2.27 TB/s at B=64 L=4096 vs 0.76 for the Triton one (bench/kernels.py, b193faa), and is faster at the seed case
 # (14.8 vs 19.9 us of GPU kernel time).
-# sage_attention ("auto": by request length, sage_attention.auto_backend): its Mosaic kernel wins for long requests
-# and loses for short ones, where the passes around it and its 128-row programs cost more than they save (16k packed
-# tokens in equal requests, 16 heads, causal, 2026-11-26: D 128 Mosaic / Triton ms 0.43 / 0.49 at 1024 tokens per
-# request, 0.69 / 0.99 at 4096, 2.03 / 3.10 at 16384, but 0.42 / 0.40 at 512 and 0.48 / 0.37 at 128; MLA's D 192
-# from 4096 tokens: 0.94 / 1.13, 0.66 / 0.59 at 1024).
+# sage_attention ("auto": by request length, sage_attention.auto_backend): its Mosaic kernel wins from 256 tokens per
+# request and loses below 128, where its 128-row programs are mostly padding (16k packed tokens in equal requests,
+# 16 heads, causal, Q quantised in the kernel, 2026-11-26: D 128 Mosaic / Triton ms 0.31 / 0.37 at 256 tokens per
+# request, 0.30 / 0.40 at 512, 0.32 / 0.49 at 1024, 2.0 / 3.1 at 16384, 0.37 / 0.37 at 128, 0.50 / 0.40 at 64;
+# MLA's D 192: 0.38 / 0.47 at 256, 0.38 / 0.59 at 1024, 0.68 / 1.15 at 4096).
 # A "mosaic" default sends only the calls a Mosaic kernel covers there (fp8_matmul: FP8 activations, and weight-only
 # calls on 2-D weights of <= 128 tokens; mla_decode: 16-bit contiguous caches; sage_attention: 16-bit V).
 DEFAULT_BACKEND = {"sage_attention": "auto", "mla_decode": "mosaic", "fp8_matmul": "mosaic"}

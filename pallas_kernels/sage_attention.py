@@ -50,9 +50,11 @@ class BlockSizes:
         return self.block_q
 
 
-# Mean tokens per request from which backend="auto" takes the Mosaic kernel, by head dim (the crossover measured on
-# an H100 with 16k packed tokens, 16 heads, causal: common.DEFAULT_BACKEND's notes and bench/RESULTS.md)
-MOSAIC_MIN_TOKENS = ((128, 1024), (256, 4096))  # (Dqk up to, tokens)
+# backend="auto" takes the Mosaic kernel from this mean request length on, for head dims up to MOSAIC_MAX_DQK (the
+# crossover measured on an H100 with 16k packed tokens, 16 heads, causal, at D 64, 128 and MLA's 192: ties at 128
+# tokens, Mosaic ahead from 256; common.DEFAULT_BACKEND's notes and bench/RESULTS.md)
+MOSAIC_MIN_TOKENS = 256
+MOSAIC_MAX_DQK = 256
 
 
 def auto_backend(tq: int, tk: int, requests: int, dqk: int, dv: int, v_dtype) -> str:
@@ -60,8 +62,8 @@ def auto_backend(tq: int, tk: int, requests: int, dqk: int, dv: int, v_dtype) ->
     long enough on average (queries and keys) for it to win, else "triton"."""
     if sage_attention_mgpu.unsupported(dqk, dv, v_dtype):
         return "triton"
-    need = next((n for d, n in MOSAIC_MIN_TOKENS if dqk <= d), None)
-    return "mosaic" if need is not None and min(tq, tk) >= need * max(requests, 1) else "triton"
+    long_enough = min(tq, tk) >= MOSAIC_MIN_TOKENS * max(requests, 1)
+    return "mosaic" if dqk <= MOSAIC_MAX_DQK and long_enough else "triton"
 
 
 def _request_means(parts, cu):

@@ -236,17 +236,17 @@ def test_auto_backend_picks_by_request_length():
     (common.DEFAULT_BACKEND's notes), and the Triton one for short requests, head dims without a rule, or a V the
     Mosaic kernel cannot multiply; "auto" is accepted by name, unknown backends are an error naming the choices."""
     from pallas_kernels.common import resolve_backend
-    from pallas_kernels.sage_attention import MOSAIC_MIN_TOKENS, auto_backend
+    from pallas_kernels.sage_attention import MOSAIC_MAX_DQK, MOSAIC_MIN_TOKENS, auto_backend
 
-    bf = jnp.bfloat16
-    (d1, n1), (d2, n2) = MOSAIC_MIN_TOKENS
-    assert auto_backend(16384, 16384, 1, d1, 128, bf) == "mosaic"
-    assert auto_backend(16 * n1, 16 * n1, 16, d1, 128, bf) == "mosaic"
-    assert auto_backend(16 * n1 - 1, 16 * n1, 16, d1, 128, bf) == "triton"  # one row short of the mean
-    assert auto_backend(16 * n1, 16 * n1, 16, d2, 128, bf) == "triton"  # MLA's 192 needs longer requests
-    assert auto_backend(16 * n2, 16 * n2, 16, d2, 128, bf) == "mosaic"
-    assert auto_backend(16384, 16384, 1, 2 * d2, 128, bf) == "triton"  # no rule for this head dim
-    assert auto_backend(16384, 16384, 1, d1, 128, jnp.float32) == "triton"  # the Mosaic P.V is 16-bit
+    bf, n = jnp.bfloat16, MOSAIC_MIN_TOKENS
+    assert auto_backend(16384, 16384, 1, 128, 128, bf) == "mosaic"
+    assert auto_backend(16 * n, 16 * n, 16, 128, 128, bf) == "mosaic"
+    assert auto_backend(16 * n - 1, 16 * n, 16, 128, 128, bf) == "triton"  # one row short of the mean
+    assert auto_backend(16 * n, 16 * n - 1, 16, 192, 128, bf) == "triton"  # keys count too
+    assert auto_backend(16 * n, 16 * n, 16, 192, 128, bf) == "mosaic"  # MLA's head dims
+    assert auto_backend(16 * 176, 16 * 176, 16, 192, 128, bf) == "triton"  # the MLA seed's prefill: 176 per request
+    assert auto_backend(16384, 16384, 1, 2 * MOSAIC_MAX_DQK, 128, bf) == "triton"  # head dim past the rule
+    assert auto_backend(16384, 16384, 1, 128, 128, jnp.float32) == "triton"  # the Mosaic P.V is 16-bit
     assert resolve_backend("sage_attention", None) == "auto"
     assert resolve_backend("sage_attention", "auto") == "auto"
     assert resolve_backend("sage_attention", None, interpret=True) == "triton"
