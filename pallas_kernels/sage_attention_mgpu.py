@@ -400,7 +400,7 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
             scoped,
             # Q's 16-bit rows, untiled (TMA loads from any row) but swizzled (register loads without bank conflicts)
             tuple(plgpu.SMEM((wgs, bq, w), vdt, transforms=(plgpu.SwizzleTransform(2 * w),)) for _, w in chunks),
-            tuple(smem((wgs, bq, w), jnp.int8) for _, w in chunks),  # Q and K per power-of-two chunk of D
+            tuple(smem((wgs, bq, w), jnp.int8) for _, w in chunks),  # int8 Q and K tiles, one per chunk
             tuple(smem((stages, bk, w), jnp.int8) for _, w in chunks),
             smem((stages, bk, dv), vdt), plgpu.SMEM((stages, bk), jnp.float32),
             plgpu.SMEM((wgs, bq, dv), vdt),  # untiled: TMA stores of any row count from any row

@@ -233,7 +233,7 @@ def test_key_tiles_match_reference(block, d, width, shift):
 
 def test_auto_backend_picks_by_request_length():
     """backend="auto" (the compiled default) takes the Mosaic kernel for long requests, where it was measured faster
-    (common.DEFAULT_BACKEND's notes), and the Triton one for short requests, head dims without a rule, or a V the
+    (common.DEFAULT_BACKEND's notes), and the Triton one for short requests, head dims past the rule, or a V the
     Mosaic kernel cannot multiply; "auto" is accepted by name, unknown backends are an error naming the choices."""
     from pallas_kernels.common import resolve_backend
     from pallas_kernels.sage_attention import MOSAIC_MAX_DQK, MOSAIC_MIN_TOKENS, auto_backend
