@@ -236,7 +236,7 @@ def test_auto_backend_picks_by_request_length():
     (common.DEFAULT_BACKEND's notes), and the Triton one for short requests, head dims past the rule, or a V the
     Mosaic kernel cannot multiply; "auto" is accepted by name, unknown backends are an error naming the choices."""
     from pallas_kernels.common import resolve_backend
-    from pallas_kernels.sage_attention import MOSAIC_MAX_DQK, MOSAIC_MIN_TOKENS, auto_backend
+    from pallas_kernels.sage_attention import MOSAIC_MAX_DQK, MOSAIC_MIN_TOKENS, MOSAIC_MIN_TOKENS_PARTS, auto_backend
 
     bf, n = jnp.bfloat16, MOSAIC_MIN_TOKENS
     assert auto_backend(16384, 16384, 1, 128, 128, bf) == "mosaic"
@@ -245,6 +245,9 @@ def test_auto_backend_picks_by_request_length():
     assert auto_backend(16 * n, 16 * n - 1, 16, 192, 128, bf) == "triton"  # keys count too
     assert auto_backend(16 * n, 16 * n, 16, 192, 128, bf) == "mosaic"  # MLA's head dims
     assert auto_backend(16 * 176, 16 * 176, 16, 192, 128, bf) == "triton"  # the MLA seed's prefill: 176 per request
+    m = MOSAIC_MIN_TOKENS_PARTS  # Q / K as parts (the MLA layer's call): concatenated for Mosaic, a longer threshold
+    assert auto_backend(16 * n, 16 * n, 16, 192, 128, bf, parts=True) == "triton"
+    assert auto_backend(16 * m, 16 * m, 16, 192, 128, bf, parts=True) == "mosaic"
     assert auto_backend(16384, 16384, 1, 2 * MOSAIC_MAX_DQK, 128, bf) == "triton"  # head dim past the rule
     assert auto_backend(16384, 16384, 1, 128, 128, jnp.float32) == "triton"  # the Mosaic P.V is 16-bit
     assert resolve_backend("sage_attention", None) == "auto"
