@@ -55,9 +55,9 @@ class BlockSizes:
 # tokens, Mosaic ahead from 256; common.DEFAULT_BACKEND's notes and bench/RESULTS.md)
 MOSAIC_MIN_TOKENS = 256
 MOSAIC_MAX_DQK = 256
-# Q / K given as parts (MLA's [nope | pe]) are concatenated for the Mosaic kernel, copies the crossover above did not
-# pay (about 0.15 ms per 16k tokens x 16 heads at D 192 by their bytes, not measured): such calls keep the rule
-# measured before the in-kernel Q quantisation for MLA's head dims, which left the margin for them
+# Q / K given as parts (MLA's [nope | pe]) are concatenated for the Mosaic kernel: copies the crossover above did not
+# pay (about 0.15 ms per 16k tokens x 16 heads at D 192 by their bytes, not measured). Such calls keep the previous
+# rule for MLA's head dims (4096 tokens per request) until the kernel reads parts in place or the copies are timed
 MOSAIC_MIN_TOKENS_PARTS = 4096
 
 

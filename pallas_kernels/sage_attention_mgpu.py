@@ -37,6 +37,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -88,7 +89,7 @@ def _full(a):
 
 
 ROUNDER = 1.5 * 2.0**23  # float32 x + ROUNDER rounds x (|x| < 2^22) to an integer held in the low mantissa bits
-ROUNDER_BITS = 0x4B400000  # ROUNDER's bits as int32
+ROUNDER_BITS = int(np.float32(ROUNDER).view(np.int32))  # its bits as int32, subtracted to leave the integer
 
 
 KEY_ALIGN = 8  # TMA rows of a tiled shared-memory buffer start at a multiple of its 8-row tiling
