@@ -37,8 +37,7 @@ def resolve_interpret(interpret: bool | None) -> bool:
 # request and loses below 128, where its 128-row programs are mostly padding (16k packed tokens in equal requests,
 # 16 heads, causal, Q quantised in the kernel, 2026-11-26: D 128 Mosaic / Triton ms 0.31 / 0.37 at 256 tokens per
 # request, 0.30 / 0.40 at 512, 0.32 / 0.49 at 1024, 2.0 / 3.1 at 16384, 0.37 / 0.37 at 128, 0.50 / 0.40 at 64;
-# MLA's D 192: 0.38 / 0.47 at 256, 0.38 / 0.59 at 1024, 0.68 / 1.15 at 4096; Q / K as parts, which the Mosaic
-# path concatenates: from 4096, sage_attention.MOSAIC_MIN_TOKENS_PARTS).
+# MLA's D 192: 0.38 / 0.47 at 256, 0.38 / 0.59 at 1024, 0.68 / 1.15 at 4096).
 # A "mosaic" default sends only the calls a Mosaic kernel covers there (fp8_matmul: FP8 activations, and weight-only
 # calls on 2-D weights of <= 128 tokens; mla_decode: 16-bit contiguous caches; sage_attention: 16-bit V).
 DEFAULT_BACKEND = {"sage_attention": "auto", "mla_decode": "mosaic", "fp8_matmul": "mosaic"}

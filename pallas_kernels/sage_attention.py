@@ -55,19 +55,14 @@ class BlockSizes:
 # tokens, Mosaic ahead from 256; common.DEFAULT_BACKEND's notes and bench/RESULTS.md)
 MOSAIC_MIN_TOKENS = 256
 MOSAIC_MAX_DQK = 256
-# Q / K given as parts (MLA's [nope | pe]) are concatenated for the Mosaic kernel: copies the crossover above did not
-# pay (about 0.15 ms per 16k tokens x 16 heads at D 192 by their bytes, not measured). Such calls keep the previous
-# rule for MLA's head dims (4096 tokens per request) until the kernel reads parts in place or the copies are timed
-MOSAIC_MIN_TOKENS_PARTS = 4096
 
 
-def auto_backend(tq: int, tk: int, requests: int, dqk: int, dv: int, v_dtype, parts: bool = False) -> str:
+def auto_backend(tq: int, tk: int, requests: int, dqk: int, dv: int, v_dtype) -> str:
     """The backend `backend="auto"` runs: "mosaic" when the Mosaic kernel takes these sizes and the requests are
-    long enough on average (queries and keys) for it to win, else "triton". parts: Q or K came as parts."""
+    long enough on average (queries and keys) for it to win, else "triton"."""
     if sage_attention_mgpu.unsupported(dqk, dv, v_dtype):
         return "triton"
-    need = MOSAIC_MIN_TOKENS_PARTS if parts else MOSAIC_MIN_TOKENS
-    long_enough = min(tq, tk) >= need * max(requests, 1)
+    long_enough = min(tq, tk) >= MOSAIC_MIN_TOKENS * max(requests, 1)
     return "mosaic" if dqk <= MOSAIC_MAX_DQK and long_enough else "triton"
 
 
@@ -168,8 +163,8 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     and the natural-log LSE [Tq, Hq] of the true (unsmoothed, unquantised-scale) logits when `return_lse`.
 
     q and k may each be a tuple of parts along the head dim (the same widths for both), standing for their
-    concatenation: MLA's (q_nope, q_pe) and (k_nope, k_pe) go in without a concatenated copy (the Triton kernel
-    reads each part as its own chunk; the Mosaic path concatenates).
+    concatenation: MLA's (q_nope, q_pe) and (k_nope, k_pe) go in without a concatenated copy (each kernel reads a
+    chunk of the head dim from the part that holds it).
     backend: "triton", "mosaic" (Hopper wgmma kernel, sage_attention_mgpu.py; 16-bit V) or "auto" (`auto_backend`:
     Mosaic for long requests); None: the backend block_sizes belong to, else common.DEFAULT_BACKEND ("auto") for
     compiled calls and "triton" in interpret mode;
@@ -189,7 +184,7 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     nb = cu_q.shape[0] - 1
     backend = resolve_backend("sage_attention", backend, block_sizes, MosaicBlockSizes, interp)
     if backend == "auto":
-        backend = auto_backend(tq, tk, nb, dqk, v.shape[2], v.dtype, parts=len(qp) > 1 or len(kp) > 1)
+        backend = auto_backend(tq, tk, nb, dqk, v.shape[2], v.dtype)
     bs = block_sizes or (MosaicBlockSizes() if backend == "mosaic" else BlockSizes())
     sm_scale = dqk**-0.5 if sm_scale is None else sm_scale
     if tq == 0 or nb == 0:  # no query rows, or no requests (every row padding): zeros, nothing to launch
@@ -210,7 +205,7 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     blk_idx = jnp.where(blk < cu_qb[-1], blk - cu_qb[blk_req], nqb + blk - cu_qb[-1])
     dv = v.shape[2]
     if backend == "mosaic":  # K: one pass (smoothing, quantisation per key tile); Q quantised in the kernel
-        o, lse2 = sage_attention_mgpu.attention(_whole(qp), _whole(kp), v, None if means is None else _whole(means),
+        o, lse2 = sage_attention_mgpu.attention(qp, kp, v, means,
                                                 cu_q, cu_k, blk_req, blk_idx, cu_qb, q_mult=sm_scale * LOG2E,
                                                 group=hq // hk, causal=causal, block_sizes=bs, eps=EPS,
                                                 interpret=interp)

@@ -20,11 +20,13 @@ first row rounded down to 8, and the few leading rows that belong to the request
 (one Triton pass) smooths and quantises K per such tile in place; V is read as given. Each compute warpgroup
 TMA-loads its 16-bit query rows from wherever they start into untiled, swizzled 64-column buffers (any row offset,
 no bank conflicts) and quantises them to int8 per row itself (instead of a Q pass: 0.02-0.03 ms less per call at
-S = 1k-4k on an H100; its rounding uses float adds, the conversion instructions being quarter-rate); it writes
-its query rows of the request straight into the packed output (`store_rows`: TMA stores of a power-of-two ladder
-of rows from an untiled buffer, so rows of other requests are left alone; blocks past the plan write zeros into
-the rows past the last request), and only the small LSE goes through per-program tiles and a gather. The Triton
-path's XLA passes (K minus its mean, absmax, convert) are not needed here.
+S = 1k-4k on an H100; its rounding uses float adds, the conversion instructions being quarter-rate). Q and K may
+come as parts along the head dim (MLA's [nope | pe]): each 64-column chunk of Q and each of K's chunks is read
+from the part that holds it, with no concatenated copy. Each warpgroup writes its query rows of the request
+straight into the packed output (`store_rows`: TMA stores of a power-of-two ladder of rows from an untiled buffer,
+so rows of other requests are left alone; blocks past the plan write zeros into the rows past the last request),
+and only the small LSE goes through per-program tiles and a gather. The Triton path's XLA passes (K minus its
+mean, absmax, convert) are not needed here.
 
 On CPU it runs in the Mosaic GPU interpreter (`plgpu.InterpretGPUParams`), which the tests use; lowering for an
 H100 needs the `jax_cuda13_plugin` package (the CPU CI installs it without its CUDA runtime).
@@ -111,11 +113,12 @@ def key_tile_plan(cu, total: int, block: int):
     return lead, req, t - cu_t[req], n
 
 
-def _key_tiles_kernel(tile_req_ref, tile_idx_ref, cu_ref, x_ref, *refs, block, chunks, pad_chunks, shift, eps):
-    """One K tile of one head, in place: the request's rows of it loaded, smoothed, quantised with the tile's one
-    scale, written (each row by its own request's tile only, so tiles sharing rows at request boundaries do not
-    clash); padding columns zero."""
-    mean_ref, y_ref, s_ref = refs if shift else (None, *refs)
+def _key_tiles_kernel(tile_req_ref, tile_idx_ref, cu_ref, *refs, block, chunks, pad_chunks, n_parts, shift, eps):
+    """One K tile of one head, in place: the request's rows of it loaded (chunk by chunk from K's parts), smoothed,
+    quantised with the tile's one scale, written (each row by its own request's tile only, so tiles sharing rows at
+    request boundaries do not clash); padding columns zero."""
+    x_refs, refs = refs[:n_parts], refs[n_parts:]
+    mean_refs, (y_ref, s_ref) = (refs[:n_parts], refs[n_parts:]) if shift else (None, refs)
     h = pl.program_id(1)
     req, ti = tile_req_ref[0], tile_idx_ref[0]
     start, end = cu_ref[req], cu_ref[req + 1]
@@ -123,34 +126,43 @@ def _key_tiles_kernel(tile_req_ref, tile_idx_ref, cu_ref, x_ref, *refs, block, c
     rows = r0 + jnp.arange(block)
     ok = (rows >= start) & (rows < end)
     parts = []
-    for c0, w in chunks:
-        x = pltriton.load(x_ref.at[pl.ds(r0, block), h, pl.ds(c0, w)], mask=ok[:, None], other=0).astype(jnp.float32)
+    for part, c0, w, _ in chunks:
+        x = pltriton.load(x_refs[part].at[pl.ds(r0, block), h, pl.ds(c0, w)], mask=ok[:, None], other=0).astype(
+            jnp.float32)
         if shift:
-            x = jnp.where(ok[:, None], x - mean_ref[req, h, pl.ds(c0, w)][None, :], 0.0)
+            x = jnp.where(ok[:, None], x - mean_refs[part][req, h, pl.ds(c0, w)][None, :], 0.0)
         parts.append(x)
     parts, scale = _quantize_tile(parts, eps)
     pltriton.store(s_ref.at[h, pl.ds(r0, block)], scale, mask=ok)
-    for (c0, w), x in zip(chunks, parts):
-        pltriton.store(y_ref.at[pl.ds(r0, block), h, pl.ds(c0, w)], x.astype(y_ref.dtype), mask=ok[:, None])
+    for (_, _, w, out), x in zip(chunks, parts):
+        pltriton.store(y_ref.at[pl.ds(r0, block), h, pl.ds(out, w)], x.astype(y_ref.dtype), mask=ok[:, None])
     for c0, w in pad_chunks:
         pltriton.store(y_ref.at[pl.ds(r0, block), h, pl.ds(c0, w)], jnp.zeros((block, w), y_ref.dtype),
                        mask=ok[:, None])
 
 
 def key_tiles(k, cu, block: int, *, width: int, shift=None, eps: float = 1e-8, interpret: bool = False):
-    """K's pass: k [T, H, D] smoothed (minus `shift` [B, H, D], its per-request mean, when given) and quantised to
-    int8 per tile of `key_tile_plan` and head (the tile's absmax, as SageAttention quantises K per block), rows
-    staying where they are. Returns (y [T + block, H, width] int8, scale [H, T + block] float32: each row holds its
-    tile's scale; the `block` rows past T are headroom that no row of a request occupies)."""
-    t_rows, heads, d = k.shape
+    """K's pass: k [T, H, D] (or a tuple of parts [T, H, D_i] along D, read as they are) smoothed (minus `shift`
+    [B, H, D], its per-request mean, or its parts, when given) and quantised to int8 per tile of `key_tile_plan` and
+    head (the tile's absmax, as SageAttention quantises K per block), rows staying where they are. Returns
+    (y [T + block, H, width] int8, scale [H, T + block] float32: each row holds its tile's scale; the `block` rows
+    past T are headroom that no row of a request occupies)."""
+    ks = tuple(k) if isinstance(k, (tuple, list)) else (k,)
+    shifts = () if shift is None else tuple(shift) if isinstance(shift, (tuple, list)) else (shift,)
+    t_rows, heads, _ = ks[0].shape
+    widths = [x.shape[2] for x in ks]
+    d = sum(widths)
     _, tile_req, tile_idx, n = key_tile_plan(cu, t_rows, block)
-    k = jnp.pad(k, ((0, block), (0, 0), (0, 0))) if interpret else k  # the interpreter clamps, Triton masks
-    ins = [tile_req, tile_idx, cu, k] + ([shift.astype(jnp.float32)] if shift is not None else [])
+    if interpret:  # the interpreter clamps, Triton masks
+        ks = tuple(jnp.pad(x, ((0, block), (0, 0), (0, 0))) for x in ks)
+    ins = [tile_req, tile_idx, cu, *ks, *(x.astype(jnp.float32) for x in shifts)]
     out_shape = [jax.ShapeDtypeStruct((t_rows + block, heads, width), jnp.int8),
                  jax.ShapeDtypeStruct((heads, t_rows + block), jnp.float32)]
-    kernel = functools.partial(_key_tiles_kernel, block=block, chunks=pow2_chunks(d),
-                               pad_chunks=tuple((d + o, w) for o, w in pow2_chunks(width - d)),
-                               shift=shift is not None, eps=eps)
+    offsets = [sum(widths[:i]) for i in range(len(ks))]
+    chunks = tuple((i, c0, w, offsets[i] + c0) for i, x in enumerate(ks) for c0, w in pow2_chunks(x.shape[2]))
+    kernel = functools.partial(_key_tiles_kernel, block=block, chunks=chunks,
+                               pad_chunks=tuple((d + o, w) for o, w in pow2_chunks(width - d)), n_parts=len(ks),
+                               shift=bool(shifts), eps=eps)
     y, scale = pl.pallas_call(
         kernel,
         grid=(n, heads),
@@ -166,7 +178,10 @@ def key_tiles(k, cu, block: int, *, width: int, shift=None, eps: float = 1e-8, i
 
 
 def key_tiles_reference(k, cu, block: int, *, width: int, shift=None, eps: float = 1e-8):
-    """key_tiles in plain jnp, on the request rows [T, H, width] / [H, T] (the headroom rows are left out)."""
+    """key_tiles in plain jnp, on the request rows [T, H, width] / [H, T] (the headroom rows are left out); parts of
+    k / shift are concatenated."""
+    whole = lambda x: jnp.concatenate(x, axis=-1) if isinstance(x, (tuple, list)) else x  # noqa: E731
+    k, shift = whole(k), None if shift is None else whole(shift)
     t_rows = k.shape[0]
     seg, off = segments(cu, t_rows)
     lead, _, _, _ = key_tile_plan(cu, t_rows, block)
@@ -199,7 +214,9 @@ def store_rows(src, dst_at, n, max_rows: int):
 def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: float, group: int, causal: bool,
               block_sizes: MosaicBlockSizes = MosaicBlockSizes(), eps: float = 1e-8, interpret: bool = False):
     """q [Tq, Hq, D] / k [Tk, Hk, D] / v [Tk, Hk, Dv] packed, v 16-bit (q of another dtype is rounded to v's before
-    its int8 quantisation); k_mean [B, Hk, D] (K's per-request mean, subtracted before quantising) or None;
+    its int8 quantisation); q and k may each be a tuple of parts along D (read where they are: each 64-column chunk
+    of Q from its part, when no chunk straddles two); k_mean [B, Hk, D] (or its parts: K's per-request mean,
+    subtracted before quantising) or None;
     cu_q / cu_k [B+1]; the query blocks of `block_sizes.program_rows` rows (blk_req, blk_idx [NQB], cu_qb [B+1]) as
     sage_attention plans them; q_mult: sm_scale * log2(e), folded into Q's scales; eps: the floor of the absmax
     that Q's row scales and K's tile scales divide by 127. Returns (o [Tq, Hq, Dv'] in v's dtype, Dv' = Dv padded
@@ -207,7 +224,9 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
     bs = block_sizes
     bq, bk, stages, wgs = bs.block_q, bs.block_k, bs.stages, bs.compute_wgs
     rows_per_blk = bs.program_rows
-    tq, hq, dqk = q.shape
+    q_parts = tuple(q) if isinstance(q, (tuple, list)) else (q,)
+    tq, hq = q_parts[0].shape[:2]
+    dqk = sum(x.shape[2] for x in q_parts)
     vdt = v.dtype
     d, dv = padded_dims(dqk, v.shape[2])
     why = unsupported(dqk, v.shape[2], vdt)
@@ -220,14 +239,23 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
     n_chunks = len(chunks)
     # K: one Triton pass (smoothed and quantised per key tile in place); Q is quantised in the kernel, V read as is
     k_i8, ks_t = key_tiles(k, cu_k, bk, width=d, shift=k_mean, eps=eps, interpret=interpret)
-    if q.dtype != vdt or d != dqk or interpret:  # 16-bit rows of the padded width; the interpreter's headroom
-        q = jnp.pad(q.astype(vdt), ((0, rows_per_blk if interpret else 0), (0, 0), (0, d - dqk)))
+    # each Q chunk TMA-read from the part that holds it: (part, column in it); one padded whole when a chunk would
+    # straddle two parts or D needs zero columns
+    starts = [sum(x.shape[2] for x in q_parts[:i]) for i in range(len(q_parts))]
+    q_src = [next(((i, o - s0) for i, s0 in enumerate(starts) if s0 <= o and o + w <= s0 + q_parts[i].shape[2]),
+                  None) for o, w in chunks]
+    if d != dqk or None in q_src:
+        q_parts = (pad_to(jnp.concatenate(q_parts, axis=-1) if len(q_parts) > 1 else q_parts[0], 2, d),)
+        q_src = [(0, o) for o, _ in chunks]
+    # 16-bit rows; the interpreter's TMA needs headroom past the last row
+    q_parts = tuple(jnp.pad(x.astype(vdt), ((0, rows_per_blk), (0, 0), (0, 0))) if interpret else x.astype(vdt)
+                    for x in q_parts)
     if dv != v.shape[2] or interpret:  # a V width the MMA cannot take; the interpreter's TMA needs the headroom
         v = jnp.pad(v, ((0, bk), (0, 0), (0, dv - v.shape[2])))
     wgmma = plgpu.Layout.WGMMA
 
-    def body(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, q_ref, *refs):
-        k_ref, v_ref, ks_ref, o_ref, lse_ref = refs
+    def body(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, *refs):
+        q_refs, (k_ref, v_ref, ks_ref, o_ref, lse_ref) = refs[:len(q_parts)], refs[len(q_parts):]
         blk, h, wg = lax.axis_index("qb"), lax.axis_index("h"), lax.axis_index("wg")
         kv_head = lax.div(h, jnp.int32(group))
         req, i = blk_req_ref[blk], blk_idx_ref[blk]
@@ -285,8 +313,9 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
                 # this warpgroup's query rows, from any packed row (an untiled buffer; rows past the request are
                 # other requests' or TMA's zeros past the end, computed and not stored), quantised to int8 per row
                 q0 = jnp.where(live, cu_q_ref[req] + row_base, 0)
-                for c, (c0, w) in enumerate(chunks):
-                    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q0, bq), h, pl.ds(c0, w)], q_in[c].at[wg], q_bar.at[wg])
+                for c, ((part, c0), (_, w)) in enumerate(zip(q_src, chunks)):
+                    plgpu.copy_gmem_to_smem(q_refs[part].at[pl.ds(q0, bq), h, pl.ds(c0, w)], q_in[c].at[wg],
+                                            q_bar.at[wg])
                 plgpu.barrier_wait(q_bar.at[wg])
                 xs = [plgpu.load(q_in[c].at[wg], layout=wgmma).astype(jnp.float32) for c in range(n_chunks)]
                 amax = jnp.maximum(functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=1) for x in xs]), eps)
@@ -425,7 +454,7 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
-    )(blk_req, blk_idx, cu_q, cu_k, q, k_i8, v, ks_t)
+    )(blk_req, blk_idx, cu_q, cu_k, *q_parts, k_i8, v, ks_t)
     # the LSE of packed row t of request r (offset o) sits in tile cu_qb[r] + o // rows at row o % rows; rows past
     # the last request see nothing
     seg, off = segments(cu_q, tq)

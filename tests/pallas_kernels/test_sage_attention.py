@@ -180,6 +180,12 @@ def test_mosaic_lowers_for_h100(d, dv):
     text = export_for_h100(fn, S((704, 16, d), bf), S((1472, 8, d), bf), S((1472, 8, dv), bf),
                            S((5,), jnp.int32), S((5,), jnp.int32))
     assert "mosaic_gpu" in text
+    if d == 192:  # MLA's parts, each 64-column chunk TMA-read from its own part
+        parts = lambda t, h: (S((t, h, 128), bf), S((t, h, 64), bf))  # noqa: E731
+        fn = lambda q, k, v, cq, ck: sage_attention(q, k, v, cq, ck, backend="mosaic", interpret=False)  # noqa: E731
+        text = export_for_h100(fn, parts(704, 16), parts(1472, 8), S((1472, 8, dv), bf), S((5,), jnp.int32),
+                               S((5,), jnp.int32))
+        assert "mosaic_gpu" in text
 
 
 def test_rows_past_the_last_request():
@@ -202,11 +208,13 @@ def test_rows_past_the_last_request():
 LENS = [0, 1, 7, 300, 0, 65]  # zero-length, 1-row and odd requests, one longer than a tile, unaligned starts
 
 
-@pytest.mark.parametrize("block,d,width,shift", [(64, 40, 64, True), (128, 192, 192, False)])
-def test_key_tiles_match_reference(block, d, width, shift):
+@pytest.mark.parametrize("block,d,width,shift,split", [(64, 40, 64, True, None), (128, 192, 192, False, None),
+                                                       (128, 192, 192, True, 128)])
+def test_key_tiles_match_reference(block, d, width, shift, split):
     """The Mosaic path's K pass (smoothed, int8 per key tile, rows in place, each request's tiles starting at its
     first row rounded down to 8) equals its jnp reference exactly on the request rows; every row's scale is its own
-    request's tile's, and a tile's rows dequantise back to K minus its mean."""
+    request's tile's, and a tile's rows dequantise back to K minus its mean. `split`: K and its mean given as two
+    parts along D (MLA's [nope | pe]), read where they are."""
     from pallas_kernels.sage_attention_mgpu import KEY_ALIGN, key_tile_plan, key_tiles, key_tiles_reference
 
     rng = np.random.default_rng(block + d)
@@ -214,7 +222,8 @@ def test_key_tiles_match_reference(block, d, width, shift):
     t = sum(LENS)
     k = jnp.asarray(rng.standard_normal((t, 3, d)) * 4 + 2, jnp.bfloat16)
     mean = jnp.asarray(rng.standard_normal((len(LENS), 3, d)), jnp.float32) if shift else None
-    y, scale = key_tiles(k, cu, block, width=width, shift=mean, interpret=True)
+    cut = (lambda x: (x[..., :split], x[..., split:])) if split else (lambda x: x)  # noqa: E731
+    y, scale = key_tiles(cut(k), cu, block, width=width, shift=None if mean is None else cut(mean), interpret=True)
     y_ref, scale_ref = key_tiles_reference(k, cu, block, width=width, shift=mean)
     assert y.shape == (t + block, 3, width) and scale.shape == (3, t + block)
     np.testing.assert_array_equal(np.asarray(y[:t], np.float32), np.asarray(y_ref, np.float32))
@@ -236,7 +245,7 @@ def test_auto_backend_picks_by_request_length():
     (common.DEFAULT_BACKEND's notes), and the Triton one for short requests, head dims past the rule, or a V the
     Mosaic kernel cannot multiply; "auto" is accepted by name, unknown backends are an error naming the choices."""
     from pallas_kernels.common import resolve_backend
-    from pallas_kernels.sage_attention import MOSAIC_MAX_DQK, MOSAIC_MIN_TOKENS, MOSAIC_MIN_TOKENS_PARTS, auto_backend
+    from pallas_kernels.sage_attention import MOSAIC_MAX_DQK, MOSAIC_MIN_TOKENS, auto_backend
 
     bf, n = jnp.bfloat16, MOSAIC_MIN_TOKENS
     assert auto_backend(16384, 16384, 1, 128, 128, bf) == "mosaic"
@@ -245,9 +254,6 @@ def test_auto_backend_picks_by_request_length():
     assert auto_backend(16 * n, 16 * n - 1, 16, 192, 128, bf) == "triton"  # keys count too
     assert auto_backend(16 * n, 16 * n, 16, 192, 128, bf) == "mosaic"  # MLA's head dims
     assert auto_backend(16 * 176, 16 * 176, 16, 192, 128, bf) == "triton"  # the MLA seed's prefill: 176 per request
-    m = MOSAIC_MIN_TOKENS_PARTS  # Q / K as parts (the MLA layer's call): concatenated for Mosaic, a longer threshold
-    assert auto_backend(16 * n, 16 * n, 16, 192, 128, bf, parts=True) == "triton"
-    assert auto_backend(16 * m, 16 * m, 16, 192, 128, bf, parts=True) == "mosaic"
     assert auto_backend(16384, 16384, 1, 2 * MOSAIC_MAX_DQK, 128, bf) == "triton"  # head dim past the rule
     assert auto_backend(16384, 16384, 1, 128, 128, jnp.float32) == "triton"  # the Mosaic P.V is 16-bit
     assert resolve_backend("sage_attention", None) == "auto"
