@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels
 from jaxlm import batching, sharding
 from jaxlm.sharding import DP, MLA_CACHE, MLA_CACHE_SCALE, TP
-from pallas_kernels.common import pad_to, resolve_attention_impl
+from pallas_kernels.common import resolve_attention_impl
 from pallas_kernels.fp8_matmul import Fp8Weight
 from pallas_kernels.mla_decode import dequantize_rows
 from jaxlm.layers import apply_rope, rms_norm, rope_cos_sin, rope_frequencies, yarn_get_mscale
@@ -389,27 +389,30 @@ def _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, kv_len, impl):
     return _expand_uv(_from_blocks(o_lat, meta), params, impl)
 
 
-def _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta, seq_lens, past_lens):
-    """One-token-per-request steps through the Pallas flash-decoding kernel: returns [T, N, V]."""
-    slots = cache.kv_cache.shape[0]
+def _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta):
+    """Decode steps through the Pallas flash-decoding kernel, token by token: token t reads its request's cache slot
+    (a one-page block table over the [slots, max_len, ...] caches), positions 0 .. its own; padding tokens read
+    nothing. No gathers to or from slot order. With slots split over dp, each device attends the tokens of its
+    slots and the others' rows (zeros) are summed in. Returns [T, N, V]."""
+    max_len = cache.kv_cache.shape[1]
     dtype = cache.pe_cache.dtype
-    # each request's one token (if any) moved to its slot's row: a gather (requests without a token attend to
-    # nothing: length 0); slots past the requests get zero rows
-    tok = jnp.clip(jnp.cumsum(seq_lens) - seq_lens, 0, q_nope.shape[0] - 1)
-    q_lat = pad_to(_absorb_uk(q_nope[tok], params, "pallas").astype(dtype), 0, slots)
-    q_pe = pad_to(q_pe.astype(dtype)[tok], 0, slots)
-    lengths = pad_to(jnp.where(seq_lens > 0, past_lens + seq_lens, 0), 0, slots)
-    heads = P(DP, TP, None)
+    q_lat = _absorb_uk(q_nope, params, "pallas").astype(dtype)
+    lengths = jnp.where(meta.tok_pos < max_len, meta.tok_pos + 1, 0)
     scales = () if cache.kv_scale is None else (cache.kv_scale,)
 
-    def local(q_lat, q_pe, kv, pe, lengths, *scales):
-        return pallas_kernels.mla_decode(q_lat, q_pe, kv, pe, lengths, sm_scale=cfg.softmax_scale,
-                                         kv_scale=scales[0] if scales else None)
+    def local(q_lat, q_pe, kv, pe, slots, lengths, *scales):
+        slot = slots - sharding.axis_index(DP) * kv.shape[0]  # this device's slots; others' tokens: length 0 here
+        mine = (slot >= 0) & (slot < kv.shape[0])
+        o = pallas_kernels.mla_decode(q_lat, q_pe, kv, pe, jnp.where(mine, lengths, 0), sm_scale=cfg.softmax_scale,
+                                      kv_scale=scales[0] if scales else None,
+                                      block_table=jnp.clip(slot, 0, kv.shape[0] - 1)[:, None])
+        return sharding.sum_over(o, DP)
 
-    decode = sharding.per_device(local, (heads, heads, MLA_CACHE, MLA_CACHE, P(DP)) + (MLA_CACHE_SCALE,) * len(scales),
-                                 heads)
-    o_lat = decode(q_lat, q_pe, cache.kv_cache, cache.pe_cache, lengths, *scales)
-    return _expand_uv(o_lat[meta.tok_slot].astype(q_nope.dtype), params, "pallas")
+    heads = P(None, TP, None)
+    specs = (heads, heads, MLA_CACHE, MLA_CACHE, P(), P()) + (MLA_CACHE_SCALE,) * len(scales)
+    decode = sharding.per_device(local, specs, heads)
+    o_lat = decode(q_lat, q_pe.astype(dtype), cache.kv_cache, cache.pe_cache, meta.tok_slot, lengths, *scales)
+    return _expand_uv(o_lat.astype(q_nope.dtype), params, "pallas")
 
 
 def _attend_prefill_kernel(params, cfg, q_nope, q_pe, cache, seq_lens, past_lens, kv_tokens):
@@ -459,7 +462,7 @@ def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes,
     if mode == "naive":
         o = _attend_naive(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len, impl)
     elif impl == "pallas" and sizes.block_q == 1:
-        o = _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta, seq_lens, past_lens)
+        o = _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta)
     elif impl == "pallas":
         o = _attend_prefill_kernel(params, cfg, q_nope, q_pe, cache, seq_lens, past_lens, sizes.kv_tokens)
     else:

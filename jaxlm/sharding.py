@@ -183,6 +183,14 @@ def replicated(fn: Callable) -> Callable:
     return per_device(fn, P(), P())
 
 
+def sum_over(x, name: str):
+    """x summed over mesh axis `name` inside `per_device` (x itself when the mesh lacks it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or name not in mesh.axis_names:
+        return x
+    return jax.lax.psum(x, name)
+
+
 def axis_index(name: str):
     """This device's index along mesh axis `name` inside `per_device` (0 when the mesh lacks it)."""
     mesh = jax.sharding.get_abstract_mesh()

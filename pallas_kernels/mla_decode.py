@@ -124,8 +124,9 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
     kv_scale: an int8 latent cache (written by `update_cache(..., scales=)`), its [B, S] float32 row scales;
     the rope cache stays 16-bit. block_table: [B, pages per request] int32 for paged caches [pages, page_size, ...]
     (kv_scale [pages, page_size]); request b's position p is row p % page_size of page block_table[b, p // page_size].
-    backend: "triton" (every option) or "mosaic" (Hopper TMA + wgmma kernel, mla_decode_mgpu.py: 16-bit contiguous
-    caches, latent a multiple of 128); None: the backend block_sizes belong to, else common.DEFAULT_BACKEND.
+    backend: "triton" (every option) or "mosaic" (Hopper TMA + wgmma kernel, mla_decode_mgpu.py: 16-bit caches,
+    contiguous or paged with pages of a multiple of its block_k rows (64), latent a multiple of 128); None: the
+    backend block_sizes belong to, else common.DEFAULT_BACKEND.
     block_sizes: that backend's BlockSizes / MosaicBlockSizes.
     """
     b, h, lat = q_latent.shape
@@ -136,11 +137,12 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
     interp = resolve_interpret(interpret)
     explicit = backend is not None or block_sizes is not None  # block sizes name their backend too
     backend = resolve_backend("mla_decode", backend, block_sizes, MosaicBlockSizes, interp)
-    if backend == "mosaic":  # a "mosaic" default takes the calls its kernel covers (16-bit contiguous caches)
-        why = _mosaic_unsupported(q_latent, q_pe, kv_cache, pe_cache, qk_int8, kv_scale, block_table)
+    if backend == "mosaic":  # a "mosaic" default takes the calls its kernel covers (16-bit caches)
+        mbs = block_sizes or MosaicBlockSizes()
+        why = _mosaic_unsupported(q_latent, q_pe, kv_cache, pe_cache, qk_int8, kv_scale, block_table, mbs)
         if why is None:
-            return _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, sm_scale=sm_scale,
-                           block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp, return_lse=return_lse)
+            return _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, sm_scale=sm_scale, block_table=block_table,
+                           block_sizes=mbs, interpret=interp, return_lse=return_lse)
         if explicit:
             raise ValueError(f"mla_decode backend='mosaic': {why}; use backend='triton'")
     bs = block_sizes or BlockSizes()
@@ -157,10 +159,8 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
     q_latent, q_pe = pad_to(q_latent, 1, h_pad), pad_to(q_pe, 1, h_pad)
     caches = [kv_cache, pe_cache] + ([kv_scale] if int8_cache else [])
     if paged:
-        block_table = jnp.asarray(block_table, jnp.int32)
+        block_table = _check_block_table(block_table, b)
         page_size = kv_cache.shape[1]
-        if block_table.shape[0] != b:
-            raise ValueError(f"mla_decode: block_table has {block_table.shape[0]} rows for {b} requests")
         block_k = min(bs.block_k, page_size & -page_size)  # the largest power of two that divides a page
         if not interp and block_k < 16:
             raise ValueError(f"mla_decode on GPU needs a page size that is a multiple of 16, got {page_size}")
@@ -206,22 +206,32 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
     return _merge_splits(o, lse2, lengths[:, 0], split_len, s_len, h, return_lse, interp)
 
 
-def _mosaic_unsupported(q_latent, q_pe, kv_cache, pe_cache, qk_int8, kv_scale, block_table) -> str | None:
+def _mosaic_unsupported(q_latent, q_pe, kv_cache, pe_cache, qk_int8, kv_scale, block_table,
+                        block_sizes: MosaicBlockSizes) -> str | None:
     """Why the Mosaic kernel cannot take this call (None when it can)."""
-    if qk_int8 or kv_scale is not None or block_table is not None:
-        return "it takes 16-bit contiguous caches only (no qk_int8, int8 latent cache or block_table yet)"
+    if qk_int8 or kv_scale is not None:
+        return "it takes 16-bit caches only (no qk_int8 or int8 latent cache yet)"
+    if block_table is not None and kv_cache.shape[1] % block_sizes.block_k:
+        return (f"a paged cache needs pages of a multiple of its block_k ({block_sizes.block_k}) rows, got "
+                f"{kv_cache.shape[1]}")
     if pe_cache.dtype != kv_cache.dtype or q_pe.dtype != q_latent.dtype:
         return "q_pe / pe_cache dtypes differ from q_latent / kv_cache"
     return mla_decode_mgpu.unsupported(q_latent.shape[2], pe_cache.shape[2], q_latent.dtype, kv_cache.dtype)
 
 
-def _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale, block_sizes, interpret, return_lse):
-    """The Mosaic GPU kernel (calls `_mosaic_unsupported` passes): heads padded to its 64-head tiles, the cache to
-    whole key tiles; splits merged here."""
+def _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale, block_table, block_sizes, interpret,
+            return_lse):
+    """The Mosaic GPU kernel (calls `_mosaic_unsupported` passes): heads padded to its 64-head tiles, a contiguous
+    cache to whole key tiles (paged ones are whole tiles already); splits merged here."""
     b, h, lat = q_latent.shape
     bk = block_sizes.block_k
-    s_len = kv_cache.shape[1]
-    s_pad = cdiv(s_len, bk) * bk
+    if block_table is not None:
+        block_table = _check_block_table(block_table, b)
+        s_len = s_pad = block_table.shape[1] * kv_cache.shape[1]
+    else:
+        s_len = kv_cache.shape[1]
+        s_pad = cdiv(s_len, bk) * bk
+        kv_cache, pe_cache = pad_to(kv_cache, 1, s_pad), pad_to(pe_cache, 1, s_pad)
     h_pad = cdiv(h, mla_decode_mgpu.HEADS) * mla_decode_mgpu.HEADS
     programs = b * (h_pad // mla_decode_mgpu.HEADS)
     # splits while a whole wave of programs fits the SMs (B=64 x 2 head blocks: 1; the seed's 16 x 2: 4)
@@ -229,10 +239,19 @@ def _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale, block_size
     lengths = jnp.asarray(lengths, jnp.int32)
     split_len = _split_len(s_pad, k_splits, bk)
     o, lse2 = mla_decode_mgpu.decode(
-        pad_to(q_latent, 1, h_pad), pad_to(q_pe, 1, h_pad), pad_to(kv_cache, 1, s_pad), pad_to(pe_cache, 1, s_pad),
-        lengths, max_len=s_len, scale_log2=sm_scale * LOG2E, block_sizes=block_sizes, k_splits=k_splits,
-        split_len=split_len, interpret=interpret)
+        pad_to(q_latent, 1, h_pad), pad_to(q_pe, 1, h_pad), kv_cache, pe_cache, lengths, max_len=s_len,
+        scale_log2=sm_scale * LOG2E, block_sizes=block_sizes, k_splits=k_splits, split_len=split_len,
+        block_table=block_table, interpret=interpret)
     return _merge_splits(o, lse2, lengths, split_len, s_len, h, return_lse, interpret)
+
+
+def _check_block_table(block_table, b: int):
+    block_table = jnp.asarray(block_table, jnp.int32)
+    if block_table.ndim != 2:
+        raise ValueError(f"mla_decode: block_table must be [requests, pages per request], got {block_table.shape}")
+    if block_table.shape[0] != b:
+        raise ValueError(f"mla_decode: block_table has {block_table.shape[0]} rows for {b} requests")
+    return block_table
 
 
 def _split_len(s_len: int, k_splits: int, block_k: int) -> int:

@@ -10,8 +10,10 @@ warpgroups: 0.73 TB/s at B=64, L=4096 on an H100; bench/RESULTS.md has the numbe
 Each split writes its normalised output in 16 bits (staged in Q's shared-memory buffer once warpgroup 0 is past
 its last read of Q) and its base-2 LSE (an empty split writes nothing when there are several); `mla_decode`
 merges the splits (a small Pallas pass). Shared memory is full to the last bytes at block_k 64 with 2 stages
-(Q 64 KB + 2 x 72 KB of tiles + P 8 KB), so Q's rope part is a register operand on the GPU. 16-bit caches with
-contiguous slots; the int8 latent cache, paged caches and qk_int8 stay on the Triton kernel.
+(Q 64 KB + 2 x 72 KB of tiles + P 8 KB), so Q's rope part is a register operand on the GPU. 16-bit caches,
+contiguous ([B, S, ...]) or paged ([pages, page_size, ...] with page_size a multiple of block_k, so that a tile
+never straddles two pages: each tile's page is read from the block table as it is fetched); the int8 latent cache
+and qk_int8 stay on the Triton kernel.
 
 The Mosaic GPU interpreter runs every warpgroup as its own XLA CPU computation; with a single host device it can
 stall waiting for one of them (the tests run with 8 host devices, tests/conftest.py).
@@ -49,9 +51,11 @@ def unsupported(lat: int, rope: int, dtype, kv_dtype) -> str | None:
 
 
 def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, max_len: int, scale_log2: float,
-           block_sizes: MosaicBlockSizes, k_splits: int, split_len: int, interpret: bool = False):
+           block_sizes: MosaicBlockSizes, k_splits: int, split_len: int, block_table=None, interpret: bool = False):
     """q_latent [B, Hp, L], q_pe [B, Hp, R] (Hp a multiple of 64), kv_cache [B, S, L], pe_cache [B, S, R] (S a
-    multiple of block_k), lengths [B] int32, clamped here to max_len (the rows before any padding of S);
+    multiple of block_k) or, with block_table [B, n] int32, paged caches [pages, page_size, ...] (page_size a
+    multiple of block_k; request b's row p is row p % page_size of page block_table[b, p // page_size]);
+    lengths [B] int32, clamped here to max_len (the rows before any padding of S, or n * page_size);
     scale_log2 = sm_scale * log2(e); split s covers rows [s * split_len, (s + 1) * split_len). Returns per split
     (o [B, splits, Hp, L] normalised, in the caches' dtype; lse2 [B, splits, Hp] base 2, -inf where empty)."""
     bs = block_sizes
@@ -62,8 +66,12 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, max_len: int, scale_l
     half = lat // 2
     head_blocks = hp // HEADS
     wgmma = plgpu.Layout.WGMMA
+    page_size = kv_cache.shape[1]
+    if block_table is not None and page_size % bk:
+        raise ValueError(f"mla_decode (mosaic): pages of {page_size} rows hold no whole number of {bk}-row tiles")
 
-    def body(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, o_ref, lse_ref):
+    def body(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, *refs):
+        *bt_ref, o_ref, lse_ref = refs
         prog, wg = lax.axis_index("p"), lax.axis_index("wg")  # programs numbered (request, head block, split)
         req = lax.div(prog, jnp.int32(head_blocks * k_splits))
         hb = lax.rem(lax.div(prog, jnp.int32(k_splits)), jnp.int32(head_blocks))
@@ -79,9 +87,14 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, max_len: int, scale_l
                    q_done, o_done):
             # row_smem [64] float32 carries, in turn: each step's rescale to group 1, the final l, the LSE out
             def fetch(j, slot):
-                k0 = pl.multiple_of(start + j * bk, bk)
-                plgpu.copy_gmem_to_smem(kv_ref.at[req, pl.ds(k0, bk)], kv_smem.at[slot], kv_bar.at[slot])
-                plgpu.copy_gmem_to_smem(pe_ref.at[req, pl.ds(k0, bk)], pe_smem.at[slot], kv_bar.at[slot])
+                k0 = start + j * bk
+                if bt_ref:  # the tile's page (a tile lies inside one page) and its first row there
+                    page = bt_ref[0][req, lax.div(k0, jnp.int32(page_size))]
+                    rows = pl.ds(pl.multiple_of(lax.rem(k0, jnp.int32(page_size)), bk), bk)
+                else:
+                    page, rows = req, pl.ds(pl.multiple_of(k0, bk), bk)
+                plgpu.copy_gmem_to_smem(kv_ref.at[page, rows], kv_smem.at[slot], kv_bar.at[slot])
+                plgpu.copy_gmem_to_smem(pe_ref.at[page, rows], pe_smem.at[slot], kv_bar.at[slot])
 
             @pl.when(wg == 2)
             def _memory():
@@ -225,4 +238,4 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, max_len: int, scale_l
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
-    )(q_latent, q_pe, kv_cache, pe_cache, lengths)
+    )(q_latent, q_pe, kv_cache, pe_cache, lengths, *([] if block_table is None else [block_table]))

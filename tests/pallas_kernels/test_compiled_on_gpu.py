@@ -77,8 +77,9 @@ def test_mla_decode(cache, qk_int8):
         np.testing.assert_array_equal(np.asarray(gather_pages(pe, table)), np.asarray(pe_contiguous))  # the table
     out = pk.mla_decode(q, qp, kv, pe, lengths, sm_scale=0.135, qk_int8=qk_int8, **kw)
     close(out, ref, cos=0.999, rel_l1=0.03)
-    if cache == "bf16" and not qk_int8:  # the Mosaic GPU kernel
-        close(pk.mla_decode(q, qp, kv, pe, lengths, sm_scale=0.135, backend="mosaic"), ref, cos=0.999, rel_l1=0.03)
+    if cache in ("bf16", "paged") and not qk_int8:  # the Mosaic GPU kernel (contiguous and paged caches)
+        close(pk.mla_decode(q, qp, kv, pe, lengths, sm_scale=0.135, backend="mosaic", **kw), ref, cos=0.999,
+              rel_l1=0.03)
 
 
 def test_update_cache_int8_and_paged():

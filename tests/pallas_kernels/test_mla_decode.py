@@ -214,11 +214,40 @@ def test_mosaic_matches_reference(b, h, s, lengths, splits):
     empty = np.asarray(lengths) == 0
     assert np.all(np.asarray(out, np.float32)[empty] == 0) and np.all(np.isneginf(np.asarray(lse)[empty]))
     np.testing.assert_allclose(np.asarray(lse)[~empty], np.asarray(ref_lse)[~empty], atol=1e-2)
-    with pytest.raises(ValueError, match="16-bit contiguous caches only"):
+    with pytest.raises(ValueError, match="16-bit caches only"):
         mla_decode(q, qp, kv, pe, lengths, sm_scale=0.1, qk_int8=True, backend="mosaic", interpret=True)
     with pytest.raises(ValueError, match="share a 16-bit dtype"):
         mla_decode(q.astype(jnp.float32), qp.astype(jnp.float32), kv.astype(jnp.float32), pe.astype(jnp.float32),
                    lengths, sm_scale=0.1, backend="mosaic", interpret=True)
+
+
+@pytest.mark.parametrize("page_size,splits", [(64, 1), (128, 3)])
+def test_mosaic_paged_cache(page_size, splits):
+    """backend="mosaic" on paged caches [pages, page_size, ...] through a shuffled block table (lengths 0, 1, odd,
+    a whole table; one and several splits) equals the reference on the contiguous caches the table stands for;
+    pages that hold no whole number of the kernel's tiles are refused."""
+    from pallas_kernels.mla_decode_mgpu import MosaicBlockSizes
+
+    rng = np.random.default_rng(page_size + splits)
+    b, pages_per_req = 4, 3
+    num_pages = b * pages_per_req + 2  # spare pages no request owns
+    q, qp, _, _ = make(rng, b, 20, 128, 64, 1, jnp.bfloat16)
+    kv = jnp.asarray(rng.standard_normal((num_pages, page_size, 128)), jnp.bfloat16)
+    pe = jnp.asarray(rng.standard_normal((num_pages, page_size, 64)), jnp.bfloat16)
+    table = jnp.asarray(rng.permutation(num_pages)[: b * pages_per_req].reshape(b, pages_per_req), jnp.int32)
+    lengths = jnp.asarray([0, 1, page_size + 37, pages_per_req * page_size], jnp.int32)
+    out, lse = mla_decode(q, qp, kv, pe, lengths, sm_scale=0.1, block_table=table, backend="mosaic", interpret=True,
+                          block_sizes=MosaicBlockSizes(k_splits=splits), return_lse=True)
+    ref, ref_lse = mla_decode_reference(q, qp, gather_pages(kv, table), gather_pages(pe, table), lengths, sm_scale=0.1,
+                                        return_lse=True)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2, rtol=2e-2)
+    np.testing.assert_allclose(np.asarray(lse)[1:], np.asarray(ref_lse)[1:], atol=1e-2)
+    assert np.all(np.asarray(out, np.float32)[0] == 0)
+    with pytest.raises(ValueError, match="pages of a multiple of its block_k"):
+        mla_decode(q, qp, kv[:, :48], pe[:, :48], lengths, sm_scale=0.1, block_table=table, backend="mosaic",
+                   interpret=True)
+    with pytest.raises(ValueError, match="block_table has 3 rows for 4 requests"):
+        mla_decode(q, qp, kv, pe, lengths, sm_scale=0.1, block_table=table[:3], backend="mosaic", interpret=True)
 
 
 def test_mosaic_lowers_for_h100_at_r1_sizes():
@@ -228,6 +257,10 @@ def test_mosaic_lowers_for_h100_at_r1_sizes():
     fn = functools.partial(mla_decode, sm_scale=0.135, backend="mosaic", interpret=False)
     text = export_for_h100(fn, S((64, 128, 512), bf), S((64, 128, 64), bf), S((64, 4096, 512), bf),
                            S((64, 4096, 64), bf), S((64,), jnp.int32))
+    assert "mosaic_gpu" in text
+    paged = lambda q, qp, kv, pe, n, t: fn(q, qp, kv, pe, n, block_table=t)  # noqa: E731
+    text = export_for_h100(paged, S((16, 128, 512), bf), S((16, 128, 64), bf), S((300, 64, 512), bf),
+                           S((300, 64, 64), bf), S((16,), jnp.int32), S((16, 18), jnp.int32))
     assert "mosaic_gpu" in text
 
 
