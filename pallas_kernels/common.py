@@ -39,7 +39,8 @@ def resolve_interpret(interpret: bool | None) -> bool:
 # request, 0.30 / 0.40 at 512, 0.32 / 0.49 at 1024, 2.0 / 3.1 at 16384, 0.37 / 0.37 at 128, 0.50 / 0.40 at 64;
 # MLA's D 192: 0.38 / 0.47 at 256, 0.38 / 0.59 at 1024, 0.68 / 1.15 at 4096).
 # A "mosaic" default sends only the calls a Mosaic kernel covers there (fp8_matmul: FP8 activations, and weight-only
-# calls on 2-D weights of <= 128 tokens; mla_decode: 16-bit contiguous caches; sage_attention: 16-bit V).
+# calls on 2-D weights of <= 128 tokens; mla_decode: 16-bit caches, paged ones in pages of whole 64-row tiles;
+# sage_attention: 16-bit V).
 DEFAULT_BACKEND = {"sage_attention": "auto", "mla_decode": "mosaic", "fp8_matmul": "mosaic"}
 
 
