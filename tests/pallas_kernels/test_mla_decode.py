@@ -21,6 +21,16 @@ def make(rng, b, h, lat, rope, s, dtype, offset=0.0):
     return r(b, h, lat), r(b, h, rope), r(b, s, lat), r(b, s, rope)
 
 
+def make_paged(rng, b, h, lat, rope, page_size, pages_per_req, spare):
+    """Queries and paged bf16 caches [pages, page_size, ...] with `spare` pages no request owns, and a shuffled
+    block table [b, pages_per_req]."""
+    num_pages = b * pages_per_req + spare
+    q, qp, kv, pe = make(rng, b, h, lat, rope, 1, jnp.bfloat16)
+    kv, pe = (jnp.asarray(rng.standard_normal((num_pages, page_size, w)), jnp.bfloat16) for w in (lat, rope))
+    table = jnp.asarray(rng.permutation(num_pages)[: b * pages_per_req].reshape(b, pages_per_req), jnp.int32)
+    return q, qp, kv, pe, table
+
+
 CASES = [  # b, heads, latent, rope, cache len, lengths, sequence splits (1: no merge pass)
     (1, 1, 32, 16, 64, [1], 3),
     (3, 16, 64, 16, 320, [0, 7, 300], 3),
@@ -149,11 +159,7 @@ def test_paged_cache(page_size, int8):
     equal the contiguous caches the table stands for."""
     rng = np.random.default_rng(page_size)
     b, pages_per_req = 4, 5
-    num_pages = b * pages_per_req + 3  # spare pages no request owns
-    q, qp, _, _ = make(rng, b, 16, 64, 32, 1, jnp.bfloat16)
-    kv = jnp.asarray(rng.standard_normal((num_pages, page_size, 64)), jnp.bfloat16)
-    pe = jnp.asarray(rng.standard_normal((num_pages, page_size, 32)), jnp.bfloat16)
-    table = jnp.asarray(rng.permutation(num_pages)[: b * pages_per_req].reshape(b, pages_per_req), jnp.int32)
+    q, qp, kv, pe, table = make_paged(rng, b, 16, 64, 32, page_size, pages_per_req, spare=3)
     lengths = jnp.asarray([0, 1, 2 * page_size + 5, pages_per_req * page_size], jnp.int32)
     kw = dict(sm_scale=0.1)
     if int8:
@@ -230,11 +236,7 @@ def test_mosaic_paged_cache(page_size, splits):
 
     rng = np.random.default_rng(page_size + splits)
     b, pages_per_req = 4, 3
-    num_pages = b * pages_per_req + 2  # spare pages no request owns
-    q, qp, _, _ = make(rng, b, 20, 128, 64, 1, jnp.bfloat16)
-    kv = jnp.asarray(rng.standard_normal((num_pages, page_size, 128)), jnp.bfloat16)
-    pe = jnp.asarray(rng.standard_normal((num_pages, page_size, 64)), jnp.bfloat16)
-    table = jnp.asarray(rng.permutation(num_pages)[: b * pages_per_req].reshape(b, pages_per_req), jnp.int32)
+    q, qp, kv, pe, table = make_paged(rng, b, 20, 128, 64, page_size, pages_per_req, spare=2)
     lengths = jnp.asarray([0, 1, page_size + 37, pages_per_req * page_size], jnp.int32)
     out, lse = mla_decode(q, qp, kv, pe, lengths, sm_scale=0.1, block_table=table, backend="mosaic", interpret=True,
                           block_sizes=MosaicBlockSizes(k_splits=splits), return_lse=True)
