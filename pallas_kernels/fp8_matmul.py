@@ -7,7 +7,7 @@ Three paths, chosen by the token count M and the activation format:
   tile's product times its block scale into a float32 accumulator. Memory-bound: the K loop is split across
   programs (split-K, partial sums added in XLA) so that a few output tiles still fill the GPU. Two kernels: the
   Triton one (every layout) and the Mosaic GPU one (fp8_matmul_mgpu.weight_only: TMA-fed, y^T = W x^T on wgmma;
-  2-D HF-layout weights with N a multiple of 64), the GPU default where it applies.
+  HF-layout weights, 2-D or grouped per head (W_UV), with N a multiple of 64), the GPU default where it applies.
 - FP8 activations (prefill, M >= 128): x is quantised per token per 128 channels first (DeepSeek's `act_quant`:
   s = max(|x|, 1e-4) / 448, x / s in e4m3; one fused XLA pass), then the kernel runs FP8 x FP8 dots with float32
   accumulation, scaling each 128-wide partial product by s_x[m] * s_w before adding it (the per-block promotion
@@ -182,7 +182,7 @@ def _mosaic_applies(x, w, block, transpose_w, activations) -> bool:
 def _scale_rows(w_scale):
     """Block scales as the Mosaic kernels copy them to shared memory, one row per program: float32, the columns
     padded to a multiple of 4 (TMA moves multiples of 16 bytes; a no-op at R1's sizes)."""
-    return pad_to(w_scale.astype(jnp.float32), 1, cdiv(w_scale.shape[1], 4) * 4)
+    return pad_to(w_scale.astype(jnp.float32), w_scale.ndim - 1, cdiv(w_scale.shape[-1], 4) * 4)
 
 
 def _mosaic(x, w, w_scale, *, block, transpose_w, activations, block_sizes, interpret):
@@ -198,10 +198,11 @@ def _mosaic(x, w, w_scale, *, block, transpose_w, activations, block_sizes, inte
 
 
 def _mosaic_weight_only_applies(x, w, block, transpose_w, activations) -> bool:
-    """The Mosaic weight-only kernel's scope: 16-bit x [M, K] (M <= 128: its tiles fit shared memory) @ w [N, K]^T,
-    128-blocks, N a multiple of 64 and K of 128 (R1's q_a, q_b, kv_a and o_proj), bf16 activations."""
+    """The Mosaic weight-only kernel's scope: 16-bit x [M, K] or [M, G, K] (M <= 128: its tiles fit shared memory)
+    @ w [N, K]^T or [G, N, K]^T (HF rows; grouped: MLA's per-head W_UV), 128-blocks, N a multiple of 64 and K of 128
+    (R1's q_a, q_b, kv_a, o_proj and W_UV), bf16 activations."""
     n, k = w.shape[-2:]
-    return (x.ndim == 2 and w.ndim == 2 and transpose_w and block == fp8_matmul_mgpu.BLOCK
+    return ((x.ndim == 2 or w.ndim == 3) and transpose_w and block == fp8_matmul_mgpu.BLOCK
             and not _use_fp8_activations(activations, x.shape[0]) and 0 < x.shape[0] <= 128
             and x.dtype in (jnp.bfloat16, jnp.float16) and n % fp8_matmul_mgpu.WEIGHT_ROWS == 0 and k % block == 0)
 
@@ -211,17 +212,21 @@ def _mosaic_weight_only(x, weights, *, block_sizes, interpret):
     `_mosaic_weight_only_applies`, in one launch: tokens padded to a multiple of 8; K split into the largest power
     of two that keeps the programs within two per SM and >= 4 K steps each (the best or near it at R1's four
     projections, `bench/fp8_tune.py --grid mosaic`); partial sums added and transposed here. Returns each weight's
-    product [M, N_i]."""
-    m, k = x.shape
+    product [M, N_i] ([M, G, N_i] for grouped weights)."""
+    grouped = weights[0][0].ndim == 3
+    if not grouped:
+        weights = [(w[None], s[None]) for w, s in weights]
+    x3 = x if x.ndim == 3 else x[:, None]  # [M, 1 or G, K]
+    m, _, k = x3.shape
     k_steps = k // fp8_matmul_mgpu.BLOCK
-    tiles = sum(w.shape[0] for w, _ in weights) // fp8_matmul_mgpu.WEIGHT_ROWS
-    fit = min(2 * H100_SMS // tiles, k_steps // 4)
+    programs = sum(w.shape[1] for w, _ in weights) // fp8_matmul_mgpu.WEIGHT_ROWS * weights[0][0].shape[0]
+    fit = min(2 * H100_SMS // programs, k_steps // 4)
     splits = block_sizes.k_splits or 1 << max(fit, 1).bit_length() - 1
-    parts = fp8_matmul_mgpu.weight_only(pad_to(x, 0, cdiv(m, 8) * 8), [(w, _scale_rows(s)) for w, s in weights],
+    parts = fp8_matmul_mgpu.weight_only(pad_to(x3, 0, cdiv(m, 8) * 8), [(w, _scale_rows(s)) for w, s in weights],
                                         k_splits=min(splits, k_steps), stages=block_sizes.stages, interpret=interpret)
-    y = parts.sum(0).T[:m].astype(x.dtype)
-    ends = list(itertools.accumulate(w.shape[0] for w, _ in weights))
-    return [y[:, e - w.shape[0]:e] for (w, _), e in zip(weights, ends)]
+    y = parts.sum(0).transpose(2, 0, 1)[:m].astype(x.dtype)  # [M, G, sum N_i]
+    ends = list(itertools.accumulate(w.shape[1] for w, _ in weights))
+    return [y[..., e - w.shape[1]:e] if grouped else y[:, 0, e - w.shape[1]:e] for (w, _), e in zip(weights, ends)]
 
 
 def _route(x, w, block, transpose_w, activations, block_sizes, backend, interp) -> str:
@@ -238,9 +243,10 @@ def _route(x, w, block, transpose_w, activations, block_sizes, backend, interp) 
     if _mosaic_weight_only_applies(x, w, block, transpose_w, activations):
         return "mosaic_weight_only"
     if explicit:
-        raise ValueError("fp8_matmul backend='mosaic' runs x [M, K] @ w [N, K]^T with 128-blocks: the "
-                         "FP8-activation path (activations='fp8', or 'auto' with M >= 128) and the weight-only "
-                         "one (16-bit x, M <= 128, N a multiple of 64, K of 128): use backend='triton'")
+        raise ValueError("fp8_matmul backend='mosaic' runs x @ w^T with HF-layout w and 128-blocks: the "
+                         "FP8-activation path (2-D x and w; activations='fp8', or 'auto' with M >= 128) and the "
+                         "weight-only one (16-bit x, M <= 128, N a multiple of 64, K of 128, grouped w too): use "
+                         "backend='triton'")
     return "triton"
 
 
@@ -280,9 +286,10 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     activations: "auto" (bf16 x with FP8 weights below 128 tokens, FP8 x at 128 and above), "bf16" or "fp8".
     bf16 activations at M >= DEQUANTIZE_MIN_M take the dequantised path (XLA's GEMM on the widened weight) unless a
     backend or block sizes ask for a kernel.
-    backend: "triton" (every layout) or "mosaic" (fp8_matmul_mgpu.py, a 2-D x and a 2-D HF-layout weight with
-    128-blocks: FP8 x FP8 wgmma on the FP8-activation path, the weight-only kernel for 16-bit x of <= 128 tokens
-    with N a multiple of 64); None: the backend that block_sizes belong to, else common.DEFAULT_BACKEND.
+    backend: "triton" (every layout) or "mosaic" (fp8_matmul_mgpu.py, HF-layout weights with 128-blocks: FP8 x FP8
+    wgmma on the FP8-activation path for a 2-D x and w, the weight-only kernel for 16-bit x of <= 128 tokens with N
+    a multiple of 64, grouped weights included); None: the backend that block_sizes belong to, else
+    common.DEFAULT_BACKEND.
     """
     interp = resolve_interpret(interpret)
     g, n, k = _check_shapes(x, w, w_scale, block, transpose_w)

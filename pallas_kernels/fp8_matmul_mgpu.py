@@ -136,13 +136,15 @@ def matmul(xq, xs_t, w, ws, *, out_dtype, block_sizes: MosaicBlockSizes = Mosaic
 
 
 def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
-    """x [Mp, K] bf16 / f16 with Mp a multiple of 8 (<= 128: `stages` x tiles fit shared memory), K of 128;
-    weights ((w [N_i, K] e4m3 with N_i a multiple of 64, ws [ceil(N_i / 128), >= K / 128] float32, columns padded
-    to a multiple of 4 for TMA), ...): every weight that multiplies x, in one launch. Returns float32 partial sums
-    [k_splits, sum N_i, Mp] (the weights' rows side by side) whose sum over the first axis is
-    (x @ [dequant(w_1); dequant(w_2); ...]^T)^T."""
-    mp, k = x.shape
-    tiles = [w.shape[0] // WEIGHT_ROWS for w, _ in weights]
+    """x [Mp, Gx, K] bf16 / f16 with Mp a multiple of 8 (<= 128: `stages` x tiles fit shared memory), K of 128, Gx
+    1 (x shared by every group) or G; weights ((w [G, N_i, K] e4m3 with N_i a multiple of 64, ws [G, ceil(N_i /
+    128), >= K / 128] float32, columns padded to a multiple of 4 for TMA), ...): every weight that multiplies x, G
+    groups each (MLA's heads; 1 for a plain weight), in one launch. Returns float32 partial sums
+    [k_splits, G, sum N_i, Mp] (the weights' rows side by side) whose sum over the first axis is, per group g,
+    (x[:, g] @ [dequant(w_1[g]); dequant(w_2[g]); ...]^T)^T."""
+    mp, gx, k = x.shape
+    groups = weights[0][0].shape[0]
+    tiles = [w.shape[1] // WEIGHT_ROWS for w, _ in weights]
     firsts = [sum(tiles[:i]) for i in range(len(tiles))]  # each weight's first program row tile
     k_steps = k // BLOCK
     per = -(-k_steps // k_splits)  # K steps per split; the last split may have fewer (or none)
@@ -151,7 +153,8 @@ def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
     def body(x_ref, *refs):
         w_refs, s_refs = refs[0:2 * len(weights):2], refs[1:2 * len(weights):2]
         o_ref, x_smem, w_smem, ws_smem, bar, ws_bar, *a_smem = refs[2 * len(weights):]
-        ni, si = lax.axis_index("n"), lax.axis_index("s")
+        ni, si, g = lax.axis_index("n"), lax.axis_index("s"), lax.axis_index("g")
+        xg = g if gx > 1 else 0
         # this program's weight (uniform per program) and its 64-row tile within it
         mine = [(ni >= f) & (ni < f + t) for f, t in zip(firsts, tiles)]
         local = [jnp.clip(ni - f, 0, t - 1) for f, t in zip(firsts, tiles)]
@@ -160,15 +163,15 @@ def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
 
         def fetch(j, slot):
             k0 = pl.multiple_of((j0 + j) * BLOCK, BLOCK)
-            plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(k0, BLOCK)], x_smem.at[slot], bar.at[slot])
+            plgpu.copy_gmem_to_smem(x_ref.at[:, xg, pl.ds(k0, BLOCK)], x_smem.at[slot], bar.at[slot])
             for w_ref, is_mine, t in zip(w_refs, mine, local):
                 rows = pl.ds(pl.multiple_of(t * WEIGHT_ROWS, WEIGHT_ROWS), WEIGHT_ROWS)
                 pl.when(is_mine)(lambda w_ref=w_ref, rows=rows: plgpu.copy_gmem_to_smem(
-                    w_ref.at[rows, pl.ds(k0, BLOCK)], w_smem.at[slot], bar.at[slot]))
+                    w_ref.at[g, rows, pl.ds(k0, BLOCK)], w_smem.at[slot], bar.at[slot]))
 
         for s_ref, is_mine, t in zip(s_refs, mine, local):  # the tile's row of block scales (64 | 128 rows)
             pl.when(is_mine)(lambda s_ref=s_ref, t=t: plgpu.copy_gmem_to_smem(
-                s_ref.at[lax.div(t, jnp.int32(BLOCK // WEIGHT_ROWS))], ws_smem, ws_bar.at[0]))
+                s_ref.at[g, lax.div(t, jnp.int32(BLOCK // WEIGHT_ROWS))], ws_smem, ws_bar.at[0]))
         for s in range(stages):
             pl.when(s < steps)(lambda s=s: fetch(s, s))
         plgpu.barrier_wait(ws_bar.at[0])
@@ -193,18 +196,18 @@ def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
             return acc + part * scale
 
         acc = lax.fori_loop(0, steps, step, plgpu.layout_cast(jnp.zeros((WEIGHT_ROWS, mp), jnp.float32), wgmma))
-        o_ref[si, pl.ds(pl.multiple_of(ni * WEIGHT_ROWS, WEIGHT_ROWS), WEIGHT_ROWS), :] = acc
+        o_ref[si, g, pl.ds(pl.multiple_of(ni * WEIGHT_ROWS, WEIGHT_ROWS), WEIGHT_ROWS), :] = acc
 
     w_dtype = weights[0][0].dtype
     return plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((k_splits, sum(tiles) * WEIGHT_ROWS, mp), jnp.float32),
+        out_type=jax.ShapeDtypeStruct((k_splits, groups, sum(tiles) * WEIGHT_ROWS, mp), jnp.float32),
         scratch_types=[smem((stages, mp, BLOCK), x.dtype), smem((stages, WEIGHT_ROWS, BLOCK), w_dtype),
-                       plgpu.SMEM((weights[0][1].shape[1],), jnp.float32),
+                       plgpu.SMEM((weights[0][1].shape[2],), jnp.float32),
                        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                        plgpu.Barrier(num_arrivals=1, num_barriers=1),  # the scale row landed
                        *([smem((WEIGHT_ROWS, BLOCK), x.dtype)] if interpret else [])],
-        grid=(sum(tiles), k_splits),
-        grid_names=("n", "s"),
+        grid=(sum(tiles), k_splits, groups),
+        grid_names=("n", "s", "g"),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
     )(x, *[a for w, ws in weights for a in (w, ws)])

@@ -149,6 +149,23 @@ def test_mosaic_weight_only_matches_reference(m, n, k, splits):
     assert rel(out, ref) <= 1e-2, rel(out, ref)
 
 
+@pytest.mark.parametrize("shared_x", [False, True], ids=["x-per-group", "x-shared"])
+def test_mosaic_weight_only_grouped(shared_x):
+    """The Mosaic weight-only kernel on grouped weights [G, N, K] (MLA's per-head W_UV; a shared 2-D x for the
+    prefill's up-projection) against the float32 reference, in the Mosaic GPU interpreter: each group's x, weight
+    and block scales, odd token count, two K splits."""
+    from pallas_kernels.fp8_matmul_mgpu import MosaicBlockSizes
+
+    rng = np.random.default_rng(7 + shared_x)
+    g, n, k, m = 3, 128, 384, 13
+    w, s = quantize(rng.standard_normal((g, n, k)).astype(np.float32) * 3)
+    x = jnp.asarray(rng.standard_normal((m, k) if shared_x else (m, g, k)), jnp.bfloat16)
+    out = fp8_matmul(x, w, s, backend="mosaic", interpret=True, block_sizes=MosaicBlockSizes(stages=2, k_splits=2))
+    ref = fp8_matmul_reference(x, w, s)
+    assert out.shape == (m, g, n) and out.dtype == jnp.bfloat16
+    assert rel(out, ref) <= 1e-2, rel(out, ref)
+
+
 @pytest.mark.parametrize("n2,backend", [(192, "mosaic"), (192, "triton"), (100, None)])
 def test_fp8_matmuls_shared_x(n2, backend):
     """Several weights on one x (MLA's q_a and kv_a): one Mosaic weight-only launch when the kernel takes every
@@ -185,3 +202,6 @@ def test_mosaic_lowers_for_h100_at_r1_o_proj():
         text = export_for_h100(fn, S((m, 16384), jnp.bfloat16), S((7168, 16384), jnp.float8_e4m3fn),
                                S((56, 128), jnp.float32))
         assert "mosaic_gpu" in text
+    text = export_for_h100(fn, S((16, 128, 512), jnp.bfloat16), S((128, 128, 512), jnp.float8_e4m3fn),
+                           S((128, 1, 4), jnp.float32))  # W_UV per head at decode
+    assert "mosaic_gpu" in text
