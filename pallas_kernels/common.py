@@ -29,7 +29,8 @@ def resolve_interpret(interpret: bool | None) -> bool:
 # Triton one at every R1 projection at 704 tokens (o_proj 0.295 vs 0.520 ms, q_b 0.126 vs 0.166), so it is the
 # default for the FP8-activation path; its weight-only kernel (2-D weights) beat the Triton one at 16 tokens at R1's
 # o_proj (49 vs ~56 us) and q_a (9.3 vs 12.4), tied at q_b (20.2 vs 20.0) and lost at kv_a (9.1 vs 8.2; fp8_tune.py
-# --grid mosaic, 2026-11-26), so it is the default there too (grouped W_UK / W_UV stay on Triton).
+# --grid mosaic, 2026-11-26), so it is the default there too; per-head W_UV (HF rows) takes it as well (7.5 vs 9.3
+# us per call, 2026-11-26), W_UK (its contracted dim as rows) stays on Triton.
 # mla_decode's Mosaic kernel (scores once per tile, P shared between its two warpgroups) reads the cache at
 # 2.27 TB/s at B=64 L=4096 vs 0.76 for the Triton one (bench/kernels.py, b193faa), and is faster at the seed case
 # (14.8 vs 19.9 us of GPU kernel time).
@@ -39,8 +40,8 @@ def resolve_interpret(interpret: bool | None) -> bool:
 # request, 0.30 / 0.40 at 512, 0.32 / 0.49 at 1024, 2.0 / 3.1 at 16384, 0.37 / 0.37 at 128, 0.50 / 0.40 at 64;
 # MLA's D 192: 0.38 / 0.47 at 256, 0.38 / 0.59 at 1024, 0.68 / 1.15 at 4096).
 # A "mosaic" default sends only the calls a Mosaic kernel covers there (fp8_matmul: FP8 activations, and weight-only
-# calls on 2-D weights of <= 128 tokens; mla_decode: 16-bit caches, paged ones in pages of whole 64-row tiles;
-# sage_attention: 16-bit V).
+# calls on HF-layout weights, 2-D or per head, of <= 128 tokens; mla_decode: 16-bit caches, paged ones in pages of
+# whole 64-row tiles; sage_attention: 16-bit V).
 DEFAULT_BACKEND = {"sage_attention": "auto", "mla_decode": "mosaic", "fp8_matmul": "mosaic"}
 
 
