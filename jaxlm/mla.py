@@ -477,6 +477,15 @@ def _step_jit(params, cfg, x, cache, lengths, sizes, mode, impl):
     return _step(params, cfg, x, cache, lengths[0], lengths[1], sizes, mode, impl)
 
 
+def _cache_shape(cache: MLACache) -> tuple[int, int]:
+    """(slots, max_len) of a cache, or a clear error for a length `init_cache` would not allocate."""
+    slots, max_len = cache.kv_cache.shape[:2]
+    if max_len % CACHE_ALIGN:
+        raise ValueError(f"cache length {max_len} is not a multiple of {CACHE_ALIGN} (the kernels read whole "
+                         f"{CACHE_ALIGN}-position blocks): build the cache with mla.init_cache")
+    return slots, max_len
+
+
 def _check_options(mode: str, attention_impl: str | None) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -500,7 +509,7 @@ def forward(params: Params, cfg: MLAConfig, x: jax.Array, cache: MLACache, seq_l
         x = np.asarray(x)
     if x.ndim != 2 or x.shape[1] != cfg.hidden_size:
         raise ValueError(f"x must be [sum(seq_lens), {cfg.hidden_size}], got {tuple(x.shape)}")
-    slots, max_len = cache.kv_cache.shape[:2]
+    slots, max_len = _cache_shape(cache)
     num_tokens = x.shape[0]
     lengths, sizes = batching.plan(seq_lens, past_lens, num_tokens=num_tokens, num_slots=slots, max_len=max_len)
     x = batching.pad_rows(x, sizes.num_tokens)  # on the host when x is there: no extra device op per call
@@ -534,7 +543,7 @@ def decode_steps(params: Params, cfg: MLAConfig, xs: jax.Array, cache: MLACache,
     impl = _check_options(mode, attention_impl)
     xs = jnp.asarray(xs)
     steps, num_req = xs.shape[:2]
-    slots, max_len = cache.kv_cache.shape[:2]
+    slots, max_len = _cache_shape(cache)
     past = np.asarray(past_lens)
     batching.plan([steps] * num_req, past, num_tokens=steps * num_req, num_slots=slots, max_len=max_len)
     kv_len = min(batching.bucket(int(past.max()) + steps, 16), max_len)

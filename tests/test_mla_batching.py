@@ -207,6 +207,17 @@ def test_bad_lengths_raise_clear_errors(layer, seq, past, slots, max_len, msg):
         mla.forward(params, cfg, x, mla.init_cache(cfg, slots, max_len, jnp.float32), seq, past)
 
 
+def test_cache_not_from_init_cache_raises(layer):
+    """A cache whose length is not a whole number of the kernels' 64-position blocks gets a clear error."""
+    cfg, params = layer
+    cache = mla.init_cache(cfg, 2, 64, jnp.float32)
+    odd = mla.MLACache(cache.kv_cache[:, :50], cache.pe_cache[:, :50])
+    with pytest.raises(ValueError, match="not a multiple of 64.*init_cache"):
+        mla.forward(params, cfg, np.ones((2, cfg.hidden_size), np.float32), odd, [1, 1], [0, 0])
+    with pytest.raises(ValueError, match="not a multiple of 64.*init_cache"):
+        mla.decode_steps(params, cfg, np.ones((2, 2, cfg.hidden_size), np.float32), odd, [0, 0])
+
+
 def test_token_count_and_hidden_size_mismatch(layer):
     cfg, params = layer
     cache = mla.init_cache(cfg, 2, 16, jnp.float32)
