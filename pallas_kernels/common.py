@@ -78,6 +78,17 @@ def resolve_attention_impl(attention_impl: str | None) -> str:
     return attention_impl
 
 
+def as_parts(x) -> tuple:
+    """An operand given whole or as a tuple of parts along its last axis -> the tuple of its parts."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def concat_parts(x):
+    """An operand given whole or in parts -> the whole array (a concatenation for parts)."""
+    parts = as_parts(x)
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
 def quantize_rows_int8(x, eps: float = 1e-8):
     """int8 x (last axis) with one float32 scale per row: absmax / 127 (floored at eps / 127), rounded half up.
     Plain jnp: used by XLA-side passes and inside Triton kernels alike."""

@@ -66,9 +66,7 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, max_len: int, scale_l
     half = lat // 2
     head_blocks = hp // HEADS
     wgmma = plgpu.Layout.WGMMA
-    page_size = kv_cache.shape[1]
-    if block_table is not None and page_size % bk:
-        raise ValueError(f"mla_decode (mosaic): pages of {page_size} rows hold no whole number of {bk}-row tiles")
+    page_size = kv_cache.shape[1]  # paged: a multiple of bk (mla_decode's _mosaic_unsupported sees to it)
 
     def body(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, *refs):
         *bt_ref, o_ref, lse_ref = refs

@@ -29,8 +29,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import sage_attention_mgpu
-from pallas_kernels.common import (cdiv, next_pow2, pad_to, pow2_chunks, quantize_parts_int8, resolve_backend,
-                                   resolve_interpret, segment_of, segments)
+from pallas_kernels.common import (as_parts, cdiv, concat_parts, next_pow2, pad_to, pow2_chunks, quantize_parts_int8,
+                                   resolve_backend, resolve_interpret, segment_of, segments)
 from pallas_kernels.sage_attention_mgpu import MosaicBlockSizes
 
 LOG2E = math.log2(math.e)
@@ -141,17 +141,6 @@ def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, qs_ref, ks_ref, *refs,
     pltriton.store(lse_ref.at[pl.ds(q0, block_q), head], lse, mask=row_ok)
 
 
-def _parts(x) -> tuple:
-    """An operand given whole or as a tuple of parts along its last axis -> the tuple of its parts."""
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def _whole(x):
-    """An operand given whole or in parts -> the whole array (a concatenation for parts)."""
-    parts = _parts(x)
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
-
-
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "smooth_k", "return_lse", "block_sizes",
                                              "backend", "interpret"))
 def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, sm_scale: float | None = None,
@@ -169,7 +158,7 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     Mosaic for long requests); None: the backend block_sizes belong to, else common.DEFAULT_BACKEND ("auto") for
     compiled calls and "triton" in interpret mode;
     block_sizes: BlockSizes for the first, MosaicBlockSizes for the second (None: the backend's defaults)."""
-    qp, kp = _parts(q), _parts(k)
+    qp, kp = as_parts(q), as_parts(k)
     tq, hq = qp[0].shape[:2]
     tk, hk = kp[0].shape[:2]
     widths = [x.shape[2] for x in qp]
@@ -272,7 +261,7 @@ def sage_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: boo
     """Exact attention in float32 over the packed layout (dense [Tq, Tk] mask), bottom-right causal per request.
     q / k whole or in parts, as for sage_attention."""
     f32 = jnp.float32
-    q, k = _whole(q), _whole(k)
+    q, k = concat_parts(q), concat_parts(k)
     tq, hq, dqk = q.shape
     tk, hk, _ = k.shape
     sm_scale = dqk**-0.5 if sm_scale is None else sm_scale

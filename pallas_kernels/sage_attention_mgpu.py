@@ -45,8 +45,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import (cdiv, next_pow2, online_softmax_step, pad_to, pow2_chunks,
-                                   segment_of, segments, smem)
+from pallas_kernels.common import (as_parts, cdiv, concat_parts, next_pow2, online_softmax_step, pad_to,
+                                   pow2_chunks, segment_of, segments, smem)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +147,8 @@ def key_tiles(k, cu, block: int, *, width: int, shift=None, eps: float = 1e-8, i
     head (the tile's absmax, as SageAttention quantises K per block), rows staying where they are. Returns
     (y [T + block, H, width] int8, scale [H, T + block] float32: each row holds its tile's scale; the `block` rows
     past T are headroom that no row of a request occupies)."""
-    ks = tuple(k) if isinstance(k, (tuple, list)) else (k,)
-    shifts = () if shift is None else tuple(shift) if isinstance(shift, (tuple, list)) else (shift,)
+    ks = as_parts(k)
+    shifts = () if shift is None else as_parts(shift)
     t_rows, heads, _ = ks[0].shape
     widths = [x.shape[2] for x in ks]
     d = sum(widths)
@@ -180,8 +180,7 @@ def key_tiles(k, cu, block: int, *, width: int, shift=None, eps: float = 1e-8, i
 def key_tiles_reference(k, cu, block: int, *, width: int, shift=None, eps: float = 1e-8):
     """key_tiles in plain jnp, on the request rows [T, H, width] / [H, T] (the headroom rows are left out); parts of
     k / shift are concatenated."""
-    whole = lambda x: jnp.concatenate(x, axis=-1) if isinstance(x, (tuple, list)) else x  # noqa: E731
-    k, shift = whole(k), None if shift is None else whole(shift)
+    k, shift = concat_parts(k), None if shift is None else concat_parts(shift)
     t_rows = k.shape[0]
     seg, off = segments(cu, t_rows)
     lead, _, _, _ = key_tile_plan(cu, t_rows, block)
@@ -224,7 +223,7 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
     bs = block_sizes
     bq, bk, stages, wgs = bs.block_q, bs.block_k, bs.stages, bs.compute_wgs
     rows_per_blk = bs.program_rows
-    q_parts = tuple(q) if isinstance(q, (tuple, list)) else (q,)
+    q_parts = as_parts(q)
     tq, hq = q_parts[0].shape[:2]
     dqk = sum(x.shape[2] for x in q_parts)
     vdt = v.dtype
@@ -245,7 +244,7 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
     q_src = [next(((i, o - s0) for i, s0 in enumerate(starts) if s0 <= o and o + w <= s0 + q_parts[i].shape[2]),
                   None) for o, w in chunks]
     if d != dqk or None in q_src:
-        q_parts = (pad_to(jnp.concatenate(q_parts, axis=-1) if len(q_parts) > 1 else q_parts[0], 2, d),)
+        q_parts = (pad_to(concat_parts(q_parts), 2, d),)
         q_src = [(0, o) for o, _ in chunks]
     # 16-bit rows; the interpreter's TMA needs headroom past the last row
     q_parts = tuple(jnp.pad(x.astype(vdt), ((0, rows_per_blk), (0, 0), (0, 0))) if interpret else x.astype(vdt)
