@@ -211,7 +211,8 @@ def _mosaic_weight_only(x, weights, *, block_sizes, interpret):
     """The Mosaic weight-only kernel for x and one or more weights ((w, scale), ...) inside
     `_mosaic_weight_only_applies`, in one launch: tokens padded to a multiple of 8; K split into the largest power
     of two that keeps the programs within two per SM and >= 4 K steps each (the best or near it at R1's four
-    projections, `bench/fp8_tune.py --grid mosaic`); partial sums added and transposed here. Returns each weight's
+    projections, `bench/fp8_tune.py --grid mosaic`); partial sums added and transposed here (one split: the kernel
+    writes the product itself). Returns each weight's
     product [M, N_i] ([M, G, N_i] for grouped weights)."""
     grouped = weights[0][0].ndim == 3
     if not grouped:
@@ -222,9 +223,10 @@ def _mosaic_weight_only(x, weights, *, block_sizes, interpret):
     programs = sum(w.shape[1] for w, _ in weights) // fp8_matmul_mgpu.WEIGHT_ROWS * weights[0][0].shape[0]
     fit = min(2 * H100_SMS // programs, k_steps // 4)
     splits = block_sizes.k_splits or 1 << max(fit, 1).bit_length() - 1
-    parts = fp8_matmul_mgpu.weight_only(pad_to(x3, 0, cdiv(m, 8) * 8), [(w, _scale_rows(s)) for w, s in weights],
-                                        k_splits=min(splits, k_steps), stages=block_sizes.stages, interpret=interpret)
-    y = parts.sum(0).transpose(2, 0, 1)[:m].astype(x.dtype)  # [M, G, sum N_i]
+    splits = min(splits, k_steps)
+    out = fp8_matmul_mgpu.weight_only(pad_to(x3, 0, cdiv(m, 8) * 8), [(w, _scale_rows(s)) for w, s in weights],
+                                      k_splits=splits, stages=block_sizes.stages, interpret=interpret)
+    y = (out if splits == 1 else out.sum(0).transpose(2, 0, 1).astype(x.dtype))[:m]  # [M, G, sum N_i]
     ends = list(itertools.accumulate(w.shape[1] for w, _ in weights))
     return [y[..., e - w.shape[1]:e] if grouped else y[:, 0, e - w.shape[1]:e] for (w, _), e in zip(weights, ends)]
 

@@ -149,18 +149,20 @@ def test_mosaic_weight_only_matches_reference(m, n, k, splits):
     assert rel(out, ref) <= 1e-2, rel(out, ref)
 
 
-@pytest.mark.parametrize("shared_x", [False, True], ids=["x-per-group", "x-shared"])
-def test_mosaic_weight_only_grouped(shared_x):
+@pytest.mark.parametrize("shared_x,splits", [(False, 2), (True, 2), (False, 1)],
+                         ids=["x-per-group", "x-shared", "one-split"])
+def test_mosaic_weight_only_grouped(shared_x, splits):
     """The Mosaic weight-only kernel on grouped weights [G, N, K] (MLA's per-head W_UV; a shared 2-D x for the
     prefill's up-projection) against the float32 reference, in the Mosaic GPU interpreter: each group's x, weight
-    and block scales, odd token count, two K splits."""
+    and block scales, odd token count, two K splits (partial sums) or one (the kernel's transposed store)."""
     from pallas_kernels.fp8_matmul_mgpu import MosaicBlockSizes
 
     rng = np.random.default_rng(7 + shared_x)
     g, n, k, m = 3, 128, 384, 13
     w, s = quantize(rng.standard_normal((g, n, k)).astype(np.float32) * 3)
     x = jnp.asarray(rng.standard_normal((m, k) if shared_x else (m, g, k)), jnp.bfloat16)
-    out = fp8_matmul(x, w, s, backend="mosaic", interpret=True, block_sizes=MosaicBlockSizes(stages=2, k_splits=2))
+    out = fp8_matmul(x, w, s, backend="mosaic", interpret=True,
+                     block_sizes=MosaicBlockSizes(stages=2, k_splits=splits))
     ref = fp8_matmul_reference(x, w, s)
     assert out.shape == (m, g, n) and out.dtype == jnp.bfloat16
     assert rel(out, ref) <= 1e-2, rel(out, ref)
