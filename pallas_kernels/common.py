@@ -35,10 +35,14 @@ def resolve_interpret(interpret: bool | None) -> bool:
 # 2.27 TB/s at B=64 L=4096 vs 0.76 for the Triton one (bench/kernels.py, b193faa), and is faster at the seed case
 # (14.8 vs 19.9 us of GPU kernel time).
 # sage_attention ("auto": by request length, sage_attention.auto_backend): its Mosaic kernel wins from 256 tokens per
-# request and loses below 128, where its 128-row programs are mostly padding (16k packed tokens in equal requests,
-# 16 heads, causal, Q quantised in the kernel, 2026-11-26: D 128 Mosaic / Triton ms 0.31 / 0.37 at 256 tokens per
-# request, 0.30 / 0.40 at 512, 0.32 / 0.49 at 1024, 2.0 / 3.1 at 16384, 0.37 / 0.37 at 128, 0.50 / 0.40 at 64;
-# MLA's D 192: 0.38 / 0.47 at 256, 0.38 / 0.59 at 1024, 0.68 / 1.15 at 4096).
+# request, ties at 128 and loses below, where its 128-row programs are mostly padding (16k packed tokens in equal
+# requests, 16 heads, causal, Q quantised in the kernel, 2026-11-26: D 128 Mosaic / Triton ms 0.31 / 0.37 at 256
+# tokens per request, 0.30 / 0.40 at 512, 0.32 / 0.49 at 1024, 2.0 / 3.1 at 16384, 0.37 / 0.37 at 128, 0.50 / 0.40
+# at 64; MLA's D 192: 0.38 / 0.47 at 256, 0.38 / 0.59 at 1024, 0.68 / 1.15 at 4096). GPU time with the passes
+# around the kernels, Mosaic / Triton (2026-11-26, eleventh session): MLA's 128 heads, D 192 / 128 as parts: the
+# seed's prefill (64 / 128 / 256 / 256 new tokens on 512 / 0 / 0 / 256 cached) 0.70x, 4 x 128 on 512 cached 0.70x,
+# 8 x 128 0.91x, 16 x 64 1.23x, 32 x 32 1.71x; D 128, 16 heads: 128 x 128 1.00x, 32 x 128 1.02x, 64 x 256 0.84x,
+# 16 x 128 on 512 cached 0.67x; so the crossover is 128 tokens per request.
 # A "mosaic" default sends only the calls a Mosaic kernel covers there (fp8_matmul: FP8 activations, and weight-only
 # calls on HF-layout weights, 2-D or per head, of <= 128 tokens; mla_decode: 16-bit caches, paged ones in pages of
 # whole 64-row tiles; sage_attention: 16-bit V).

@@ -53,7 +53,7 @@ class BlockSizes:
 # backend="auto" takes the Mosaic kernel from this mean request length on, for head dims up to MOSAIC_MAX_DQK (the
 # crossover measured on an H100 with 16k packed tokens, 16 heads, causal, at D 64, 128 and MLA's 192: ties at 128
 # tokens, Mosaic ahead from 256; common.DEFAULT_BACKEND's notes and bench/RESULTS.md)
-MOSAIC_MIN_TOKENS = 256
+MOSAIC_MIN_TOKENS = 128  # mean tokens per request from which the Mosaic kernel is no slower (common.py's notes)
 MOSAIC_MAX_DQK = 256
 
 

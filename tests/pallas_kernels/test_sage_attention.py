@@ -253,7 +253,8 @@ def test_auto_backend_picks_by_request_length():
     assert auto_backend(16 * n - 1, 16 * n, 16, 128, 128, bf) == "triton"  # one row short of the mean
     assert auto_backend(16 * n, 16 * n - 1, 16, 192, 128, bf) == "triton"  # keys count too
     assert auto_backend(16 * n, 16 * n, 16, 192, 128, bf) == "mosaic"  # MLA's head dims
-    assert auto_backend(16 * 176, 16 * 176, 16, 192, 128, bf) == "triton"  # the MLA seed's prefill: 176 per request
+    assert auto_backend(4 * 176, 4 * 368, 4, 192, 128, bf) == "mosaic"  # the MLA seed's prefill: 176 per request
+    assert auto_backend(16 * 64, 16 * 64, 16, 192, 128, bf) == "triton"  # 64 per request: Triton measured faster
     assert auto_backend(16384, 16384, 1, 2 * MOSAIC_MAX_DQK, 128, bf) == "triton"  # head dim past the rule
     assert auto_backend(16384, 16384, 1, 128, 128, jnp.float32) == "triton"  # the Mosaic P.V is 16-bit
     assert resolve_backend("sage_attention", None) == "auto"
