@@ -426,12 +426,14 @@ def _attend_prefill_kernel(params, cfg, q_nope, q_pe, cache, seq_lens, past_lens
     kv = cache.latent((k_slot, k_pos), q_nope.dtype)  # [Tk, L]; rows past cu_k[-1] are never read
     pe = cache.pe_cache[k_slot, k_pos].astype(q_nope.dtype)  # [Tk, R]
     k_nope, v = _up_project(kv, params, "pallas")
-    # Q = [q_nope | q_pe] and K = [k_nope | pe] (pe shared by every head) go in as parts: no concatenated copies
-    k = (k_nope, jnp.broadcast_to(pe[:, None, :], (pe.shape[0], cfg.num_heads, pe.shape[1])))
+    # Q = [q_nope | q_pe] and K = [k_nope | pe] go in as parts, pe as one head that every head shares: no
+    # concatenated or broadcast copies
+    k = (k_nope, pe[:, None, :])
     q = (q_nope, q_pe.astype(q_nope.dtype))
     heads = P(None, TP, None)
     attend = sharding.per_device(functools.partial(pallas_kernels.sage_attention, causal=True,
-                                                   sm_scale=cfg.softmax_scale), (heads, heads, heads, P(), P()), heads)
+                                                   sm_scale=cfg.softmax_scale),
+                                 (heads, (heads, P()), heads, P(), P()), heads)  # pe: every device's heads share it
     o = attend(q, k, v, cu_q, cu_k)
     rows = jnp.arange(q_nope.shape[0]) < cu_q[-1]
     return jnp.where(rows[:, None, None], o, 0)  # padding tokens: rows no request owns

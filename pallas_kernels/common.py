@@ -88,9 +88,13 @@ def as_parts(x) -> tuple:
 
 
 def concat_parts(x):
-    """An operand given whole or in parts -> the whole array (a concatenation for parts)."""
+    """An operand given whole or in parts -> the whole array (a concatenation for parts; a part with one head, shared
+    by every head like MLA's rope key, broadcast over the others' head axis, the second to last)."""
     parts = as_parts(x)
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+    if len(parts) == 1:
+        return parts[0]
+    heads = max(p.shape[-2] for p in parts)
+    return jnp.concatenate([jnp.broadcast_to(p, (*p.shape[:-2], heads, p.shape[-1])) for p in parts], axis=-1)
 
 
 def quantize_rows_int8(x, eps: float = 1e-8):

@@ -153,19 +153,21 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
 
     q and k may each be a tuple of parts along the head dim (the same widths for both), standing for their
     concatenation: MLA's (q_nope, q_pe) and (k_nope, k_pe) go in without a concatenated copy (each kernel reads a
-    chunk of the head dim from the part that holds it).
+    chunk of the head dim from the part that holds it). A k part may have one head, shared by every K head (MLA's
+    rope key k_pe [Tk, 1, R]): the Mosaic path reads it once per head where it is; the Triton path broadcasts it.
     backend: "triton", "mosaic" (Hopper wgmma kernel, sage_attention_mgpu.py; 16-bit V) or "auto" (`auto_backend`:
     Mosaic for long requests); None: the backend block_sizes belong to, else common.DEFAULT_BACKEND ("auto") for
     compiled calls and "triton" in interpret mode;
     block_sizes: BlockSizes for the first, MosaicBlockSizes for the second (None: the backend's defaults)."""
     qp, kp = as_parts(q), as_parts(k)
     tq, hq = qp[0].shape[:2]
-    tk, hk = kp[0].shape[:2]
+    tk, hk = kp[0].shape[0], max(x.shape[1] for x in kp)
     widths = [x.shape[2] for x in qp]
-    if (any(x.shape[:2] != (tq, hq) for x in qp) or any(x.shape[:2] != (tk, hk) for x in kp)
+    if (any(x.shape[:2] != (tq, hq) for x in qp) or any(x.shape[0] != tk or x.shape[1] not in (1, hk) for x in kp)
             or [x.shape[2] for x in kp] != widths or v.shape[:2] != (tk, hk) or hq % hk):
         raise ValueError(f"sage_attention: q {[x.shape for x in qp]}, k {[x.shape for x in kp]}, v {v.shape} do not "
-                         "fit (q and k parts of equal widths, k and v of equal length and heads, Hq % Hk == 0)")
+                         "fit (q and k parts of equal widths, k and v of equal length and heads, a k part of one "
+                         "head shared by all, Hq % Hk == 0)")
     dqk = sum(widths)
     interp = resolve_interpret(interpret)
     cu_q = jnp.asarray(cu_seqlens_q, jnp.int32)
@@ -199,6 +201,7 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
                                                 group=hq // hk, causal=causal, block_sizes=bs, eps=EPS,
                                                 interpret=interp)
     else:
+        kp = [jnp.broadcast_to(x, (tk, hk, x.shape[2])) for x in kp]  # a shared part: one copy per head here
         if means is not None:
             kp = [x.astype(jnp.float32) - m[seg_k] for x, m in zip(kp, means)]
         # one scale per (token, head): the Pallas stand-in for SageAttention-2's per-thread scales (finer than its
@@ -218,8 +221,9 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
         return o
     if means is not None:  # undo the smoothing's per-row shift: lse(q.k) = lse(q.(k - mean)) + scale * q.mean
         seg_q, _ = segments(cu_q, tq)
-        lse = lse + sm_scale * sum(jnp.einsum("thd,thd->th", x.astype(jnp.float32),
-                                              jnp.repeat(m, hq // hk, axis=1)[seg_q]) for x, m in zip(qp, means))
+        heads = lambda m: jnp.repeat(jnp.broadcast_to(m, (m.shape[0], hk, m.shape[2])), hq // hk, axis=1)  # noqa: E731
+        lse = lse + sm_scale * sum(jnp.einsum("thd,thd->th", x.astype(jnp.float32), heads(m)[seg_q])
+                                   for x, m in zip(qp, means))
     return o, lse
 
 

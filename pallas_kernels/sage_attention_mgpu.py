@@ -120,6 +120,7 @@ def _key_tiles_kernel(tile_req_ref, tile_idx_ref, cu_ref, *refs, block, chunks, 
     x_refs, refs = refs[:n_parts], refs[n_parts:]
     mean_refs, (y_ref, s_ref) = (refs[:n_parts], refs[n_parts:]) if shift else (None, refs)
     h = pl.program_id(1)
+    head = [jnp.int32(0) if x.shape[1] == 1 else h for x in x_refs]  # a one-head part is every head's
     req, ti = tile_req_ref[0], tile_idx_ref[0]
     start, end = cu_ref[req], cu_ref[req + 1]
     r0 = start - lax.rem(start, jnp.int32(KEY_ALIGN)) + ti * block
@@ -127,10 +128,10 @@ def _key_tiles_kernel(tile_req_ref, tile_idx_ref, cu_ref, *refs, block, chunks, 
     ok = (rows >= start) & (rows < end)
     parts = []
     for part, c0, w, _ in chunks:
-        x = pltriton.load(x_refs[part].at[pl.ds(r0, block), h, pl.ds(c0, w)], mask=ok[:, None], other=0).astype(
-            jnp.float32)
+        x = pltriton.load(x_refs[part].at[pl.ds(r0, block), head[part], pl.ds(c0, w)], mask=ok[:, None],
+                          other=0).astype(jnp.float32)
         if shift:
-            x = jnp.where(ok[:, None], x - mean_refs[part][req, h, pl.ds(c0, w)][None, :], 0.0)
+            x = jnp.where(ok[:, None], x - mean_refs[part][req, head[part], pl.ds(c0, w)][None, :], 0.0)
         parts.append(x)
     parts, scale = _quantize_tile(parts, eps)
     pltriton.store(s_ref.at[h, pl.ds(r0, block)], scale, mask=ok)
@@ -142,14 +143,15 @@ def _key_tiles_kernel(tile_req_ref, tile_idx_ref, cu_ref, *refs, block, chunks, 
 
 
 def key_tiles(k, cu, block: int, *, width: int, shift=None, eps: float = 1e-8, interpret: bool = False):
-    """K's pass: k [T, H, D] (or a tuple of parts [T, H, D_i] along D, read as they are) smoothed (minus `shift`
-    [B, H, D], its per-request mean, or its parts, when given) and quantised to int8 per tile of `key_tile_plan` and
+    """K's pass: k [T, H, D] (or a tuple of parts [T, H or 1, D_i] along D, read as they are; a one-head part is
+    shared by every head) smoothed (minus `shift` [B, H, D], its per-request mean, or its parts [B, H or 1, D_i],
+    when given) and quantised to int8 per tile of `key_tile_plan` and
     head (the tile's absmax, as SageAttention quantises K per block), rows staying where they are. Returns
     (y [T + block, H, width] int8, scale [H, T + block] float32: each row holds its tile's scale; the `block` rows
     past T are headroom that no row of a request occupies)."""
     ks = as_parts(k)
     shifts = () if shift is None else as_parts(shift)
-    t_rows, heads, _ = ks[0].shape
+    t_rows, heads = ks[0].shape[0], max(x.shape[1] for x in ks)
     widths = [x.shape[2] for x in ks]
     d = sum(widths)
     _, tile_req, tile_idx, n = key_tile_plan(cu, t_rows, block)

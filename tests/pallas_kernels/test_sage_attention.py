@@ -85,19 +85,24 @@ def test_non_causal_and_rows_without_keys():
 
 @pytest.mark.parametrize("backend,bs", [("triton", SMALL), ("mosaic", MosaicBlockSizes())])
 def test_parts_equal_their_concatenation(backend, bs):
-    """Q and K given as parts along the head dim (MLA's [nope | pe], the pe part one row broadcast over heads) give
-    what their concatenation gives: the same scales, means and int8 values, so the same output and LSE; parts of
-    unequal widths are an error that names the shapes."""
+    """Q and K given as parts along the head dim (MLA's [nope | pe], the pe part one row shared by every head: given
+    broadcast, or as one head) give what their concatenation gives: the same scales, means and int8 values, so the
+    same output and LSE; parts of unequal widths, or of another head count than 1 or K's, are errors that name the
+    shapes."""
     rng = np.random.default_rng(11)
     lq, lk = [9, 0, 20], [30, 0, 20]
     q, k, v, cq, ck = make(rng, lq, lk, 4, 4, 192, 128, jnp.bfloat16, k_offset=3.0)
     pe = k[:, :1, 128:]  # one rope row shared by every head, as MLA's k_pe
     k = jnp.concatenate([k[..., :128], jnp.broadcast_to(pe, (k.shape[0], 4, 64))], axis=-1)
-    run = functools.partial(sage_attention, return_lse=True, backend="mosaic", block_sizes=MOSAIC, interpret=True)
+    run = functools.partial(sage_attention, return_lse=True, backend=backend, block_sizes=bs, interpret=True)
     want, want_lse = run(q, k, v, cq, ck)
-    got, lse = run((q[..., :128], q[..., 128:]), (k[..., :128], jnp.broadcast_to(pe, (k.shape[0], 4, 64))), v, cq, ck)
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-6, atol=1e-5)
+    q_parts = (q[..., :128], q[..., 128:])
+    for k_parts in ((k[..., :128], jnp.broadcast_to(pe, (k.shape[0], 4, 64))), (k[..., :128], pe)):
+        got, lse = run(q_parts, k_parts, v, cq, ck)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+        np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="one head shared by all"):
+        sage_attention(q_parts, (k[..., :128], k[:, :2, 128:]), v, cq, ck, interpret=True)
     ref = sage_attention_reference((q[..., :128], q[..., 128:]), (k[..., :128], k[..., 128:]), v, cq, ck)
     assert metrics(got, ref)[0] >= 0.999
     with pytest.raises(ValueError, match="parts of equal widths"):
@@ -183,9 +188,10 @@ def test_mosaic_lowers_for_h100(d, dv):
     if d == 192:  # MLA's parts, each 64-column chunk TMA-read from its own part
         parts = lambda t, h: (S((t, h, 128), bf), S((t, h, 64), bf))  # noqa: E731
         fn = lambda q, k, v, cq, ck: sage_attention(q, k, v, cq, ck, backend="mosaic", interpret=False)  # noqa: E731
-        text = export_for_h100(fn, parts(704, 16), parts(1472, 8), S((1472, 8, dv), bf), S((5,), jnp.int32),
-                               S((5,), jnp.int32))
-        assert "mosaic_gpu" in text
+        for k_parts in (parts(1472, 8), (S((1472, 8, 128), bf), S((1472, 1, 64), bf))):  # pe: per head or shared
+            text = export_for_h100(fn, parts(704, 16), k_parts, S((1472, 8, dv), bf), S((5,), jnp.int32),
+                                   S((5,), jnp.int32))
+            assert "mosaic_gpu" in text
 
 
 def test_rows_past_the_last_request():
@@ -208,13 +214,16 @@ def test_rows_past_the_last_request():
 LENS = [0, 1, 7, 300, 0, 65]  # zero-length, 1-row and odd requests, one longer than a tile, unaligned starts
 
 
-@pytest.mark.parametrize("block,d,width,shift,split", [(64, 40, 64, True, None), (128, 192, 192, False, None),
-                                                       (128, 192, 192, True, 128)])
-def test_key_tiles_match_reference(block, d, width, shift, split):
+@pytest.mark.parametrize("block,d,width,shift,split,shared", [(64, 40, 64, True, None, False),
+                                                              (128, 192, 192, False, None, False),
+                                                              (128, 192, 192, True, 128, False),
+                                                              (128, 192, 192, True, 128, True)])
+def test_key_tiles_match_reference(block, d, width, shift, split, shared):
     """The Mosaic path's K pass (smoothed, int8 per key tile, rows in place, each request's tiles starting at its
     first row rounded down to 8) equals its jnp reference exactly on the request rows; every row's scale is its own
     request's tile's, and a tile's rows dequantise back to K minus its mean. `split`: K and its mean given as two
-    parts along D (MLA's [nope | pe]), read where they are."""
+    parts along D (MLA's [nope | pe]), read where they are; `shared`: the second part the same for every head and
+    given as one head (MLA's k_pe)."""
     from pallas_kernels.sage_attention_mgpu import KEY_ALIGN, key_tile_plan, key_tiles, key_tiles_reference
 
     rng = np.random.default_rng(block + d)
@@ -222,7 +231,11 @@ def test_key_tiles_match_reference(block, d, width, shift, split):
     t = sum(LENS)
     k = jnp.asarray(rng.standard_normal((t, 3, d)) * 4 + 2, jnp.bfloat16)
     mean = jnp.asarray(rng.standard_normal((len(LENS), 3, d)), jnp.float32) if shift else None
-    cut = (lambda x: (x[..., :split], x[..., split:])) if split else (lambda x: x)  # noqa: E731
+    if shared:  # columns split.. equal in every head
+        k = k.at[:, :, split:].set(jnp.broadcast_to(k[:, :1, split:], k[:, :, split:].shape))
+        mean = mean.at[:, :, split:].set(jnp.broadcast_to(mean[:, :1, split:], mean[:, :, split:].shape))
+    one = (lambda x: x[:, :1]) if shared else (lambda x: x)  # noqa: E731
+    cut = (lambda x: (x[..., :split], one(x[..., split:]))) if split else (lambda x: x)  # noqa: E731
     y, scale = key_tiles(cut(k), cu, block, width=width, shift=None if mean is None else cut(mean), interpret=True)
     y_ref, scale_ref = key_tiles_reference(k, cu, block, width=width, shift=mean)
     assert y.shape == (t + block, 3, width) and scale.shape == (3, t + block)
