@@ -24,6 +24,7 @@ VARIANTS = {  # name -> XLA_FLAGS added to the environment's
     "no_graphs": "--xla_gpu_enable_command_buffer=",  # every thunk launched one by one
     "while": "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",  # scan loops captured whole
     "while_min1": "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1",
+    "custom_calls": "--xla_gpu_enable_command_buffer=+CUSTOM_CALL",  # the Pallas kernels' custom calls captured too
 }
 STEPS = 20
 PER_CALL = ("wall_ms", "busy_ms", "span_ms", "kernels", "idle_in_call_ms")  # divided by STEPS for decode

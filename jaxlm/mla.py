@@ -278,7 +278,10 @@ def _linear(x, params, name, spec, impl, heads: int | None = None):
 
 def _linears_of_x(x, params, names_specs, impl):
     """x [T, D] through several weights that all take it ((name, einsum spec), ...): with FP8 weights on the Pallas
-    path one fp8_matmuls call (a single weight-only launch at decode sizes), else `_linear` each."""
+    path one fp8_matmuls call (a single weight-only launch at decode sizes), else `_linear` each. XLA's dot merger
+    would run those GEMMs as one on the weights concatenated anew at every call (a copy of both: 19 us at the seed
+    prefill on an H100, more than the launch it saves), so each GEMM after the first gets x through an optimization
+    barrier."""
     ws = [params[name] for name, _ in names_specs]
     if (impl == "pallas" and all(isinstance(w, Fp8Weight) and w.block == ws[0].block for w in ws)
             and not any(name in FP8_ACTIVATIONS for name, _ in names_specs)):
@@ -286,7 +289,8 @@ def _linears_of_x(x, params, names_specs, impl):
                                         activations="bf16")
         return [y if params.get(name + "_bias") is None else y + params[name + "_bias"]
                 for y, (name, _) in zip(ys, names_specs)]
-    return [_linear(x, params, name, spec, impl) for name, spec in names_specs]
+    return [_linear(x if i == 0 else jax.lax.optimization_barrier(x), params, name, spec, impl)
+            for i, (name, spec) in enumerate(names_specs)]
 
 
 def _absorb_uk(q_nope, params, impl):
@@ -322,12 +326,12 @@ def _up_project(kv, params, impl):
 def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array, impl: str):
     """x [T, D] -> q_nope [T, N, P], q_pe [T, N, R] (roped), latent [T, L] (normed), k_pe [T, R] (roped)."""
     n = cfg.num_heads
+    first = ("q_proj", "td,dnh->tnh") if cfg.q_lora_rank is None else ("q_a_proj", "td,dq->tq")
+    qa, ckv = _linears_of_x(x, params, [first, ("kv_a_proj_with_mqa", "td,de->te")], impl)  # one FP8 launch
     if cfg.q_lora_rank is None:
-        q = _linear(x, params, "q_proj", "td,dnh->tnh", impl, heads=n)
-        ckv = _linear(x, params, "kv_a_proj_with_mqa", "td,de->te", impl)
-    else:  # q_a and kv_a both take x: one FP8 launch
-        ca, ckv = _linears_of_x(x, params, [("q_a_proj", "td,dq->tq"), ("kv_a_proj_with_mqa", "td,de->te")], impl)
-        q = _linear(rms_norm(ca, params["q_a_layernorm"], cfg.norm_eps), params, "q_b_proj", "tq,qnh->tnh", impl,
+        q = qa.reshape(qa.shape[0], n, -1)
+    else:
+        q = _linear(rms_norm(qa, params["q_a_layernorm"], cfg.norm_eps), params, "q_b_proj", "tq,qnh->tnh", impl,
                     heads=n)
     q_nope, q_pe = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
     latent = rms_norm(ckv[:, : cfg.kv_lora_rank], params["kv_a_layernorm"], cfg.norm_eps)

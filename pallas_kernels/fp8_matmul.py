@@ -378,5 +378,8 @@ def fp8_matmuls(x, weights, scales, *, block: int = 128, activations: str = "aut
                               == "mosaic_weight_only" for w in weights):
         return tuple(_mosaic_weight_only(x, list(zip(weights, scales)),
                                          block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp))
-    return tuple(fp8_matmul(x, w, sc, block=block, activations=activations, block_sizes=block_sizes, backend=backend,
-                            interpret=interpret) for w, sc in zip(weights, scales))
+    # one call each; XLA's dot merger would run dequantised-path GEMMs as one, on the widened weights concatenated
+    # anew at every call (a copy of them all), so each call after the first gets x through an optimization barrier
+    return tuple(fp8_matmul(x if i == 0 else jax.lax.optimization_barrier(x), w, sc, block=block,
+                            activations=activations, block_sizes=block_sizes, backend=backend, interpret=interpret)
+                 for i, (w, sc) in enumerate(zip(weights, scales)))
