@@ -172,6 +172,8 @@ def key_tiles(k, cu, block: int, *, width: int, shift=None, eps: float = 1e-8, i
         + [_full(a) for a in ins[2:]],
         out_specs=[_full(o) for o in out_shape],
         out_shape=out_shape,
+        # 8 warps, tiles outermost: measured best at the MLA seed prefill's K on an H100 (66 us; 4 / 16 warps 75 / 69,
+        # heads outermost 72)
         compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1),
         interpret=interpret,
         name="key_tiles",
