@@ -51,9 +51,9 @@ class BlockSizes:
 
 
 # backend="auto" takes the Mosaic kernel from this mean request length on, for head dims up to MOSAIC_MAX_DQK (the
-# crossover measured on an H100 with 16k packed tokens, 16 heads, causal, at D 64, 128 and MLA's 192: ties at 128
-# tokens, Mosaic ahead from 256; common.DEFAULT_BACKEND's notes and bench/RESULTS.md)
-MOSAIC_MIN_TOKENS = 128  # mean tokens per request from which the Mosaic kernel is no slower (common.py's notes)
+# crossover measured on an H100 at D 64, 128 and MLA's 192, 16 and 128 heads, causal: ties at 128 tokens, Mosaic
+# ahead from 256 and with cached histories, Triton ahead at 64; common.DEFAULT_BACKEND's notes, bench/RESULTS.md)
+MOSAIC_MIN_TOKENS = 128
 MOSAIC_MAX_DQK = 256
 
 
