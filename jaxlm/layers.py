@@ -83,10 +83,13 @@ def rope_frequencies(
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, attention_factor: float, dtype) -> tuple:
-    """cos, sin of shape [..., 2 * len(inv_freq)] for integer `positions`, in `dtype` (HF's half-split layout)."""
+    """cos, sin of shape [..., 2 * len(inv_freq)] for integer `positions`, in `dtype` (HF's half-split layout).
+    Both come from one array [cos | sin] of the frequencies, so that XLA computes them in one pass (two otherwise)."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return (jnp.cos(emb) * attention_factor).astype(dtype), (jnp.sin(emb) * attention_factor).astype(dtype)
+    half = freqs.shape[-1]
+    cs = (jnp.concatenate([jnp.cos(freqs), jnp.sin(freqs)], axis=-1) * attention_factor).astype(dtype)
+    cos, sin = cs[..., :half], cs[..., half:]
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
