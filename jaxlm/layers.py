@@ -86,9 +86,8 @@ def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, attention_factor: f
     """cos, sin of shape [..., 2 * len(inv_freq)] for integer `positions`, in `dtype` (HF's half-split layout).
     Both come from one array [cos | sin] of the frequencies, so that XLA computes them in one pass (two otherwise)."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    half = freqs.shape[-1]
     cs = (jnp.concatenate([jnp.cos(freqs), jnp.sin(freqs)], axis=-1) * attention_factor).astype(dtype)
-    cos, sin = cs[..., :half], cs[..., half:]
+    cos, sin = jnp.split(cs, 2, axis=-1)
     return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
 
 

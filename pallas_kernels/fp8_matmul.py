@@ -212,8 +212,7 @@ def _mosaic_weight_only(x, weights, *, block_sizes, interpret):
     `_mosaic_weight_only_applies`, in one launch: tokens padded to a multiple of 8; K split into the largest power
     of two that keeps the programs within two per SM and >= 4 K steps each (the best or near it at R1's four
     projections, `bench/fp8_tune.py --grid mosaic`); partial sums added and transposed here (one split: the kernel
-    writes the product itself). Returns each weight's
-    product [M, N_i] ([M, G, N_i] for grouped weights)."""
+    writes the product itself). Returns each weight's product [M, N_i] ([M, G, N_i] for grouped weights)."""
     grouped = weights[0][0].ndim == 3
     if not grouped:
         weights = [(w[None], s[None]) for w, s in weights]
@@ -222,8 +221,7 @@ def _mosaic_weight_only(x, weights, *, block_sizes, interpret):
     k_steps = k // fp8_matmul_mgpu.BLOCK
     programs = sum(w.shape[1] for w, _ in weights) // fp8_matmul_mgpu.WEIGHT_ROWS * weights[0][0].shape[0]
     fit = min(2 * H100_SMS // programs, k_steps // 4)
-    splits = block_sizes.k_splits or 1 << max(fit, 1).bit_length() - 1
-    splits = min(splits, k_steps)
+    splits = min(block_sizes.k_splits or 1 << max(fit, 1).bit_length() - 1, k_steps)
     out = fp8_matmul_mgpu.weight_only(pad_to(x3, 0, cdiv(m, 8) * 8), [(w, _scale_rows(s)) for w, s in weights],
                                       k_splits=splits, stages=block_sizes.stages, interpret=interpret)
     y = (out if splits == 1 else out.sum(0).transpose(2, 0, 1).astype(x.dtype))[:m]  # [M, G, sum N_i]

@@ -231,7 +231,7 @@ def test_key_tiles_match_reference(block, d, width, shift, split, shared):
     t = sum(LENS)
     k = jnp.asarray(rng.standard_normal((t, 3, d)) * 4 + 2, jnp.bfloat16)
     mean = jnp.asarray(rng.standard_normal((len(LENS), 3, d)), jnp.float32) if shift else None
-    if shared:  # columns split.. equal in every head
+    if shared:  # the columns from `split` on equal in every head
         k = k.at[:, :, split:].set(jnp.broadcast_to(k[:, :1, split:], k[:, :, split:].shape))
         mean = mean.at[:, :, split:].set(jnp.broadcast_to(mean[:, :1, split:], mean[:, :, split:].shape))
     one = (lambda x: x[:, :1]) if shared else (lambda x: x)  # noqa: E731
