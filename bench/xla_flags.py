@@ -25,6 +25,9 @@ VARIANTS = {  # name -> XLA_FLAGS added to the environment's
     "while": "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL",  # scan loops captured whole
     "while_min1": "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1",
     "custom_calls": "--xla_gpu_enable_command_buffer=+CUSTOM_CALL",  # the Pallas kernels' custom calls captured too
+    # the graphs' buffer addresses kept stable by virtual-address remapping, so that a call need not update them
+    "skip_temp": "--xla_gpu_command_buffer_update_mode=SKIP_TEMP",  # temporaries
+    "skip_profiled": "--xla_gpu_command_buffer_update_mode=SKIP_PROFILED",  # + arguments seen stable at first calls
 }
 STEPS = 20
 PER_CALL = ("wall_ms", "busy_ms", "span_ms", "kernels", "idle_in_call_ms")  # divided by STEPS for decode

@@ -324,7 +324,8 @@ def _up_project(kv, params, impl):
 
 
 def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array, impl: str):
-    """x [T, D] -> q_nope [T, N, P], q_pe [T, N, R] (roped), latent [T, L] (normed), k_pe [T, R] (roped)."""
+    """x [T, D] -> q [T, N, P + R] as projected (q_nope is its leading P columns; its rope part unrotated), q_pe
+    [T, N, R] (roped), latent [T, L] (normed), k_pe [T, R] (roped)."""
     n = cfg.num_heads
     first = ("q_proj", "td,dnh->tnh") if cfg.q_lora_rank is None else ("q_a_proj", "td,dq->tq")
     qa, ckv = _linears_of_x(x, params, [first, ("kv_a_proj_with_mqa", "td,de->te")], impl)  # one FP8 launch
@@ -333,12 +334,12 @@ def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array,
     else:
         q = _linear(rms_norm(qa, params["q_a_layernorm"], cfg.norm_eps), params, "q_b_proj", "tq,qnh->tnh", impl,
                     heads=n)
-    q_nope, q_pe = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
+    q_pe = q[..., cfg.qk_nope_head_dim :]
     latent = rms_norm(ckv[:, : cfg.kv_lora_rank], params["kv_a_layernorm"], cfg.norm_eps)
     k_pe = ckv[:, cfg.kv_lora_rank :]
     inv_freq, attention_factor = cfg.rope()
     cos, sin = rope_cos_sin(positions, inv_freq, attention_factor, x.dtype)  # [T, R]
-    return q_nope, apply_rope(q_pe, cos[:, None], sin[:, None]), latent, apply_rope(k_pe, cos, sin)
+    return q, apply_rope(q_pe, cos[:, None], sin[:, None]), latent, apply_rope(k_pe, cos, sin)
 
 
 def _write_cache(cache: MLACache, meta: batching.RaggedMeta, latent, k_pe, impl: str) -> MLACache:
@@ -419,27 +420,28 @@ def _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta):
     return _expand_uv(o_lat.astype(q_nope.dtype), params, "pallas")
 
 
-def _attend_prefill_kernel(params, cfg, q_nope, q_pe, cache, seq_lens, past_lens, kv_tokens):
+def _attend_prefill_kernel(params, cfg, q, q_pe, cache, seq_lens, past_lens, kv_tokens):
     """Multi-token steps through `sage_attention` in the up-projected form (vLLM's prefill choice): each request's
     cached latent, history and new tokens alike, is gathered into packed keys and up-projected to per-head K [P+R]
-    and V; queries are [q_nope | q_pe] (both as parts). Bottom-right causal per request. Returns [T, N, V]."""
+    and V; queries are [q_nope | q_pe] (q as projected, whose leading P columns are q_nope, and the roped q_pe, as
+    parts). Bottom-right causal per request. Returns [T, N, V]."""
     total = past_lens + seq_lens
     cu_q = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(seq_lens)])
     cu_k = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(total)])
     k_slot, k_pos = pallas_kernels.sage_attention_segments(cu_k, kv_tokens)
-    kv = cache.latent((k_slot, k_pos), q_nope.dtype)  # [Tk, L]; rows past cu_k[-1] are never read
-    pe = cache.pe_cache[k_slot, k_pos].astype(q_nope.dtype)  # [Tk, R]
+    kv = cache.latent((k_slot, k_pos), q.dtype)  # [Tk, L]; rows past cu_k[-1] are never read
+    pe = cache.pe_cache[k_slot, k_pos].astype(q.dtype)  # [Tk, R]
     k_nope, v = _up_project(kv, params, "pallas")
-    # Q = [q_nope | q_pe] and K = [k_nope | pe] go in as parts, pe as one head that every head shares: no
-    # concatenated or broadcast copies
+    # Q = [q_nope | q_pe] and K = [k_nope | pe] go in as parts, pe as one head that every head shares, q_nope as the
+    # leading columns of q (k_nope's width): no sliced, concatenated or broadcast copies
     k = (k_nope, pe[:, None, :])
-    q = (q_nope, q_pe.astype(q_nope.dtype))
+    q = (q, q_pe.astype(q.dtype))
     heads = P(None, TP, None)
     attend = sharding.per_device(functools.partial(pallas_kernels.sage_attention, causal=True,
                                                    sm_scale=cfg.softmax_scale),
                                  (heads, (heads, P()), heads, P(), P()), heads)  # pe: every device's heads share it
     o = attend(q, k, v, cu_q, cu_k)
-    rows = jnp.arange(q_nope.shape[0]) < cu_q[-1]
+    rows = jnp.arange(q_pe.shape[0]) < cu_q[-1]
     return jnp.where(rows[:, None, None], o, 0)  # padding tokens: rows no request owns
 
 
@@ -463,14 +465,15 @@ def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes,
     INT8 varlen attention kernel (up-projected form); otherwise XLA scatters and the XLA absorbed/naive forms.
     """
     meta = batching.ragged_metadata(seq_lens, past_lens, sizes, cache.kv_cache.shape[1])
-    q_nope, q_pe, latent, k_pe = _project(params, cfg, x, meta.tok_pos, impl)
+    q, q_pe, latent, k_pe = _project(params, cfg, x, meta.tok_pos, impl)
+    q_nope = q[..., : cfg.qk_nope_head_dim]  # a copy only where used (not by the prefill kernel, which reads q)
     cache = _write_cache(cache, meta, latent, k_pe, impl)
     if mode == "naive":
         o = _attend_naive(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len, impl)
     elif impl == "pallas" and sizes.block_q == 1:
         o = _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta)
     elif impl == "pallas":
-        o = _attend_prefill_kernel(params, cfg, q_nope, q_pe, cache, seq_lens, past_lens, sizes.kv_tokens)
+        o = _attend_prefill_kernel(params, cfg, q, q_pe, cache, seq_lens, past_lens, sizes.kv_tokens)
     else:
         o = _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len, impl)  # [T, N, V]
     if "gate_proj" in params:  # gated attention: o * sigmoid(x W_g), per head and channel

@@ -87,6 +87,12 @@ def as_parts(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
+def leading_columns(parts, widths) -> tuple:
+    """Each of `parts` cut to its first widths[i] columns (last axis): a part may be wider than the operand's part
+    it stands for (sage_attention's Q parts); no-op slices where the widths agree."""
+    return tuple(x if x.shape[-1] == w else x[..., :w] for x, w in zip(parts, widths))
+
+
 def concat_parts(x):
     """An operand given whole or in parts -> the whole array (a concatenation for parts; a part with one head, shared
     by every head like MLA's rope key, broadcast over the others' head axis, the second to last)."""

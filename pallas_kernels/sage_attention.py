@@ -29,8 +29,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import sage_attention_mgpu
-from pallas_kernels.common import (as_parts, cdiv, concat_parts, next_pow2, pad_to, pow2_chunks, quantize_parts_int8,
-                                   resolve_backend, resolve_interpret, segment_of, segments)
+from pallas_kernels.common import (as_parts, cdiv, concat_parts, leading_columns, next_pow2, pad_to, pow2_chunks,
+                                   quantize_parts_int8, resolve_backend, resolve_interpret, segment_of, segments)
 from pallas_kernels.sage_attention_mgpu import MosaicBlockSizes
 
 LOG2E = math.log2(math.e)
@@ -151,10 +151,13 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     rows past cu_seqlens_q[-1] belong to no request and are left unspecified - zeros on the Mosaic path),
     and the natural-log LSE [Tq, Hq] of the true (unsmoothed, unquantised-scale) logits when `return_lse`.
 
-    q and k may each be a tuple of parts along the head dim (the same widths for both), standing for their
-    concatenation: MLA's (q_nope, q_pe) and (k_nope, k_pe) go in without a concatenated copy (each kernel reads a
-    chunk of the head dim from the part that holds it). A k part may have one head, shared by every K head (MLA's
-    rope key k_pe [Tk, 1, R]): the Mosaic path reads it once per head where it is; the Triton path broadcasts it.
+    q and k may each be a tuple of parts along the head dim (as many for both), standing for their concatenation:
+    MLA's (q_nope, q_pe) and (k_nope, k_pe) go in without a concatenated copy (each kernel reads a chunk of the head
+    dim from the part that holds it). K's parts set the widths; a q part may be wider than its k part, and then its
+    leading columns are the part (MLA passes its unroped q [Tq, H, P + R] whole as the first part, the roped q_pe
+    second: the Mosaic path reads the window in place, no sliced copy). A k part may have one head, shared by every
+    K head (MLA's rope key k_pe [Tk, 1, R]): the Mosaic path reads it once per head where it is; the Triton path
+    broadcasts it.
     backend: "triton", "mosaic" (Hopper wgmma kernel, sage_attention_mgpu.py; 16-bit V) or "auto" (`auto_backend`:
     Mosaic for long requests); None: the backend block_sizes belong to, else common.DEFAULT_BACKEND ("auto") for
     compiled calls and "triton" in interpret mode;
@@ -162,12 +165,13 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     qp, kp = as_parts(q), as_parts(k)
     tq, hq = qp[0].shape[:2]
     tk, hk = kp[0].shape[0], max(x.shape[1] for x in kp)
-    widths = [x.shape[2] for x in qp]
+    widths = [x.shape[2] for x in kp]
     if (any(x.shape[:2] != (tq, hq) for x in qp) or any(x.shape[0] != tk or x.shape[1] not in (1, hk) for x in kp)
-            or [x.shape[2] for x in kp] != widths or v.shape[:2] != (tk, hk) or hq % hk):
+            or len(qp) != len(kp) or any(x.shape[2] < w for x, w in zip(qp, widths)) or v.shape[:2] != (tk, hk)
+            or hq % hk):
         raise ValueError(f"sage_attention: q {[x.shape for x in qp]}, k {[x.shape for x in kp]}, v {v.shape} do not "
-                         "fit (q and k parts of equal widths, k and v of equal length and heads, a k part of one "
-                         "head shared by all, Hq % Hk == 0)")
+                         "fit (as many q as k parts, each q part at least as wide as its k part, k and v of equal "
+                         "length and heads, a k part of one head shared by all, Hq % Hk == 0)")
     dqk = sum(widths)
     interp = resolve_interpret(interpret)
     cu_q = jnp.asarray(cu_seqlens_q, jnp.int32)
@@ -200,7 +204,8 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
                                                 cu_q, cu_k, blk_req, blk_idx, cu_qb, q_mult=sm_scale * LOG2E,
                                                 group=hq // hk, causal=causal, block_sizes=bs, eps=EPS,
                                                 interpret=interp)
-    else:
+    qp = leading_columns(qp, widths)  # below: XLA-side uses (the slices fuse into them)
+    if backend != "mosaic":
         kp = [jnp.broadcast_to(x, (tk, hk, x.shape[2])) for x in kp]  # a shared part: one copy per head here
         if means is not None:
             kp = [x.astype(jnp.float32) - m[seg_k] for x, m in zip(kp, means)]
@@ -265,7 +270,8 @@ def sage_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: boo
     """Exact attention in float32 over the packed layout (dense [Tq, Tk] mask), bottom-right causal per request.
     q / k whole or in parts, as for sage_attention."""
     f32 = jnp.float32
-    q, k = concat_parts(q), concat_parts(k)
+    k = as_parts(k)
+    q, k = concat_parts(leading_columns(as_parts(q), [x.shape[-1] for x in k])), concat_parts(k)
     tq, hq, dqk = q.shape
     tk, hk, _ = k.shape
     sm_scale = dqk**-0.5 if sm_scale is None else sm_scale

@@ -45,8 +45,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import (as_parts, cdiv, concat_parts, next_pow2, online_softmax_step, pad_to,
-                                   pow2_chunks, segment_of, segments, smem)
+from pallas_kernels.common import (as_parts, cdiv, concat_parts, leading_columns, next_pow2, online_softmax_step,
+                                   pad_to, pow2_chunks, segment_of, segments, smem)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +218,8 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
               block_sizes: MosaicBlockSizes = MosaicBlockSizes(), eps: float = 1e-8, interpret: bool = False):
     """q [Tq, Hq, D] / k [Tk, Hk, D] / v [Tk, Hk, Dv] packed, v 16-bit (q of another dtype is rounded to v's before
     its int8 quantisation); q and k may each be a tuple of parts along D (read where they are: each 64-column chunk
-    of Q from its part, when no chunk straddles two); k_mean [B, Hk, D] (or its parts: K's per-request mean,
+    of Q from its part, when no chunk straddles two; k's parts set the widths, a wider q part gives its leading
+    columns); k_mean [B, Hk, D] (or its parts: K's per-request mean,
     subtracted before quantising) or None;
     cu_q / cu_k [B+1]; the query blocks of `block_sizes.program_rows` rows (blk_req, blk_idx [NQB], cu_qb [B+1]) as
     sage_attention plans them; q_mult: sm_scale * log2(e), folded into Q's scales; eps: the floor of the absmax
@@ -229,7 +230,8 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
     rows_per_blk = bs.program_rows
     q_parts = as_parts(q)
     tq, hq = q_parts[0].shape[:2]
-    dqk = sum(x.shape[2] for x in q_parts)
+    widths = [x.shape[2] for x in as_parts(k)]  # a q part may be wider than its k part: its leading columns count
+    dqk = sum(widths)
     vdt = v.dtype
     d, dv = padded_dims(dqk, v.shape[2])
     why = unsupported(dqk, v.shape[2], vdt)
@@ -244,11 +246,11 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
     k_i8, ks_t = key_tiles(k, cu_k, bk, width=d, shift=k_mean, eps=eps, interpret=interpret)
     # each Q chunk TMA-read from the part that holds it: (part, column in it); one padded whole when a chunk would
     # straddle two parts or D needs zero columns
-    starts = [sum(x.shape[2] for x in q_parts[:i]) for i in range(len(q_parts))]
-    q_src = [next(((i, o - s0) for i, s0 in enumerate(starts) if s0 <= o and o + w <= s0 + q_parts[i].shape[2]),
-                  None) for o, w in chunks]
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    q_src = [next(((i, o - s0) for i, s0 in enumerate(starts) if s0 <= o and o + w <= s0 + widths[i]), None)
+             for o, w in chunks]
     if d != dqk or None in q_src:
-        q_parts = (pad_to(concat_parts(q_parts), 2, d),)
+        q_parts = (pad_to(concat_parts(leading_columns(q_parts, widths)), 2, d),)
         q_src = [(0, o) for o, _ in chunks]
     # 16-bit rows; the interpreter's TMA needs headroom past the last row
     q_parts = tuple(jnp.pad(x.astype(vdt), ((0, rows_per_blk), (0, 0), (0, 0))) if interpret else x.astype(vdt)

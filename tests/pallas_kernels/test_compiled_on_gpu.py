@@ -44,10 +44,12 @@ def test_sage_attention(backend, bs, d, dv, causal):
     ref, ref_lse = pk.sage_attention_reference(q, k, v, cq, ck, causal=causal, return_lse=True)
     close(out, ref)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=0.1)
-    if d == 192:  # MLA's [nope | pe] as parts: each its own chunk in the kernel
-        parts = pk.sage_attention((q[..., :128], q[..., 128:]), (k[..., :128], k[..., 128:]), v, cq, ck,
-                                  causal=causal, backend=backend, block_sizes=bs)
-        close(parts, ref)
+    if d == 192:  # MLA's [nope | pe] as parts: each its own chunk in the kernel; q_nope as the window of a wider q
+        unroped = jnp.concatenate([q[..., :128], -q[..., 128:]], axis=-1)  # trailing columns that must not count
+        for q_parts in ((q[..., :128], q[..., 128:]), (unroped, q[..., 128:])):
+            parts = pk.sage_attention(q_parts, (k[..., :128], k[..., 128:]), v, cq, ck, causal=causal,
+                                      backend=backend, block_sizes=bs)
+            close(parts, ref)
 
 
 @pytest.mark.parametrize("cache", ["bf16", "int8", "paged", "paged-int8"])

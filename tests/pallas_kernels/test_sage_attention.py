@@ -87,8 +87,9 @@ def test_non_causal_and_rows_without_keys():
 def test_parts_equal_their_concatenation(backend, bs):
     """Q and K given as parts along the head dim (MLA's [nope | pe], the pe part one row shared by every head: given
     broadcast, or as one head) give what their concatenation gives: the same scales, means and int8 values, so the
-    same output and LSE; parts of unequal widths, or of another head count than 1 or K's, are errors that name the
-    shapes."""
+    same output and LSE. A q part wider than its k part counts with its leading columns (MLA's unroped q whole,
+    whose trailing rope columns differ from the roped q_pe part). A q part narrower than its k part, or a k part of
+    another head count than 1 or K's, is an error that names the shapes."""
     rng = np.random.default_rng(11)
     lq, lk = [9, 0, 20], [30, 0, 20]
     q, k, v, cq, ck = make(rng, lq, lk, 4, 4, 192, 128, jnp.bfloat16, k_offset=3.0)
@@ -96,16 +97,19 @@ def test_parts_equal_their_concatenation(backend, bs):
     k = jnp.concatenate([k[..., :128], jnp.broadcast_to(pe, (k.shape[0], 4, 64))], axis=-1)
     run = functools.partial(sage_attention, return_lse=True, backend=backend, block_sizes=bs, interpret=True)
     want, want_lse = run(q, k, v, cq, ck)
-    q_parts = (q[..., :128], q[..., 128:])
-    for k_parts in ((k[..., :128], jnp.broadcast_to(pe, (k.shape[0], 4, 64))), (k[..., :128], pe)):
-        got, lse = run(q_parts, k_parts, v, cq, ck)
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-        np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-6, atol=1e-5)
+    unroped = jnp.concatenate([q[..., :128], jnp.asarray(rng.standard_normal((q.shape[0], 4, 64)), q.dtype)], -1)
+    for q_parts in ((q[..., :128], q[..., 128:]), (unroped, q[..., 128:])):
+        for k_parts in ((k[..., :128], jnp.broadcast_to(pe, (k.shape[0], 4, 64))), (k[..., :128], pe)):
+            got, lse = run(q_parts, k_parts, v, cq, ck)
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+            np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(sage_attention_reference(q_parts, k_parts, v, cq, ck)),
+                                  np.asarray(sage_attention_reference(q, k, v, cq, ck)))
     with pytest.raises(ValueError, match="one head shared by all"):
         sage_attention(q_parts, (k[..., :128], k[:, :2, 128:]), v, cq, ck, interpret=True)
     ref = sage_attention_reference((q[..., :128], q[..., 128:]), (k[..., :128], k[..., 128:]), v, cq, ck)
     assert metrics(got, ref)[0] >= 0.999
-    with pytest.raises(ValueError, match="parts of equal widths"):
+    with pytest.raises(ValueError, match="at least as wide as its k part"):
         sage_attention((q[..., :128], q[..., 128:]), (k[..., :64], k[..., 64:]), v, cq, ck, interpret=True)
 
 
