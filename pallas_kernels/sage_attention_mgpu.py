@@ -219,8 +219,7 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
     """q [Tq, Hq, D] / k [Tk, Hk, D] / v [Tk, Hk, Dv] packed, v 16-bit (q of another dtype is rounded to v's before
     its int8 quantisation); q and k may each be a tuple of parts along D (read where they are: each 64-column chunk
     of Q from its part, when no chunk straddles two; k's parts set the widths, a wider q part gives its leading
-    columns); k_mean [B, Hk, D] (or its parts: K's per-request mean,
-    subtracted before quantising) or None;
+    columns); k_mean [B, Hk, D] (or its parts: K's per-request mean, subtracted before quantising) or None;
     cu_q / cu_k [B+1]; the query blocks of `block_sizes.program_rows` rows (blk_req, blk_idx [NQB], cu_qb [B+1]) as
     sage_attention plans them; q_mult: sm_scale * log2(e), folded into Q's scales; eps: the floor of the absmax
     that Q's row scales and K's tile scales divide by 127. Returns (o [Tq, Hq, Dv'] in v's dtype, Dv' = Dv padded
