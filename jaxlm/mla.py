@@ -440,9 +440,9 @@ def _attend_prefill_kernel(params, cfg, q, q_pe, cache, seq_lens, past_lens, kv_
     attend = sharding.per_device(functools.partial(pallas_kernels.sage_attention, causal=True,
                                                    sm_scale=cfg.softmax_scale),
                                  (heads, (heads, P()), heads, P(), P()), heads)  # pe: every device's heads share it
-    o = attend(q, k, v, cu_q, cu_k)
-    rows = jnp.arange(q_pe.shape[0]) < cu_q[-1]
-    return jnp.where(rows[:, None, None], o, 0)  # padding tokens: rows no request owns
+    # rows past cu_q[-1] (padding tokens, no request's) stay as the kernel leaves them: every later op is row-wise
+    # and forward() drops those rows (a mask here would cost a pass over o before o_proj's quantisation kernel)
+    return attend(q, k, v, cu_q, cu_k)
 
 
 def _attend_naive(params, cfg, q_nope, q_pe, cache, meta, kv_len, impl):

@@ -9,9 +9,10 @@ Three paths, chosen by the token count M and the activation format:
   Triton one (every layout) and the Mosaic GPU one (fp8_matmul_mgpu.weight_only: TMA-fed, y^T = W x^T on wgmma;
   HF-layout weights, 2-D or grouped per head (W_UV), with N a multiple of 64), the GPU default where it applies.
 - FP8 activations (prefill, M >= 128): x is quantised per token per 128 channels first (DeepSeek's `act_quant`:
-  s = max(|x|, 1e-4) / 448, x / s in e4m3; one fused XLA pass), then the kernel runs FP8 x FP8 dots with float32
-  accumulation, scaling each 128-wide partial product by s_x[m] * s_w before adding it (the per-block promotion
-  that keeps Hopper's FP8 accumulation exact enough, as in DeepSeek's `fp8_gemm_kernel`).
+  s = max(|x|, 1e-4) / 448, x / s in e4m3; one Pallas pass before the Mosaic kernel, XLA before the Triton one),
+  then the kernel runs FP8 x FP8 dots with float32 accumulation, scaling each 128-wide partial product by
+  s_x[m] * s_w before adding it (the per-block promotion that keeps Hopper's FP8 accumulation exact enough, as in
+  DeepSeek's `fp8_gemm_kernel`).
 - dequantised (M >= 128 with bf16 activations, the projections kept in 16-bit for accuracy): the weight is widened
   to x's dtype in one XLA pass and XLA's GEMM (cuBLAS) runs the product, as DeepSeek's reference does for wkv_b at
   prefill. At prefill sizes the GEMM is compute-bound, so the transient 16-bit copy costs one pass over the weight
@@ -106,6 +107,36 @@ def quantize_activations(x, block: int = 128):
     return q.astype(E4M3), s
 
 
+def _act_quant_kernel(x_ref, q_ref, s_ref):
+    x = x_ref[...].astype(jnp.float32)  # [rows, block]: one scale block of each row
+    s = jnp.maximum(jnp.max(jnp.abs(x), axis=1), ACT_EPS) / E4M3_MAX
+    q_ref[...] = (x / s[:, None]).astype(E4M3)
+    s_ref[...] = s[None, :]  # a row of the transposed scales
+
+
+# rows per program of the one-pass activation quantisation (M must be a multiple) and its warps: 8.1 us at
+# [768, 16384] on the H100 (XLA's two passes 23.7; 32-256 rows with 1-8 warps: 7.8-31 us, build/aq.py in RESULTS)
+ACT_QUANT_ROWS, ACT_QUANT_WARPS = 64, 2
+
+
+def quantize_activations_t(x, block: int = 128, *, interpret: bool = False):
+    """`quantize_activations` of x [M, K] (M a multiple of ACT_QUANT_ROWS, K of `block`) as one Pallas pass: reads
+    x once (XLA runs the block maxima and the division as two passes over x) and writes (e4m3 [M, K], the scales
+    transposed [K / block, M], the layout the Mosaic FP8 x FP8 kernel reads). The same values as the reference."""
+    m, k = x.shape
+    return pl.pallas_call(
+        _act_quant_kernel,
+        grid=(m // ACT_QUANT_ROWS, k // block),
+        in_specs=[pl.BlockSpec((ACT_QUANT_ROWS, block), lambda i, j: (i, j))],
+        out_specs=[pl.BlockSpec((ACT_QUANT_ROWS, block), lambda i, j: (i, j)),
+                   pl.BlockSpec((1, ACT_QUANT_ROWS), lambda i, j: (j, i))],
+        out_shape=[jax.ShapeDtypeStruct((m, k), E4M3), jax.ShapeDtypeStruct((k // block, m), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=ACT_QUANT_WARPS, num_stages=1),
+        interpret=interpret,
+        name="act_quant",
+    )(x)
+
+
 def fp8_matmul_reference(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, activations: str = "auto"):
     """Pure jnp: dequantised weight (and, on the FP8-activation path, quantised-dequantised x), float32 product."""
     fp8_act = _use_fp8_activations(activations, x.shape[0])
@@ -186,13 +217,13 @@ def _scale_rows(w_scale):
 
 
 def _mosaic(x, w, w_scale, *, block, transpose_w, activations, block_sizes, interpret):
-    """The Mosaic GPU FP8 x FP8 kernel (calls inside `_mosaic_applies`): activations quantised here (one XLA pass),
-    shapes padded to its tiles (checked by the caller)."""
+    """The Mosaic GPU FP8 x FP8 kernel (calls inside `_mosaic_applies`): activations quantised here (one Pallas
+    pass), shapes padded to its tiles (checked by the caller)."""
     m, n = x.shape[0], w.shape[0]
     m_pad = cdiv(m, block_sizes.block_m) * block_sizes.block_m
     k_pad, n_pad = cdiv(x.shape[1], block) * block, cdiv(n, block) * block
-    xq, xs = quantize_activations(pad_to(pad_to(x, 0, m_pad), 1, k_pad), block)
-    y = fp8_matmul_mgpu.matmul(xq, xs.T, pad_to(pad_to(w, 0, n_pad), 1, k_pad), _scale_rows(w_scale),
+    xq, xs_t = quantize_activations_t(pad_to(pad_to(x, 0, m_pad), 1, k_pad), block, interpret=interpret)
+    y = fp8_matmul_mgpu.matmul(xq, xs_t, pad_to(pad_to(w, 0, n_pad), 1, k_pad), _scale_rows(w_scale),
                                out_dtype=x.dtype, block_sizes=block_sizes, interpret=interpret)
     return y[:m, :n]
 

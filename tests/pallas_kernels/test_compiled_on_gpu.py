@@ -100,6 +100,18 @@ def test_update_cache_int8_and_paged():
         np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-6)
 
 
+def test_one_pass_activation_quantisation():
+    """The compiled act_quant pass gives XLA's bytes and scales (the division and the e4m3 rounding on the GPU)."""
+    from pallas_kernels.fp8_matmul import quantize_activations, quantize_activations_t
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((768, 16384)) * 3, jnp.bfloat16).at[5].set(0).at[7, :128].set(1e-6)
+    q, s = quantize_activations(x, 128)
+    q_t, s_t = quantize_activations_t(x, 128)
+    np.testing.assert_array_equal(np.asarray(q_t).view(np.uint8), np.asarray(q).view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(s_t), np.asarray(s).T)
+
+
 @pytest.mark.parametrize("m", [1, 16, 300])
 def test_fp8_matmul(m):
     rng = np.random.default_rng(m)

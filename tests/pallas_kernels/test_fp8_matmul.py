@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import fp8_matmul, fp8_matmul_reference, fp8_matmuls
-from pallas_kernels.fp8_matmul import DEQUANTIZE_MIN_M, BlockSizes, dequantize, quantize, quantize_activations
+from pallas_kernels.fp8_matmul import (DEQUANTIZE_MIN_M, BlockSizes, dequantize, quantize, quantize_activations,
+                                      quantize_activations_t)
 from pallas_kernels.lowering import export_for_h100
 
 
@@ -88,6 +89,18 @@ def test_quantizers_match_deepseek_formulas():
     np.testing.assert_allclose(np.asarray(xs[:, 0]), np.abs(x[:, :128]).max(1) / 448.0, rtol=1e-6)
     assert np.abs(np.asarray(xq, np.float32)[:, :128]).max() == 448.0
     assert np.asarray(xq).dtype == ml_dtypes.float8_e4m3fn
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_one_pass_activation_quantisation_equals_reference(dtype):
+    """quantize_activations_t (the Pallas pass before the Mosaic FP8 x FP8 kernel) gives the reference's bytes and
+    scales (transposed), all-zero rows and tiny blocks (the 1e-4 floor) included."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((128, 384)) * 3, dtype).at[5].set(0).at[7, :128].set(1e-6)
+    q, s = quantize_activations(x, 128)
+    q_t, s_t = quantize_activations_t(x, 128, interpret=True)
+    np.testing.assert_array_equal(np.asarray(q_t).view(np.uint8), np.asarray(q).view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(s_t), np.asarray(s).T)
 
 
 def test_bad_inputs():
@@ -203,7 +216,7 @@ def test_mosaic_lowers_for_h100_at_r1_o_proj():
     for m in (1024, 16):  # FP8 x FP8 (prefill), weight-only (decode)
         text = export_for_h100(fn, S((m, 16384), jnp.bfloat16), S((7168, 16384), jnp.float8_e4m3fn),
                                S((56, 128), jnp.float32))
-        assert "mosaic_gpu" in text
+        assert "mosaic_gpu" in text and ("act_quant" in text) == (m >= 128)  # the one-pass quantisation (Triton)
     text = export_for_h100(fn, S((16, 128, 512), jnp.bfloat16), S((128, 128, 512), jnp.float8_e4m3fn),
                            S((128, 1, 4), jnp.float32))  # W_UV per head at decode
     assert "mosaic_gpu" in text
