@@ -293,12 +293,12 @@ def _linears_of_x(x, params, names_specs, impl):
             for i, (name, spec) in enumerate(names_specs)]
 
 
-def _absorb_uk(q_nope, params, impl):
-    """q_nope [T, N, P] -> q_latent [T, N, L] = q_nope . W_UK per head."""
+def _absorb_uk(q, params, impl):
+    """q_nope [T, N, P] (or the leading P columns of a wider q) -> q_latent [T, N, L] = q_nope . W_UK per head."""
     w = params["w_uk"]
-    if isinstance(w, Fp8Weight):  # rows [N, P, L]: contract the P rows
-        return _fp8(q_nope, w, impl, transpose_w=False, activations="bf16")
-    return jnp.einsum("tnp,npl->tnl", q_nope, w)
+    if isinstance(w, Fp8Weight):  # rows [N, P, L]: contract the P rows (the FP8 kernel reads q's window in place)
+        return _fp8(q, w, impl, transpose_w=False, activations="bf16")
+    return jnp.einsum("tnp,npl->tnl", q[..., : w.shape[1]], w)
 
 
 def _expand_uv(o_lat, params, impl):
@@ -394,14 +394,14 @@ def _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, kv_len, impl):
     return _expand_uv(_from_blocks(o_lat, meta), params, impl)
 
 
-def _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta):
+def _attend_decode_kernel(params, cfg, q, q_pe, cache, meta):
     """Decode steps through the Pallas flash-decoding kernel, token by token: token t reads its request's cache slot
     (a one-page block table over the [slots, max_len, ...] caches), positions 0 .. its own; padding tokens read
     nothing. No gathers to or from slot order. With slots split over dp, each device attends the tokens of its
     slots and the others' rows (zeros) are summed in. Returns [T, N, V]."""
     max_len = cache.kv_cache.shape[1]
     dtype = cache.pe_cache.dtype
-    q_lat = _absorb_uk(q_nope, params, "pallas").astype(dtype)
+    q_lat = _absorb_uk(q, params, "pallas").astype(dtype)  # q_nope: q's leading columns
     lengths = jnp.where(meta.tok_pos < max_len, meta.tok_pos + 1, 0)
     scales = () if cache.kv_scale is None else (cache.kv_scale,)
 
@@ -417,7 +417,7 @@ def _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta):
     specs = (heads, heads, MLA_CACHE, MLA_CACHE, P(), P()) + (MLA_CACHE_SCALE,) * len(scales)
     decode = sharding.per_device(local, specs, heads)
     o_lat = decode(q_lat, q_pe.astype(dtype), cache.kv_cache, cache.pe_cache, meta.tok_slot, lengths, *scales)
-    return _expand_uv(o_lat.astype(q_nope.dtype), params, "pallas")
+    return _expand_uv(o_lat.astype(q.dtype), params, "pallas")
 
 
 def _attend_prefill_kernel(params, cfg, q, q_pe, cache, seq_lens, past_lens, kv_tokens):
@@ -466,12 +466,12 @@ def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes,
     """
     meta = batching.ragged_metadata(seq_lens, past_lens, sizes, cache.kv_cache.shape[1])
     q, q_pe, latent, k_pe = _project(params, cfg, x, meta.tok_pos, impl)
-    q_nope = q[..., : cfg.qk_nope_head_dim]  # a copy only where used (not by the prefill kernel, which reads q)
+    q_nope = q[..., : cfg.qk_nope_head_dim]  # a copy only where used (the Pallas paths take q whole)
     cache = _write_cache(cache, meta, latent, k_pe, impl)
     if mode == "naive":
         o = _attend_naive(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len, impl)
     elif impl == "pallas" and sizes.block_q == 1:
-        o = _attend_decode_kernel(params, cfg, q_nope, q_pe, cache, meta)
+        o = _attend_decode_kernel(params, cfg, q, q_pe, cache, meta)
     elif impl == "pallas":
         o = _attend_prefill_kernel(params, cfg, q, q_pe, cache, seq_lens, past_lens, sizes.kv_tokens)
     else:

@@ -140,6 +140,7 @@ def quantize_activations_t(x, block: int = 128, *, interpret: bool = False):
 def fp8_matmul_reference(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, activations: str = "auto"):
     """Pure jnp: dequantised weight (and, on the FP8-activation path, quantised-dequantised x), float32 product."""
     fp8_act = _use_fp8_activations(activations, x.shape[0])
+    x = x[..., : w.shape[-1] if transpose_w else w.shape[-2]]  # a wider x: its leading K columns
     wf = dequantize(w, w_scale, block)
     if not transpose_w:
         wf = jnp.swapaxes(wf, -1, -2)  # -> [..., N, K]
@@ -291,7 +292,7 @@ def _check_shapes(x, w, w_scale, block, transpose_w) -> tuple[int, int, int]:
         raise ValueError(f"fp8_matmul: the scale block must be a power of two >= 16, got {block}")
     g = w.shape[0] if w.ndim == 3 else 1
     n, k = (w.shape[-2], w.shape[-1]) if transpose_w else (w.shape[-1], w.shape[-2])
-    if x.shape[-1] != k or (x.ndim == 3 and (w.ndim != 3 or x.shape[1] != g)):
+    if x.shape[-1] < k or (x.ndim == 3 and (w.ndim != 3 or x.shape[1] != g)):
         raise ValueError(f"fp8_matmul: x {x.shape} does not match w {w.shape} (transpose_w={transpose_w})")
     expect_scale = (*w.shape[:-2], cdiv(w.shape[-2], block), cdiv(w.shape[-1], block))
     if tuple(w_scale.shape) != expect_scale:
@@ -313,6 +314,8 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
                block_sizes: BlockSizes | MosaicBlockSizes | None = None, backend: str | None = None,
                interpret: bool | None = None):
     """x @ dequant(w)^T (or x @ dequant(w) with transpose_w=False) in x's dtype; see the module docstring.
+    x's last axis may be wider than w's K: its leading K columns are the operand (MLA's W_UK takes q_nope as the
+    window of q; the Triton kernel reads it in place).
 
     activations: "auto" (bf16 x with FP8 weights below 128 tokens, FP8 x at 128 and above), "bf16" or "fp8".
     bf16 activations at M >= DEQUANTIZE_MIN_M take the dequantised path (XLA's GEMM on the widened weight) unless a
@@ -324,6 +327,7 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     """
     interp = resolve_interpret(interpret)
     g, n, k = _check_shapes(x, w, w_scale, block, transpose_w)
+    x_wide, x = x, x[..., :k]  # a wider x: its leading K columns (read in place by the Triton kernel, else sliced)
     m = x.shape[0]
     if m == 0:  # no tokens (an empty batch): nothing to launch
         return jnp.zeros((0, g, n) if w.ndim == 3 else (0, n), x.dtype)
@@ -350,8 +354,9 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     k_pad, n_pad = cdiv(k, bk) * bk, cdiv(n, bn) * bn
     bm = min(bs.block_m, max(16, next_pow2(m)))
     m_pad = cdiv(m, bm) * bm
-    x3 = x[:, None] if shared_x else x
-    x3 = pad_to(pad_to(x3, 0, m_pad), 2, k_pad)
+    x3 = x_wide if not fp8_act and k_pad == k else x  # the wider x's window, unless K needs zero columns
+    x3 = x3[:, None] if shared_x else x3
+    x3 = pad_to(x3, 0, m_pad) if x3.shape[2] > k_pad else pad_to(pad_to(x3, 0, m_pad), 2, k_pad)
     if transpose_w:
         w3 = pad_to(pad_to(w3, 1, n_pad), 2, k_pad)  # a copy only for sizes that are not multiples of 16
     else:

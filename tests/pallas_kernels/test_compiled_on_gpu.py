@@ -128,3 +128,10 @@ def test_fp8_matmul(m):
         wv, sv = quantize(rng.standard_normal((128, 128, 512)).astype(np.float32))
         xv = jnp.asarray(rng.standard_normal((m, 128, 512)), jnp.bfloat16)
         close(pk.fp8_matmul(xv, wv, sv), pk.fp8_matmul_reference(xv, wv, sv), cos=0.9995, rel_l1=0.03)
+        # W_UK per head on q_nope read as the leading 128 columns of q [m, 128, 192] (Triton, in place)
+        wk, sk = quantize(rng.standard_normal((128, 128, 512)).astype(np.float32))
+        q = jnp.asarray(rng.standard_normal((m, 128, 192)), jnp.bfloat16)
+        got = pk.fp8_matmul(q, wk, sk, transpose_w=False)
+        np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                      np.asarray(pk.fp8_matmul(q[..., :128], wk, sk, transpose_w=False), np.float32))
+        close(got, pk.fp8_matmul_reference(q[..., :128], wk, sk, transpose_w=False), cos=0.9995, rel_l1=0.03)

@@ -46,6 +46,27 @@ def test_matches_reference(m, n, k, g, shared, transpose_w, block, dtype):
     assert rel(out, ref) <= (1e-5 if dtype == jnp.float32 else 4e-3), rel(out, ref)
 
 
+@pytest.mark.parametrize("k,transpose_w,m", [(128, False, 16), (48, False, 16), (128, True, 200), (128, True, 16)])
+def test_wider_x_is_its_leading_columns(k, transpose_w, m):
+    """x wider than w's K stands for its leading K columns: the W_UK form reading q_nope as q's window (in place on
+    the Triton kernel when K fills its tiles, sliced otherwise), the FP8-activation and dequantised paths; the
+    extra columns (here huge) never count. An x narrower than K is an error."""
+    rng = np.random.default_rng(k + m)
+    g, n = 3, 64
+    w, s = quantize(rng.standard_normal((g, n, k) if transpose_w else (g, k, n)).astype(np.float32), 32)
+    x = jnp.asarray(rng.standard_normal((m, g, k)), jnp.bfloat16)
+    wide = jnp.concatenate([x, jnp.full((m, g, 64), 1e4, jnp.bfloat16)], axis=-1)
+    for activations in ("bf16", "auto"):
+        run = functools.partial(fp8_matmul, block=32, transpose_w=transpose_w, activations=activations,
+                                interpret=True)
+        np.testing.assert_array_equal(np.asarray(run(wide, w, s), np.float32), np.asarray(run(x, w, s), np.float32))
+        np.testing.assert_array_equal(
+            np.asarray(fp8_matmul_reference(wide, w, s, block=32, transpose_w=transpose_w, activations=activations)),
+            np.asarray(fp8_matmul_reference(x, w, s, block=32, transpose_w=transpose_w, activations=activations)))
+    with pytest.raises(ValueError, match="does not match"):
+        fp8_matmul(x[..., : k - 16], w, s, block=32, transpose_w=transpose_w, interpret=True)
+
+
 @pytest.mark.parametrize("activations", ["bf16", "fp8"])
 def test_split_k_and_paths_agree(activations):
     rng = np.random.default_rng(3)
