@@ -55,6 +55,18 @@ class BlockSizes:
 # ahead from 256 and with cached histories, Triton ahead at 64; common.DEFAULT_BACKEND's notes, bench/RESULTS.md)
 MOSAIC_MIN_TOKENS = 128
 MOSAIC_MAX_DQK = 256
+# a Mosaic call without block sizes steps 64 keys at a time below this mean of keys per request, 128 from it on (the
+# e0a4e85 table in bench/RESULTS.md: 64-key steps ahead up to 512-token requests, even at 1024, behind at 4096; the
+# MLA seed prefill's GPU time 721 vs 734 us in the twelfth session)
+MOSAIC_SHORT_KEYS = 1024
+
+
+def default_block_sizes(backend: str, tk: int, requests: int) -> BlockSizes | MosaicBlockSizes:
+    """The block sizes a call that names none runs: the Triton kernel's BlockSizes(); the Mosaic kernel's
+    MosaicBlockSizes() with 64-key steps for requests of fewer than MOSAIC_SHORT_KEYS keys on average."""
+    if backend != "mosaic":
+        return BlockSizes()
+    return MosaicBlockSizes(block_k=64) if tk < MOSAIC_SHORT_KEYS * max(requests, 1) else MosaicBlockSizes()
 
 
 def auto_backend(tq: int, tk: int, requests: int, dqk: int, dv: int, v_dtype) -> str:
@@ -161,7 +173,7 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     backend: "triton", "mosaic" (Hopper wgmma kernel, sage_attention_mgpu.py; 16-bit V) or "auto" (`auto_backend`:
     Mosaic for long requests); None: the backend block_sizes belong to, else common.DEFAULT_BACKEND ("auto") for
     compiled calls and "triton" in interpret mode;
-    block_sizes: BlockSizes for the first, MosaicBlockSizes for the second (None: the backend's defaults)."""
+    block_sizes: BlockSizes for the first, MosaicBlockSizes for the second (None: `default_block_sizes`)."""
     qp, kp = as_parts(q), as_parts(k)
     tq, hq = qp[0].shape[:2]
     tk, hk = kp[0].shape[0], max(x.shape[1] for x in kp)
@@ -180,7 +192,7 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     backend = resolve_backend("sage_attention", backend, block_sizes, MosaicBlockSizes, interp)
     if backend == "auto":
         backend = auto_backend(tq, tk, nb, dqk, v.shape[2], v.dtype)
-    bs = block_sizes or (MosaicBlockSizes() if backend == "mosaic" else BlockSizes())
+    bs = block_sizes or default_block_sizes(backend, tk, nb)
     sm_scale = dqk**-0.5 if sm_scale is None else sm_scale
     if tq == 0 or nb == 0:  # no query rows, or no requests (every row padding): zeros, nothing to launch
         o = jnp.zeros((tq, hq, v.shape[2]), qp[0].dtype)

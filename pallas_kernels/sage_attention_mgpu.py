@@ -52,7 +52,7 @@ from pallas_kernels.common import (as_parts, cdiv, concat_parts, leading_columns
 @dataclasses.dataclass(frozen=True)
 class MosaicBlockSizes:
     block_q: int = 64  # query rows per compute warpgroup (one wgmma M tile)
-    block_k: int = 128  # keys per step (64 is faster for requests of <= 512 tokens, where "auto" picks Triton)
+    block_k: int = 128  # keys per step (sage_attention.default_block_sizes takes 64 for short requests)
     stages: int = 2  # K / V tiles in flight
     compute_wgs: int = 2  # compute warpgroups per program, sharing every K / V tile (plus one TMA warpgroup)
 

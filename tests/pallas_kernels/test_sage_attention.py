@@ -180,15 +180,27 @@ def test_mosaic_non_causal_longer_keys_and_errors(wgs):
         sage_attention(q, k, v, cq, ck, backend="mosaic", block_sizes=SMALL)
 
 
+def test_default_block_sizes_follow_the_mean_request_length():
+    """A call naming no block sizes: the Mosaic kernel steps 64 keys at a time below MOSAIC_SHORT_KEYS keys per
+    request on average (the MLA seed prefill: 1536 keys over 4 requests), 128 from there on; Triton's defaults."""
+    from pallas_kernels.sage_attention import MOSAIC_SHORT_KEYS, BlockSizes, default_block_sizes
+
+    assert default_block_sizes("mosaic", 1536, 4) == MosaicBlockSizes(block_k=64)
+    assert default_block_sizes("mosaic", MOSAIC_SHORT_KEYS * 4, 4) == MosaicBlockSizes()
+    assert default_block_sizes("mosaic", 16384, 1).block_k == 128
+    assert default_block_sizes("triton", 1536, 4) == BlockSizes()
+
+
 @pytest.mark.parametrize("d,dv", [(128, 128), (192, 128), (64, 64)])
 def test_mosaic_lowers_for_h100(d, dv):
     pytest.importorskip("jax_cuda13_plugin", reason="Mosaic GPU lowering needs jax_cuda13_plugin (.ci/env.sh test)")
     S = jax.ShapeDtypeStruct
     bf = jnp.bfloat16
     fn = functools.partial(sage_attention, backend="mosaic", interpret=False)
-    text = export_for_h100(fn, S((704, 16, d), bf), S((1472, 8, d), bf), S((1472, 8, dv), bf),
-                           S((5,), jnp.int32), S((5,), jnp.int32))
-    assert "mosaic_gpu" in text
+    for cu in (5, 2):  # 4 requests (368 keys each: 64-key steps by default) and one (1472 keys: 128-key steps)
+        text = export_for_h100(fn, S((704, 16, d), bf), S((1472, 8, d), bf), S((1472, 8, dv), bf),
+                               S((cu,), jnp.int32), S((cu,), jnp.int32))
+        assert "mosaic_gpu" in text
     if d == 192:  # MLA's parts, each 64-column chunk TMA-read from its own part
         parts = lambda t, h: (S((t, h, 128), bf), S((t, h, 64), bf))  # noqa: E731
         fn = lambda q, k, v, cq, ck: sage_attention(q, k, v, cq, ck, backend="mosaic", interpret=False)  # noqa: E731
