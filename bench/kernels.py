@@ -344,6 +344,7 @@ def print_mla_decode(rows, dev):
 def print_fp8(fp8, dev, bw, res):
     print(f"\nfp8_matmul at R1 projections, {dev.device_kind}; copy {bw / 1e12:.2f} TB/s; mgpu attention S=16k: "
           f"{res.get('mgpu_tflops_s16k')} TF/s")
+    print("(fp8 ms: the Triton kernel; the Mosaic FP8 x FP8 kernel, the default from 128 tokens, on its own line)")
     print(f"{'proj':<20} {'M':>4} {'fp8 ms':>8} {'bf16 ms':>8} {'floor':>7} {'TB/s':>6} {'TF/s':>6} {'speedup':>8} {'cos':>8}")
     for r in fp8:
         print(f"{r['proj']:<20} {r['M']:>4} {r['fp8_ms']:>8.4f} {r['bf16_xla_ms']:>8.4f} {r['floor_ms']:>7.4f} "
