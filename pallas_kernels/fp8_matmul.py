@@ -407,6 +407,8 @@ def fp8_matmuls(x, weights, scales, *, block: int = 128, activations: str = "aut
     interp = resolve_interpret(interpret)
     for w, sc in zip(weights, scales):
         _check_shapes(x, w, sc, block, True)
+        if w.shape[-1] != x.shape[-1]:  # one x for all: no window of a wider x here
+            raise ValueError(f"fp8_matmuls: x {x.shape} does not match w {w.shape}: every weight's K must be x's")
     # no tokens: fp8_matmul below returns each empty product (routing would call an empty "mosaic" call an error)
     if x.shape[0] > 0 and all(_route(x, w, block, True, activations, block_sizes, backend, interp)
                               == "mosaic_weight_only" for w in weights):

@@ -65,6 +65,10 @@ def test_wider_x_is_its_leading_columns(k, transpose_w, m):
             np.asarray(fp8_matmul_reference(x, w, s, block=32, transpose_w=transpose_w, activations=activations)))
     with pytest.raises(ValueError, match="does not match"):
         fp8_matmul(x[..., : k - 16], w, s, block=32, transpose_w=transpose_w, interpret=True)
+    if transpose_w:  # fp8_matmuls shares one x among its weights: no window there
+        x2, w2 = jnp.asarray(rng.standard_normal((m, k + 64)), jnp.bfloat16), w[0]
+        with pytest.raises(ValueError, match="every weight's K"):
+            fp8_matmuls(x2, [w2], [s[0]], block=32, interpret=True)
 
 
 @pytest.mark.parametrize("activations", ["bf16", "fp8"])
