@@ -354,9 +354,9 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     k_pad, n_pad = cdiv(k, bk) * bk, cdiv(n, bn) * bn
     bm = min(bs.block_m, max(16, next_pow2(m)))
     m_pad = cdiv(m, bm) * bm
-    x3 = x_wide if not fp8_act and k_pad == k else x  # the wider x's window, unless K needs zero columns
-    x3 = x3[:, None] if shared_x else x3
-    x3 = pad_to(x3, 0, m_pad) if x3.shape[2] > k_pad else pad_to(pad_to(x3, 0, m_pad), 2, k_pad)
+    # a wider x is read in place (its leading k_pad columns), unless K needs zero columns or x is quantised first
+    x3 = x_wide if not fp8_act and k_pad == k else pad_to(x, x.ndim - 1, k_pad)
+    x3 = pad_to(x3[:, None] if shared_x else x3, 0, m_pad)
     if transpose_w:
         w3 = pad_to(pad_to(w3, 1, n_pad), 2, k_pad)  # a copy only for sizes that are not multiples of 16
     else:

@@ -141,11 +141,12 @@ def test_bad_inputs():
 @pytest.mark.parametrize("m", [16, 704])
 def test_lowers_for_h100_at_r1_sizes(m):
     """The Triton kernel: decode (16 tokens, weight-only, split-K) and prefill (704 tokens, FP8 activations) at R1's
-    q_b, kv_a and per-head W_UK shapes."""
+    q_b, kv_a and per-head W_UK shapes (also on q_nope as the window of q [M, 128, 192], as the layer calls it)."""
     f8, f32, bf = jnp.float8_e4m3fn, jnp.float32, jnp.bfloat16
     sd = jax.ShapeDtypeStruct
     for x, w, s, tw in [((m, 1536), (24576, 1536), (192, 12), True), ((m, 7168), (576, 7168), (5, 56), True),
-                        ((m, 128, 128), (128, 128, 512), (128, 1, 4), False)]:
+                        ((m, 128, 128), (128, 128, 512), (128, 1, 4), False),
+                        ((m, 128, 192), (128, 128, 512), (128, 1, 4), False)]:
         text = export_for_h100(functools.partial(fp8_matmul, transpose_w=tw, backend="triton", interpret=False),
                                sd(x, bf), sd(w, f8), sd(s, f32))
         assert "__gpu$xla.gpu.triton" in text and "fp8_matmul" in text
