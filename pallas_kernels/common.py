@@ -93,6 +93,11 @@ def leading_columns(parts, widths) -> tuple:
     return tuple(x if x.shape[-1] == w else x[..., :w] for x, w in zip(parts, widths))
 
 
+def broadcast_heads(x, heads: int):
+    """x [..., 1 or heads, D] -> [..., heads, D]: a part with one head (MLA's rope key), shared by every head."""
+    return jnp.broadcast_to(x, (*x.shape[:-2], heads, x.shape[-1]))
+
+
 def concat_parts(x):
     """An operand given whole or in parts -> the whole array (a concatenation for parts; a part with one head, shared
     by every head like MLA's rope key, broadcast over the others' head axis, the second to last)."""
@@ -100,7 +105,7 @@ def concat_parts(x):
     if len(parts) == 1:
         return parts[0]
     heads = max(p.shape[-2] for p in parts)
-    return jnp.concatenate([jnp.broadcast_to(p, (*p.shape[:-2], heads, p.shape[-1])) for p in parts], axis=-1)
+    return jnp.concatenate([broadcast_heads(p, heads) for p in parts], axis=-1)
 
 
 def quantize_rows_int8(x, eps: float = 1e-8):

@@ -29,8 +29,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import sage_attention_mgpu
-from pallas_kernels.common import (as_parts, cdiv, concat_parts, leading_columns, next_pow2, pad_to, pow2_chunks,
-                                   quantize_parts_int8, resolve_backend, resolve_interpret, segment_of, segments)
+from pallas_kernels.common import (as_parts, broadcast_heads, cdiv, concat_parts, leading_columns, next_pow2, pad_to,
+                                   pow2_chunks, quantize_parts_int8, resolve_backend, resolve_interpret, segment_of,
+                                   segments)
 from pallas_kernels.sage_attention_mgpu import MosaicBlockSizes
 
 LOG2E = math.log2(math.e)
@@ -218,7 +219,7 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
                                                 interpret=interp)
     qp = leading_columns(qp, widths)  # below: XLA-side uses (the slices fuse into them)
     if backend != "mosaic":
-        kp = [jnp.broadcast_to(x, (tk, hk, x.shape[2])) for x in kp]  # a shared part: one copy per head here
+        kp = [broadcast_heads(x, hk) for x in kp]  # a shared part: one copy per head here
         if means is not None:
             kp = [x.astype(jnp.float32) - m[seg_k] for x, m in zip(kp, means)]
         # one scale per (token, head): the Pallas stand-in for SageAttention-2's per-thread scales (finer than its
@@ -238,8 +239,8 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
         return o
     if means is not None:  # undo the smoothing's per-row shift: lse(q.k) = lse(q.(k - mean)) + scale * q.mean
         seg_q, _ = segments(cu_q, tq)
-        heads = lambda m: jnp.repeat(jnp.broadcast_to(m, (m.shape[0], hk, m.shape[2])), hq // hk, axis=1)  # noqa: E731
-        lse = lse + sm_scale * sum(jnp.einsum("thd,thd->th", x.astype(jnp.float32), heads(m)[seg_q])
+        per_q_head = lambda m: jnp.repeat(broadcast_heads(m, hk), hq // hk, axis=1)[seg_q]  # noqa: E731
+        lse = lse + sm_scale * sum(jnp.einsum("thd,thd->th", x.astype(jnp.float32), per_q_head(m))
                                    for x, m in zip(qp, means))
     return o, lse
 
