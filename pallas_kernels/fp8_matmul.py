@@ -13,10 +13,12 @@ Three paths, chosen by the token count M and the activation format:
   then the kernel runs FP8 x FP8 dots with float32 accumulation, scaling each 128-wide partial product by
   s_x[m] * s_w before adding it (the per-block promotion that keeps Hopper's FP8 accumulation exact enough, as in
   DeepSeek's `fp8_gemm_kernel`).
-- dequantised (M >= 128 with bf16 activations, the projections kept in 16-bit for accuracy): the weight is widened
-  to x's dtype in one XLA pass and XLA's GEMM (cuBLAS) runs the product, as DeepSeek's reference does for wkv_b at
-  prefill. At prefill sizes the GEMM is compute-bound, so the transient 16-bit copy costs one pass over the weight
-  while a weight-only kernel loses to cuBLAS's tiling (measured on the H100: bench/RESULTS.md).
+- dequantised (M >= 128 with bf16 activations, the projections kept in 16-bit for accuracy): the product with the
+  weight dequantised to x's dtype, as DeepSeek's reference does for wkv_b at prefill. On the GPU, where its tiles
+  fill the chip (R1's q_b, W_UK, W_UV at prefill), the Mosaic kernel fp8_matmul_mgpu.dequant_matmul widens and
+  scales each weight tile in registers right before its 16-bit MMA (persistent programs, no widened copy of the
+  weight); otherwise the weight is widened in one XLA pass and XLA's GEMM (cuBLAS) runs the product (R1's q_a /
+  kv_a: few long-K tiles, where cuBLAS's GEMM wins; measured on the H100: bench/RESULTS.md).
 
 Layouts: x [M, K] or [M, G, K]; w [N, K] / [G, N, K] (`transpose_w=True`, HF `nn.Linear` rows, y = x W^T) or
 [K, N] / [G, K, N] (`transpose_w=False`, y = x W); scales follow w's last two dims in blocks of `block`. G groups
@@ -36,14 +38,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import fp8_matmul_mgpu
-from pallas_kernels.common import H100_SMS, cdiv, next_pow2, pad_to, resolve_backend, resolve_interpret
+from pallas_kernels.common import (DEFAULT_BACKEND, H100_SMS, cdiv, next_pow2, pad_to, resolve_backend,
+                                   resolve_interpret)
 from pallas_kernels.fp8_matmul_mgpu import MosaicBlockSizes
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 ACT_EPS = 1e-4  # DeepSeek's act_quant floor on the block amax
 FP8_ACTIVATIONS_MIN_M = 128  # "auto": token counts from here on quantise activations (prefill)
-DEQUANTIZE_MIN_M = 128  # bf16-activation calls from here on: dequantised weight + XLA's GEMM (no explicit backend)
+DEQUANTIZE_MIN_M = 128  # bf16-activation calls from here on: the dequantised path (no explicit backend)
+# the dequantised path's Mosaic kernel (weight widened in registers) up to this many tokens, when its tiles fill the
+# GPU; beyond, or with fewer tiles, XLA's GEMM on the widened weight (R1's prefill GEMMs on an H100: RESULTS)
+DEQUANT_KERNEL_MAX_M = 1024
 
 
 @jax.tree_util.register_dataclass
@@ -261,24 +267,68 @@ def _mosaic_weight_only(x, weights, *, block_sizes, interpret):
     return [y[..., e - w.shape[1]:e] if grouped else y[:, 0, e - w.shape[1]:e] for (w, _), e in zip(weights, ends)]
 
 
+def _mosaic_dequant_applies(x, w, block, transpose_w, activations) -> bool:
+    """The Mosaic dequantising kernel's scope: 16-bit x [M, K] with bf16 activations from DEQUANTIZE_MIN_M tokens @
+    w [N, K]^T or [G, N, K]^T (HF rows; a grouped w is read as one [G N, K] weight, so N a multiple of 128),
+    128-blocks, K a multiple of 128 (R1's q_a, q_b, kv_a and W_UK / W_UV at prefill)."""
+    n, k = w.shape[-2:]
+    return (x.ndim == 2 and transpose_w and block == fp8_matmul_mgpu.BLOCK and x.shape[0] >= DEQUANTIZE_MIN_M
+            and not _use_fp8_activations(activations, x.shape[0]) and x.dtype in (jnp.bfloat16, jnp.float16)
+            and k % block == 0 and (w.ndim == 2 or n % block == 0))
+
+
+def _dequant_tile_m(m: int) -> int:
+    """Tokens per tile of the dequantising kernel: the largest of 256 / 192 / 128 that divides M (no padding copy of
+    x), else 256."""
+    return next((b for b in (256, 192, 128) if m % b == 0), 256)
+
+
+def _mosaic_dequant_fills(x, w) -> bool:
+    """The default route's test: M within DEQUANT_KERNEL_MAX_M and tiles for every SM (q_b and W_UK / W_UV at the
+    seed prefill; not q_a / kv_a, whose few long-K tiles XLA's GEMM runs faster)."""
+    m, rows = x.shape[0], w.shape[-2] * (w.shape[0] if w.ndim == 3 else 1)
+    return m <= DEQUANT_KERNEL_MAX_M and cdiv(m, _dequant_tile_m(m)) * cdiv(rows, fp8_matmul_mgpu.BLOCK) >= H100_SMS
+
+
+def _mosaic_dequant(x, w, w_scale, *, block_sizes, interpret):
+    """The Mosaic dequantising kernel for a call inside `_mosaic_dequant_applies`: a grouped weight as one 2-D
+    weight, rows padded to 128 (R1's kv_a: 576) and tokens to the tile. Block sizes: MosaicBlockSizes' block_m
+    (tokens per tile) and stages when given, else `_dequant_tile_m` and 2 stages (shared memory's limit at 256)."""
+    m, k = x.shape
+    grouped = w.ndim == 3
+    w2, s2 = (w.reshape(-1, k), w_scale.reshape(-1, w_scale.shape[-1])) if grouped else (w, w_scale)
+    n = w2.shape[0]
+    bm, stages = (block_sizes.block_m, block_sizes.stages) if block_sizes else (_dequant_tile_m(m), 2)
+    n_pad, m_pad = cdiv(n, fp8_matmul_mgpu.BLOCK) * fp8_matmul_mgpu.BLOCK, cdiv(m, bm) * bm
+    y = fp8_matmul_mgpu.dequant_matmul(pad_to(x, 0, m_pad), pad_to(w2, 0, n_pad), _scale_rows(s2), block_m=bm,
+                                       stages=stages, interpret=interpret)[:m, :n]
+    return y.reshape(m, w.shape[0], -1) if grouped else y
+
+
 def _route(x, w, block, transpose_w, activations, block_sizes, backend, interp) -> str:
-    """Which path a call takes: "dequantized" (bf16 activations from DEQUANTIZE_MIN_M tokens, no backend or block
-    sizes asked for), "mosaic" (FP8 x FP8), "mosaic_weight_only" or "triton". A "mosaic" default sends only the
-    calls a Mosaic kernel covers there; asked for by name, a call it does not cover is an error."""
+    """Which path a call takes: "mosaic_dequant" or "dequantized" (bf16 activations from DEQUANTIZE_MIN_M tokens, no
+    backend or block sizes asked for: the Mosaic kernel on a GPU where it applies and fills the GPU, else XLA),
+    "mosaic" (FP8 x FP8), "mosaic_weight_only" or "triton". A "mosaic" default sends only the calls a Mosaic kernel
+    covers there; asked for by name, a call it does not cover is an error."""
     explicit = backend is not None or block_sizes is not None  # block sizes name their backend too
     if not _use_fp8_activations(activations, x.shape[0]) and x.shape[0] >= DEQUANTIZE_MIN_M and not explicit:
-        return "dequantized"
+        kernel = (not interp and DEFAULT_BACKEND["fp8_matmul"] == "mosaic" and _mosaic_dequant_fills(x, w)
+                  and _mosaic_dequant_applies(x, w, block, transpose_w, activations))
+        return "mosaic_dequant" if kernel else "dequantized"
     if resolve_backend("fp8_matmul", backend, block_sizes, MosaicBlockSizes, interp) == "triton":
         return "triton"
     if _mosaic_applies(x, w, block, transpose_w, activations):
         return "mosaic"
     if _mosaic_weight_only_applies(x, w, block, transpose_w, activations):
         return "mosaic_weight_only"
+    if _mosaic_dequant_applies(x, w, block, transpose_w, activations):
+        return "mosaic_dequant"
     if explicit:
         raise ValueError("fp8_matmul backend='mosaic' runs x @ w^T with HF-layout w and 128-blocks: the "
-                         "FP8-activation path (2-D x and w; activations='fp8', or 'auto' with M >= 128) and the "
-                         "weight-only one (16-bit x, M <= 128, N a multiple of 64, K of 128, grouped w too): use "
-                         "backend='triton'")
+                         "FP8-activation path (2-D x and w; activations='fp8', or 'auto' with M >= 128), the "
+                         "weight-only one (16-bit x, M <= 128, N a multiple of 64, K of 128, grouped w too) and the "
+                         "dequantising one (16-bit 2-D x, M >= 128, K a multiple of 128, grouped w with N of 128): "
+                         "use backend='triton'")
     return "triton"
 
 
@@ -318,12 +368,13 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     window of q; the Triton kernel reads it in place).
 
     activations: "auto" (bf16 x with FP8 weights below 128 tokens, FP8 x at 128 and above), "bf16" or "fp8".
-    bf16 activations at M >= DEQUANTIZE_MIN_M take the dequantised path (XLA's GEMM on the widened weight) unless a
-    backend or block sizes ask for a kernel.
+    bf16 activations at M >= DEQUANTIZE_MIN_M take the dequantised path (the Mosaic dequantising kernel on a GPU
+    where it fills the chip, else XLA's GEMM on the widened weight) unless a backend or block sizes ask for a
+    kernel.
     backend: "triton" (every layout) or "mosaic" (fp8_matmul_mgpu.py, HF-layout weights with 128-blocks: FP8 x FP8
     wgmma on the FP8-activation path for a 2-D x and w, the weight-only kernel for 16-bit x of <= 128 tokens with N
-    a multiple of 64, grouped weights included); None: the backend that block_sizes belong to, else
-    common.DEFAULT_BACKEND.
+    a multiple of 64, grouped weights included, the dequantising kernel for 16-bit 2-D x of more tokens, K a
+    multiple of 128); None: the backend that block_sizes belong to, else common.DEFAULT_BACKEND.
     """
     interp = resolve_interpret(interpret)
     g, n, k = _check_shapes(x, w, w_scale, block, transpose_w)
@@ -338,6 +389,8 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     if route == "mosaic":
         return _mosaic(x, w, w_scale, block=block, transpose_w=transpose_w, activations=activations,
                        block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp)
+    if route == "mosaic_dequant":
+        return _mosaic_dequant(x, w, w_scale, block_sizes=block_sizes, interpret=interp)
     if route == "mosaic_weight_only":
         return _mosaic_weight_only(x, [(w, w_scale)], block_sizes=block_sizes or MosaicBlockSizes(),
                                    interpret=interp)[0]

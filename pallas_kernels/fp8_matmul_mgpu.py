@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import smem
+from pallas_kernels.common import H100_SMS, smem
 
 BLOCK = 128  # DeepSeek's scale block: one weight scale per 128 x 128, one activation scale per token per 128 K
 
@@ -229,3 +229,136 @@ def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
         grid_names=("n", "s", "g"),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
     )(x, *[a for w, ws in weights for a in (w, ws)])
+
+
+def dequant_matmul(x, w, ws, *, block_m: int = 256, stages: int = 2, programs: int | None = None, interpret=False):
+    """x [M, K] 16-bit with M a multiple of block_m and K of 128; w [N, K] e4m3 with N a multiple of 128; ws [N/128,
+    >= K/128] float32 (columns padded to a multiple of 4 for TMA). Returns x @ dequant(w)^T [M, N] in x's dtype,
+    the weight dequantised in registers exactly as `fp8_matmul.dequantize(...).astype(x.dtype)` does (e4m3 widened
+    exactly, times its block scale in float32, rounded to x's dtype), so the product is the dequantised path's
+    without its widened copy of the weight.
+
+    The product runs transposed, y^T = W x^T, so that the weight is the MMA's register operand. Output tiles of
+    128 weight rows x block_m tokens (tokens fastest, so consecutive tiles share the weight tile in L2) are dealt
+    round robin to `programs` persistent programs (None: one per SM of an H100): a TMA warpgroup streams each tile's [128, 128] e4m3 weight tiles,
+    [block_m, 128] x tiles and block-scale row through `stages` buffers, running ahead into the next tile while
+    the current one finishes; each of two compute warpgroups widens and scales its 64 weight rows in registers,
+    runs them against the shared x tile into its float32 accumulator (the two warpgroups' widening and MMAs
+    interleave), then transposes its [64, block_m] result in registers and TMA-stores it into y."""
+    bm = block_m
+    if bm % 8 or not 8 <= bm <= 256 or stages < 2:
+        raise ValueError(f"fp8_matmul (mosaic, dequantised): block_m must be a multiple of 8 in [8, 256] and "
+                         f"stages >= 2, got block_m={bm}, stages={stages}")
+    m, k = x.shape
+    n = w.shape[0]
+    k_steps = k // BLOCK
+    m_tiles, n_tiles = m // bm, n // BLOCK
+    tiles = m_tiles * n_tiles
+    programs = min(programs or H100_SMS, tiles)
+    wgs = BLOCK // WEIGHT_ROWS  # compute warpgroups: 64 weight rows each, one block-scale row between them
+    wgmma = plgpu.Layout.WGMMA
+
+    def body(x_ref, w_ref, ws_ref, o_ref):
+        pid, wg = lax.axis_index("p"), lax.axis_index("wg")
+        my_tiles = lax.div(tiles - 1 - pid, jnp.int32(programs)) + 1
+
+        def tile_at(i):  # (token row, weight row) of this program's i-th tile
+            t = pid + i * programs
+            return (pl.multiple_of(lax.rem(t, jnp.int32(m_tiles)) * bm, 8),
+                    pl.multiple_of(lax.div(t, jnp.int32(m_tiles)) * BLOCK, BLOCK))
+
+        def scoped(x_smem, w_smem, ws_smem, y_smem, a_smem, full, free):
+            @pl.when(wg == wgs)
+            def _memory():  # refills a slot once both compute warpgroups freed it, running across tiles
+                plgpu.set_max_registers(40, action="decrease")
+
+                @pl.loop(0, my_tiles)
+                def _(i):
+                    m0, n0 = tile_at(i)
+
+                    @pl.loop(0, k_steps)
+                    def _(j):
+                        g = i * k_steps + j
+                        slot = lax.rem(g, jnp.int32(stages))
+                        pl.when(g >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
+                        k0 = pl.multiple_of(j * BLOCK, BLOCK)
+                        plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(m0, bm), pl.ds(k0, BLOCK)], x_smem.at[slot],
+                                                full.at[slot])
+                        for c in range(wgs):
+                            plgpu.copy_gmem_to_smem(
+                                w_ref.at[pl.ds(n0 + c * WEIGHT_ROWS, WEIGHT_ROWS), pl.ds(k0, BLOCK)],
+                                w_smem.at[slot, c], full.at[slot])
+                        plgpu.copy_gmem_to_smem(ws_ref.at[lax.div(n0, jnp.int32(BLOCK))],
+                                                ws_smem.at[slot, pl.ds(0, ws.shape[1])], full.at[slot])
+
+                @pl.loop(jnp.maximum(my_tiles * k_steps - stages, 0), my_tiles * k_steps)
+                def _(g):  # the last steps' releases, observed
+                    plgpu.barrier_wait(free.at[lax.rem(g, jnp.int32(stages))])
+
+            @pl.when(wg < wgs)
+            def _compute():
+                plgpu.set_max_registers(232, action="increase")
+
+                def widened(j, slot):  # this warpgroup's [64, 128] weight tile in x's dtype, scaled
+                    a = plgpu.layout_cast(plgpu.load(w_smem.at[slot, wg], layout=plgpu.Layout.WGMMA_UPCAST_2X),
+                                          wgmma)
+                    a = (a.astype(jnp.float16).astype(jnp.float32) * ws_smem[slot, j]).astype(x.dtype)
+                    if interpret:  # the interpreter's wgmma takes its left operand from shared memory only
+                        a_smem.at[wg][...] = a
+                        plgpu.commit_smem()
+                        return a_smem.at[wg]
+                    return a
+
+                def step(g, j, acc_ref):
+                    slot = lax.rem(g, jnp.int32(stages))
+                    plgpu.barrier_wait(full.at[slot])
+                    plgpu.wgmma(acc_ref, widened(j, slot), x_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma_wait(0)
+                    plgpu.barrier_arrive(free.at[slot])  # this group's operands of the slot are consumed
+                    return acc_ref
+
+                @pl.loop(0, my_tiles)
+                def _(i):
+                    m0, n0 = tile_at(i)
+                    if interpret:  # the interpreter cannot run an MMA into an initialised accumulator: add after
+                        def step_sum(j, acc):
+                            part = pl.run_scoped(lambda r: step(i * k_steps + j, j, r)[...],
+                                                 plgpu.ACC((WEIGHT_ROWS, bm), jnp.float32))
+                            return acc + part
+                        acc = lax.fori_loop(0, k_steps, step_sum,
+                                            plgpu.layout_cast(jnp.zeros((WEIGHT_ROWS, bm), jnp.float32), wgmma))
+                    else:
+                        def run(acc_ref):
+                            lax.fori_loop(0, k_steps, lambda j, c: (step(i * k_steps + j, j, acc_ref), c)[1], 0)
+                            return acc_ref[...]
+                        acc = pl.run_scoped(run, plgpu.ACC((WEIGHT_ROWS, bm), jnp.float32))
+                    # y^T tile [64, block_m] -> y [block_m, 64]: a register transpose into an untiled buffer (once
+                    # the previous tile's store has read it), one TMA store
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    y_smem.at[wg].T[...] = plgpu.layout_cast(acc.astype(x.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(y_smem.at[wg],
+                                            o_ref.at[pl.ds(m0, bm), pl.ds(n0 + wg * WEIGHT_ROWS, WEIGHT_ROWS)])
+
+                plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(
+            scoped,
+            smem((stages, bm, BLOCK), x.dtype), smem((stages, wgs, WEIGHT_ROWS, BLOCK), w.dtype),
+            # each slot's scale row 128-byte aligned (TMA's shared-memory alignment)
+            plgpu.SMEM((stages, -(-ws.shape[1] // 32) * 32), jnp.float32), plgpu.SMEM((wgs, bm, WEIGHT_ROWS), x.dtype),
+            smem((wgs, WEIGHT_ROWS, BLOCK), x.dtype) if interpret else None,
+            plgpu.Barrier(num_arrivals=2 + wgs, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((m, n), x.dtype),
+        grid=(programs,),
+        grid_names=("p",),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+    )(x, w, ws)

@@ -124,6 +124,13 @@ def test_fp8_matmul(m):
     w2, s2 = quantize(rng.standard_normal((576, 7168)).astype(np.float32))  # q_a and kv_a: one launch below 128
     for y, want in zip(pk.fp8_matmuls(x, [w, w2], [s, s2]), (ref, pk.fp8_matmul_reference(x, w2, s2))):
         close(y, want, cos=0.9995, rel_l1=0.03)
+    if m > 128:  # the dequantising kernel (bf16 activations), asked for; q_b's shape takes it by default
+        close(pk.fp8_matmul(x, w, s, backend="mosaic", activations="bf16"),
+              pk.fp8_matmul_reference(x, w, s, activations="bf16"), cos=0.9995, rel_l1=0.03)
+        wb, sb = quantize(rng.standard_normal((24576, 1536)).astype(np.float32))
+        xb = jnp.asarray(rng.standard_normal((m, 1536)), jnp.bfloat16)
+        close(pk.fp8_matmul(xb, wb, sb, activations="bf16"), pk.fp8_matmul_reference(xb, wb, sb, activations="bf16"),
+              cos=0.9995, rel_l1=0.03)
     if m <= 128:  # W_UV per head (grouped weight, x per head): the Mosaic weight-only kernel by default
         wv, sv = quantize(rng.standard_normal((128, 128, 512)).astype(np.float32))
         xv = jnp.asarray(rng.standard_normal((m, 128, 512)), jnp.bfloat16)

@@ -207,6 +207,31 @@ def test_mosaic_weight_only_grouped(shared_x, splits):
     assert rel(out, ref) <= 1e-2, rel(out, ref)
 
 
+@pytest.mark.parametrize("m,n,k,g,programs", [(130, 576, 256, 0, None), (256, 256, 128, 0, 3), (384, 128, 384, 0, 2),
+                                               (200, 128, 384, 3, None), (128, 128, 256, 0, None)])
+def test_mosaic_dequant_matches_reference(m, n, k, g, programs):
+    """The dequantising kernel (backend="mosaic" with 16-bit x from 128 tokens) in the Mosaic GPU interpreter against
+    the float32 reference and against the XLA dequantised path (same weight in x's dtype: equal up to the GEMMs'
+    summation order): tokens padded to the tile (130, 200), kv_a's 576 rows padded to 128, a grouped weight
+    read as one, one K step, and persistent programs that take several tiles each (4 tiles on 3 programs; 3 tiles
+    of 3 K steps on 2 programs: the 2 buffers carried from one tile into the next)."""
+    from pallas_kernels import fp8_matmul_mgpu
+    from pallas_kernels.fp8_matmul import _scale_rows
+
+    rng = np.random.default_rng(m + n + k + g)
+    w, s = quantize(rng.standard_normal((g, n, k) if g else (n, k)).astype(np.float32) * 3)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    if programs:  # the kernel itself, fewer programs than tiles
+        out = fp8_matmul_mgpu.dequant_matmul(x, w, _scale_rows(s), block_m=128, programs=programs, interpret=True)
+    else:
+        out = fp8_matmul(x, w, s, backend="mosaic", activations="bf16", interpret=True)
+    xla = fp8_matmul(x, w, s, activations="bf16", interpret=True)  # the interpreter's default: XLA's dequantised path
+    ref = fp8_matmul_reference(x, w, s, activations="bf16")
+    assert out.shape == ref.shape == xla.shape and out.dtype == jnp.bfloat16
+    assert rel(out, ref) <= 1e-2, rel(out, ref)
+    assert rel(out, xla) <= 1e-2, rel(out, xla)
+
+
 @pytest.mark.parametrize("n2,backend", [(192, "mosaic"), (192, "triton"), (100, None)])
 def test_fp8_matmuls_shared_x(n2, backend):
     """Several weights on one x (MLA's q_a and kv_a): one Mosaic weight-only launch when the kernel takes every
@@ -246,3 +271,8 @@ def test_mosaic_lowers_for_h100_at_r1_o_proj():
     text = export_for_h100(fn, S((16, 128, 512), jnp.bfloat16), S((128, 128, 512), jnp.float8_e4m3fn),
                            S((128, 1, 4), jnp.float32))  # W_UV per head at decode
     assert "mosaic_gpu" in text
+    # the dequantising kernel at R1's prefill: q_b (256-token tiles) and the up-projection W_UK (grouped)
+    dq = functools.partial(fp8_matmul, activations="bf16", backend="mosaic", interpret=False)
+    for x, w, sc in (((768, 1536), (24576, 1536), (192, 12)), ((704, 512), (128, 128, 512), (128, 1, 4))):
+        text = export_for_h100(dq, S(x, jnp.bfloat16), S(w, jnp.float8_e4m3fn), S(sc, jnp.float32))
+        assert "mosaic_gpu" in text
