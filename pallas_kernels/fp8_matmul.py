@@ -48,8 +48,10 @@ ACT_EPS = 1e-4  # DeepSeek's act_quant floor on the block amax
 FP8_ACTIVATIONS_MIN_M = 128  # "auto": token counts from here on quantise activations (prefill)
 DEQUANTIZE_MIN_M = 128  # bf16-activation calls from here on: the dequantised path (no explicit backend)
 # the dequantised path's Mosaic kernel (weight widened in registers) up to this many tokens, when its tiles fill the
-# GPU; beyond, or with fewer tiles, XLA's GEMM on the widened weight (R1's prefill GEMMs on an H100: RESULTS)
-DEQUANT_KERNEL_MAX_M = 1024
+# GPU; beyond, or with fewer tiles, XLA's GEMM on the widened weight. R1's prefill GEMMs on an H100 (RESULTS): the
+# kernel wins at 768-1024 tokens (q_b -22%, W_UK -12..30%), ties at 1536 (the seed prefill's up-projections) and
+# loses from 2048 (W_UK +8%; cuBLAS's GEMM outgrows the widening pass it needs)
+DEQUANT_KERNEL_MAX_M = 1536
 
 
 @jax.tree_util.register_dataclass
