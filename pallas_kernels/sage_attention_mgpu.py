@@ -142,6 +142,17 @@ def _key_tiles_kernel(tile_req_ref, tile_idx_ref, cu_ref, *refs, block, chunks, 
                        mask=ok[:, None])
 
 
+def key_tiles_warps(block: int) -> int:
+    """Warps per key_tiles program (tiles outermost in the grid), measured on the MLA seed prefill's K on an H100:
+    8 for 128-key tiles (66 us; 4 / 16 warps 75 / 69, heads outermost 72; at D 128, S 16k 4 warps are 42 vs 45 us),
+    4 for 64-key tiles (47 us; 2 / 8 warps 59 / 53, two or more heads per program 54-71). KEY_TILES_WARPS overrides
+    (benchmarks)."""
+    return KEY_TILES_WARPS or (4 if block <= 64 else 8)
+
+
+KEY_TILES_WARPS = None
+
+
 def key_tiles(k, cu, block: int, *, width: int, shift=None, eps: float = 1e-8, interpret: bool = False):
     """K's pass: k [T, H, D] (or a tuple of parts [T, H or 1, D_i] along D, read as they are; a one-head part is
     shared by every head) smoothed (minus `shift` [B, H, D], its per-request mean, or its parts [B, H or 1, D_i],
@@ -172,9 +183,7 @@ def key_tiles(k, cu, block: int, *, width: int, shift=None, eps: float = 1e-8, i
         + [_full(a) for a in ins[2:]],
         out_specs=[_full(o) for o in out_shape],
         out_shape=out_shape,
-        # 8 warps, tiles outermost: measured best at the MLA seed prefill's K on an H100 (66 us; 4 / 16 warps 75 / 69,
-        # heads outermost 72)
-        compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=key_tiles_warps(block), num_stages=1),
         interpret=interpret,
         name="key_tiles",
     )(*ins)
