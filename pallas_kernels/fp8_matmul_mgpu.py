@@ -18,6 +18,10 @@ with the [128, tokens] x tile into a fresh float32 accumulator and adds that tim
 running sum (the block-scale promotion of the Triton kernel). The K loop is split across programs (split-K); the
 float32 partial sums [splits, N, tokens] are added (and transposed) in XLA; an unsplit call (q_b, W_UV at R1's
 decode sizes) writes y [tokens, N] in x's dtype itself.
+
+`dequant_matmul`, the dequantised prefill path (16-bit activations, many tokens): the same transposed product with
+the weight widened in registers, scaled by its block scale before the MMA (the XLA path's dequantised weight, bit
+for bit) and accumulated in one float32 tile; persistent programs over [128 weight rows, block_m tokens] tiles.
 """
 
 from __future__ import annotations
