@@ -244,11 +244,12 @@ def dequant_matmul(x, w, ws, *, block_m: int = 256, stages: int = 2, programs: i
 
     The product runs transposed, y^T = W x^T, so that the weight is the MMA's register operand. Output tiles of
     128 weight rows x block_m tokens (tokens fastest, so consecutive tiles share the weight tile in L2) are dealt
-    round robin to `programs` persistent programs (None: one per SM of an H100): a TMA warpgroup streams each tile's [128, 128] e4m3 weight tiles,
-    [block_m, 128] x tiles and block-scale row through `stages` buffers, running ahead into the next tile while
-    the current one finishes; each of two compute warpgroups widens and scales its 64 weight rows in registers,
-    runs them against the shared x tile into its float32 accumulator (the two warpgroups' widening and MMAs
-    interleave), then transposes its [64, block_m] result in registers and TMA-stores it into y."""
+    round robin to `programs` persistent programs (None: one per SM of an H100): a TMA warpgroup streams each
+    tile's [128, 128] e4m3 weight tiles, [block_m, 128] x tiles and block-scale row through `stages` buffers,
+    running ahead into the next tile while the current one finishes; each of two compute warpgroups widens and
+    scales its 64 weight rows in registers, runs them against the shared x tile into its float32 accumulator (the
+    two warpgroups' widening and MMAs interleave), then transposes its [64, block_m] result in registers and
+    TMA-stores it into y."""
     bm = block_m
     if bm % 8 or not 8 <= bm <= 256 or stages < 2:
         raise ValueError(f"fp8_matmul (mosaic, dequantised): block_m must be a multiple of 8 in [8, 256] and "
