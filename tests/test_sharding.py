@@ -55,11 +55,7 @@ def test_mla_sharded_equals_unsharded(layer, impl, tp, dp, int8):
     if int8:  # the int8 latent's row scales live beside it, split the same way
         assert rel(cache.kv_scale, cache_ref.kv_scale) <= 1e-5
         assert cache.kv_scale.addressable_shards[0].data.shape[0] == 4 // dp
-    # the Pallas prefill quantises K to int8 after XLA-on-CPU arithmetic whose last bits depend on the compilation
-    # context (inside shard_map or not: a mesh of tp 1, dp 2 splits nothing and moves them too); a key whose int8
-    # rounding flips moves the output by ~2e-5 relative. A sharding mistake moves it by O(1).
-    bound = 1e-4 if impl == "pallas" else 1e-5
-    assert rel(y, y_ref) <= bound and rel(ys, ys_ref) <= 1e-5, (rel(y, y_ref), rel(ys, ys_ref))
+    assert rel(y, y_ref) <= 1e-5 and rel(ys, ys_ref) <= 1e-5, (rel(y, y_ref), rel(ys, ys_ref))
     assert rel(cache.kv_cache, cache_ref.kv_cache) <= 1e-5
     # the cache stays split by request over dp (each device holds 4/dp slots), replicated over tp
     assert cache.kv_cache.addressable_shards[0].data.shape[0] == 4 // dp
