@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import H100_SMS, smem
+from pallas_kernels.common import H100_SMS, cdiv, smem
 
 BLOCK = 128  # DeepSeek's scale block: one weight scale per 128 x 128, one activation scale per token per 128 K
 
@@ -351,7 +351,7 @@ def dequant_matmul(x, w, ws, *, block_m: int = 256, stages: int = 2, programs: i
             scoped,
             smem((stages, bm, BLOCK), x.dtype), smem((stages, wgs, WEIGHT_ROWS, BLOCK), w.dtype),
             # each slot's scale row 128-byte aligned (TMA's shared-memory alignment)
-            plgpu.SMEM((stages, -(-ws.shape[1] // 32) * 32), jnp.float32), plgpu.SMEM((wgs, bm, WEIGHT_ROWS), x.dtype),
+            plgpu.SMEM((stages, cdiv(ws.shape[1], 32) * 32), jnp.float32), plgpu.SMEM((wgs, bm, WEIGHT_ROWS), x.dtype),
             smem((wgs, WEIGHT_ROWS, BLOCK), x.dtype) if interpret else None,
             plgpu.Barrier(num_arrivals=2 + wgs, num_barriers=stages),
             plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),

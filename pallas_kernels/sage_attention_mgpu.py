@@ -145,12 +145,8 @@ def _key_tiles_kernel(tile_req_ref, tile_idx_ref, cu_ref, *refs, block, chunks, 
 def key_tiles_warps(block: int) -> int:
     """Warps per key_tiles program (tiles outermost in the grid), measured on the MLA seed prefill's K on an H100:
     8 for 128-key tiles (66 us; 4 / 16 warps 75 / 69, heads outermost 72; at D 128, S 16k 4 warps are 42 vs 45 us),
-    4 for 64-key tiles (47 us; 2 / 8 warps 59 / 53, two or more heads per program 54-71). KEY_TILES_WARPS overrides
-    (benchmarks)."""
-    return KEY_TILES_WARPS or (4 if block <= 64 else 8)
-
-
-KEY_TILES_WARPS = None
+    4 for 64-key tiles (47 us; 2 / 8 warps 59 / 53, two or more heads per program 54-71)."""
+    return 4 if block <= 64 else 8
 
 
 def key_tiles(k, cu, block: int, *, width: int, shift=None, eps: float = 1e-8, interpret: bool = False):
