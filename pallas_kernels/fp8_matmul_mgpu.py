@@ -132,8 +132,11 @@ def matmul(xq, xs_t, w, ws, *, out_dtype, block_sizes: MosaicBlockSizes = Mosaic
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(m // bm, n // BLOCK),
-        grid_names=("m", "n"),
+        # the last grid axis is the launch's fastest: the token tiles of one weight tile run side by side, so
+        # each weight tile comes from DRAM once per call (token tiles fastest: DRAM traffic 380 -> ~140 MB at
+        # R1's o_proj at 768 tokens)
+        grid=(n // BLOCK, m // bm),
+        grid_names=("n", "m"),
         num_threads=wgs + 1,
         thread_name="wg",
         interpret=plgpu.InterpretGPUParams() if interpret else False,
