@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -251,8 +252,9 @@ def _mosaic_weight_only(x, weights, *, block_sizes, interpret):
     """The Mosaic weight-only kernel for x and one or more weights ((w, scale), ...) inside
     `_mosaic_weight_only_applies`, in one launch: tokens padded to a multiple of 8; K split into the largest power
     of two that keeps the programs within two per SM and >= 4 K steps each (the best or near it at R1's four
-    projections, `bench/fp8_tune.py --grid mosaic`); partial sums added and transposed here (one split: the kernel
-    writes the product itself). Returns each weight's product [M, N_i] ([M, G, N_i] for grouped weights)."""
+    projections, `bench/fp8_tune.py --grid mosaic`); the kernel's token-major partial sums added here by elementwise
+    adds, which XLA fuses into whatever reads the product (one split: the kernel writes the product itself).
+    Returns each weight's product [M, N_i] ([M, G, N_i] for grouped weights)."""
     grouped = weights[0][0].ndim == 3
     if not grouped:
         weights = [(w[None], s[None]) for w, s in weights]
@@ -264,7 +266,8 @@ def _mosaic_weight_only(x, weights, *, block_sizes, interpret):
     splits = min(block_sizes.k_splits or 1 << max(fit, 1).bit_length() - 1, k_steps)
     out = fp8_matmul_mgpu.weight_only(pad_to(x3, 0, cdiv(m, 8) * 8), [(w, _scale_rows(s)) for w, s in weights],
                                       k_splits=splits, stages=block_sizes.stages, interpret=interpret)
-    y = (out if splits == 1 else out.sum(0).transpose(2, 0, 1).astype(x.dtype))[:m]  # [M, G, sum N_i]
+    y = out if splits == 1 else functools.reduce(operator.add, list(out)).astype(x.dtype)  # [Mp, G, sum N_i]
+    y = y[:m]
     ends = list(itertools.accumulate(w.shape[1] for w, _ in weights))
     return [y[..., e - w.shape[1]:e] if grouped else y[:, 0, e - w.shape[1]:e] for (w, _), e in zip(weights, ends)]
 

@@ -15,9 +15,10 @@ y^T = W x^T, so that the weight is the MMA's left operand and the tokens its nar
 8..256: no padding of the tokens to 64). Each program streams [64, 128] e4m3 tiles of its 64 weight rows by TMA
 through `stages` buffers, widens each tile in registers to x's dtype (exact: e4m3 fits bf16 / f16), multiplies it
 with the [128, tokens] x tile into a fresh float32 accumulator and adds that times the tile's block scale to the
-running sum (the block-scale promotion of the Triton kernel). The K loop is split across programs (split-K); the
-float32 partial sums [splits, N, tokens] are added (and transposed) in XLA; an unsplit call (q_b, W_UV at R1's
-decode sizes) writes y [tokens, N] in x's dtype itself.
+running sum (the block-scale promotion of the Triton kernel). The K loop is split across programs (split-K); each
+program transposes its [64, tokens] result in registers and TMA-stores it token-major: float32 partial sums
+[splits, tokens, N], added in XLA by elementwise adds that fuse into the consumer (a norm, RoPE, the output
+write), or, unsplit (q_b, W_UV at R1's decode sizes), y [tokens, N] in x's dtype itself.
 
 `dequant_matmul`, the dequantised prefill path (16-bit activations, many tokens): the same transposed product with
 the weight widened in registers, scaled by its block scale before the MMA (the XLA path's dequantised weight, bit
@@ -148,10 +149,10 @@ def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
     1 (x shared by every group) or G; weights ((w [G, N_i, K] e4m3 with N_i a multiple of 64, ws [G, ceil(N_i /
     128), >= K / 128] float32, columns padded to a multiple of 4 for TMA), ...): every weight that multiplies x, G
     groups each (MLA's heads; 1 for a plain weight), in one launch. With k_splits > 1 returns float32 partial sums
-    [k_splits, G, sum N_i, Mp] (the weights' rows side by side) whose sum over the first axis is, per group g,
-    (x[:, g] @ [dequant(w_1[g]); dequant(w_2[g]); ...]^T)^T; with one split the product itself, [Mp, G, sum N_i] in
-    x's dtype (each program's [64, Mp] tile transposed in registers and stored through shared memory by TMA), so
-    no transposing pass follows."""
+    [k_splits, Mp, G, sum N_i] (the weights' rows side by side) whose sum over the first axis is, per group g,
+    x[:, g] @ [dequant(w_1[g]); dequant(w_2[g]); ...]^T; with one split the product itself, [Mp, G, sum N_i] in x's
+    dtype. Each program's [64, Mp] tile is transposed in registers and stored through shared memory by TMA, so no
+    transposing pass follows."""
     mp, gx, k = x.shape
     groups = weights[0][0].shape[0]
     tiles = [w.shape[1] // WEIGHT_ROWS for w, _ in weights]
@@ -160,13 +161,12 @@ def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
     per = -(-k_steps // k_splits)  # K steps per split; the last split may have fewer (or none)
     wgmma = plgpu.Layout.WGMMA
 
-    whole = k_splits == 1  # the kernel writes y [Mp, G, N] itself
+    whole = k_splits == 1  # the kernel writes y [Mp, G, N] itself, else float32 partials [k_splits, Mp, G, N]
+    y_dtype = x.dtype if whole else jnp.float32
 
     def body(x_ref, *refs):
         w_refs, s_refs = refs[0:2 * len(weights):2], refs[1:2 * len(weights):2]
-        o_ref, x_smem, w_smem, ws_smem, bar, ws_bar, *rest = refs[2 * len(weights):]
-        y_smem = rest.pop(0) if whole else None
-        a_smem = rest
+        o_ref, x_smem, w_smem, ws_smem, bar, ws_bar, y_smem, *a_smem = refs[2 * len(weights):]
         ni, si, g = lax.axis_index("n"), lax.axis_index("s"), lax.axis_index("g")
         xg = g if gx > 1 else 0
         # this program's weight (uniform per program) and its 64-row tile within it
@@ -211,26 +211,22 @@ def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
 
         acc = lax.fori_loop(0, steps, step, plgpu.layout_cast(jnp.zeros((WEIGHT_ROWS, mp), jnp.float32), wgmma))
         cols = pl.ds(pl.multiple_of(ni * WEIGHT_ROWS, WEIGHT_ROWS), WEIGHT_ROWS)
-        if not whole:
-            o_ref[si, g, cols, :] = acc
-            return
         # y^T tile [64, Mp] -> y [Mp, 64]: a register transpose into an untiled buffer, then one TMA store
-        y_smem.T[...] = plgpu.layout_cast(acc.astype(x.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+        y_smem.T[...] = plgpu.layout_cast(acc.astype(y_dtype), plgpu.Layout.WGMMA_TRANSPOSED)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(y_smem, o_ref.at[:, g, cols])
+        plgpu.copy_smem_to_gmem(y_smem, o_ref.at[:, g, cols] if whole else o_ref.at[si, :, g, cols])
         plgpu.wait_smem_to_gmem(0)
 
     w_dtype = weights[0][0].dtype
     rows = sum(tiles) * WEIGHT_ROWS
     return plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((mp, groups, rows), x.dtype) if whole else
-        jax.ShapeDtypeStruct((k_splits, groups, rows, mp), jnp.float32),
+        out_type=jax.ShapeDtypeStruct(((mp,) if whole else (k_splits, mp)) + (groups, rows), y_dtype),
         scratch_types=[smem((stages, mp, BLOCK), x.dtype), smem((stages, WEIGHT_ROWS, BLOCK), w_dtype),
                        plgpu.SMEM((weights[0][1].shape[2],), jnp.float32),
                        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                        plgpu.Barrier(num_arrivals=1, num_barriers=1),  # the scale row landed
-                       *([plgpu.SMEM((mp, WEIGHT_ROWS), x.dtype)] if whole else []),
+                       plgpu.SMEM((mp, WEIGHT_ROWS), y_dtype),
                        *([smem((WEIGHT_ROWS, BLOCK), x.dtype)] if interpret else [])],
         grid=(sum(tiles), k_splits, groups),
         grid_names=("n", "s", "g"),
