@@ -532,13 +532,16 @@ def _decode_steps_jit(params, cfg, xs, cache, past_lens, kv_len, mode, impl):
     num_req = xs.shape[1]
     sizes = batching.StepSizes(num_tokens=num_req, num_blocks=num_req, block_q=1, kv_len=kv_len)
     ones = jnp.ones((num_req,), jnp.int32)
+    past_lens = jnp.asarray(past_lens, jnp.int32)
 
-    def body(carry, x):
-        cache, past = carry
-        y, cache = _step(params, cfg, x, cache, ones, past, sizes, mode, impl)
-        return (cache, past + 1), y
+    # step i's histories come from the loop index, so the cache is the only carry (a carried lengths vector was
+    # copied on the device at every step)
+    def body(cache, x_i):
+        x, i = x_i
+        y, cache = _step(params, cfg, x, cache, ones, past_lens + i, sizes, mode, impl)
+        return cache, y
 
-    (cache, _), ys = jax.lax.scan(body, (cache, jnp.asarray(past_lens, jnp.int32)), xs)
+    cache, ys = jax.lax.scan(body, cache, (xs, jnp.arange(xs.shape[0], dtype=jnp.int32)))
     return ys, cache
 
 
