@@ -133,9 +133,9 @@ def matmul(xq, xs_t, w, ws, *, out_dtype, block_sizes: MosaicBlockSizes = Mosaic
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        # the last grid axis is the launch's fastest: the token tiles of one weight tile run side by side, so
-        # each weight tile comes from DRAM once per call (token tiles fastest: DRAM traffic 380 -> ~140 MB at
-        # R1's o_proj at 768 tokens)
+        # the last grid axis is the launch's fastest: the token tiles of one weight tile run side by side and
+        # share it through the L2, so each weight tile comes from DRAM once per call (R1's o_proj at 768 tokens on
+        # an H100, ncu: DRAM throughput 60% -> 28% of peak, kernel 189 -> 176 us)
         grid=(n // BLOCK, m // bm),
         grid_names=("n", "m"),
         num_threads=wgs + 1,
