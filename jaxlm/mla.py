@@ -323,9 +323,10 @@ def _up_project(kv, params, impl):
     return jnp.einsum("...l,npl->...np", kv, w_uk), jnp.einsum("...l,nlv->...nv", kv_v, w_uv)
 
 
-def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array, impl: str):
+def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array, impl: str, rope=None):
     """x [T, D] -> q [T, N, P + R] as projected (q_nope is its leading P columns; its rope part unrotated), q_pe
-    [T, N, R] (roped), latent [T, L] (normed), k_pe [T, R] (roped)."""
+    [T, N, R] (roped), latent [T, L] (normed), k_pe [T, R] (roped). rope: (cos, sin) [T, R] of the positions when
+    the caller has them already."""
     n = cfg.num_heads
     first = ("q_proj", "td,dnh->tnh") if cfg.q_lora_rank is None else ("q_a_proj", "td,dq->tq")
     qa, ckv = _linears_of_x(x, params, [first, ("kv_a_proj_with_mqa", "td,de->te")], impl)  # one FP8 launch
@@ -337,9 +338,13 @@ def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array,
     q_pe = q[..., cfg.qk_nope_head_dim :]
     latent = rms_norm(ckv[:, : cfg.kv_lora_rank], params["kv_a_layernorm"], cfg.norm_eps)
     k_pe = ckv[:, cfg.kv_lora_rank :]
-    inv_freq, attention_factor = cfg.rope()
-    cos, sin = rope_cos_sin(positions, inv_freq, attention_factor, x.dtype)  # [T, R]
+    cos, sin = rope if rope is not None else _rope_of(cfg, positions, x.dtype)  # [T, R]
     return q, apply_rope(q_pe, cos[:, None], sin[:, None]), latent, apply_rope(k_pe, cos, sin)
+
+
+def _rope_of(cfg: MLAConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    inv_freq, attention_factor = cfg.rope()
+    return rope_cos_sin(positions, inv_freq, attention_factor, dtype)
 
 
 def _write_cache(cache: MLACache, meta: batching.RaggedMeta, latent, k_pe, impl: str) -> MLACache:
@@ -457,15 +462,16 @@ def _attend_naive(params, cfg, q_nope, q_pe, cache, meta, kv_len, impl):
     return _from_blocks(jnp.einsum("bnqs,bsnv->bqnv", probs, v), meta)
 
 
-def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes, mode: str, impl: str):
-    """One ragged step on padded shapes: x [sizes.num_tokens, D] -> (y [num_tokens, D], cache).
+def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes, mode: str, impl: str, rope=None):
+    """One ragged step on padded shapes: x [sizes.num_tokens, D] -> (y [num_tokens, D], cache). rope: the tokens'
+    (cos, sin) when the caller computed them (decode_steps, for all its steps at once).
 
     The one place that picks the kernels: with impl == "pallas" the caches are written by the in-place Pallas
     kernel, one-token steps attend through the absorbed flash-decoding kernel and multi-token steps through the
     INT8 varlen attention kernel (up-projected form); otherwise XLA scatters and the XLA absorbed/naive forms.
     """
     meta = batching.ragged_metadata(seq_lens, past_lens, sizes, cache.kv_cache.shape[1])
-    q, q_pe, latent, k_pe = _project(params, cfg, x, meta.tok_pos, impl)
+    q, q_pe, latent, k_pe = _project(params, cfg, x, meta.tok_pos, impl, rope)
     q_nope = q[..., : cfg.qk_nope_head_dim]  # a copy only where used (the Pallas paths take q whole)
     cache = _write_cache(cache, meta, latent, k_pe, impl)
     if mode == "naive":
@@ -534,14 +540,18 @@ def _decode_steps_jit(params, cfg, xs, cache, past_lens, kv_len, mode, impl):
     ones = jnp.ones((num_req,), jnp.int32)
     past_lens = jnp.asarray(past_lens, jnp.int32)
 
+    steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
+    # every step's RoPE tables in one pass before the loop (each step reads its rows where it applies them)
+    cos, sin = _rope_of(cfg, past_lens[None, :] + steps[:, None], xs.dtype)  # [steps, B, R]
+
     # step i's histories come from the loop index, so the cache is the only carry (a carried lengths vector was
     # copied on the device at every step)
-    def body(cache, x_i):
-        x, i = x_i
-        y, cache = _step(params, cfg, x, cache, ones, past_lens + i, sizes, mode, impl)
+    def body(cache, step_inputs):
+        x, i, rope = step_inputs
+        y, cache = _step(params, cfg, x, cache, ones, past_lens + i, sizes, mode, impl, rope)
         return cache, y
 
-    cache, ys = jax.lax.scan(body, cache, (xs, jnp.arange(xs.shape[0], dtype=jnp.int32)))
+    cache, ys = jax.lax.scan(body, cache, (xs, steps, (cos, sin)))
     return ys, cache
 
 
