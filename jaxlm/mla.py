@@ -343,6 +343,7 @@ def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array,
 
 
 def _rope_of(cfg: MLAConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """The layer's RoPE (cos, sin) [..., R] for integer positions of any shape (yarn's factor folded in)."""
     inv_freq, attention_factor = cfg.rope()
     return rope_cos_sin(positions, inv_freq, attention_factor, dtype)
 
