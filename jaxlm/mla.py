@@ -325,8 +325,8 @@ def _up_project(kv, params, impl):
 
 def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array, impl: str, rope=None):
     """x [T, D] -> q [T, N, P + R] as projected (q_nope is its leading P columns; its rope part unrotated), q_pe
-    [T, N, R] (roped), latent [T, L] (normed), k_pe [T, R] (roped). rope: (cos, sin) [T, R] of the positions when
-    the caller has them already."""
+    [T, N, R] (roped) and ckv [T, L + R] (kv_a's product: the latent and k_pe before their norm and RoPE, which the
+    cache write applies). rope: (cos, sin) [T, R] of the positions when the caller has them already."""
     n = cfg.num_heads
     first = ("q_proj", "td,dnh->tnh") if cfg.q_lora_rank is None else ("q_a_proj", "td,dq->tq")
     qa, ckv = _linears_of_x(x, params, [first, ("kv_a_proj_with_mqa", "td,de->te")], impl)  # one FP8 launch
@@ -336,10 +336,8 @@ def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array,
         q = _linear(rms_norm(qa, params["q_a_layernorm"], cfg.norm_eps), params, "q_b_proj", "tq,qnh->tnh", impl,
                     heads=n)
     q_pe = q[..., cfg.qk_nope_head_dim :]
-    latent = rms_norm(ckv[:, : cfg.kv_lora_rank], params["kv_a_layernorm"], cfg.norm_eps)
-    k_pe = ckv[:, cfg.kv_lora_rank :]
     cos, sin = rope if rope is not None else _rope_of(cfg, positions, x.dtype)  # [T, R]
-    return q, apply_rope(q_pe, cos[:, None], sin[:, None]), latent, apply_rope(k_pe, cos, sin)
+    return q, apply_rope(q_pe, cos[:, None], sin[:, None]), ckv
 
 
 def _rope_of(cfg: MLAConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
@@ -348,26 +346,26 @@ def _rope_of(cfg: MLAConfig, positions: jax.Array, dtype) -> tuple[jax.Array, ja
     return rope_cos_sin(positions, inv_freq, attention_factor, dtype)
 
 
-def _write_cache(cache: MLACache, meta: batching.RaggedMeta, latent, k_pe, impl: str) -> MLACache:
-    """Both caches written in the same step. Padding tokens carry position max_len (out of range): dropped."""
-    def write(cache, rows, *scales):  # scales: the row scales of an int8 cache, quantised as the rows are written
-        scale = scales[0] if scales else None
-        if impl != "pallas":
-            return pallas_kernels.update_cache_reference(cache, rows, meta.tok_slot, meta.tok_pos, scales=scale)
+def _write_cache(params, cfg: MLAConfig, cache: MLACache, meta: batching.RaggedMeta, ckv, impl: str) -> MLACache:
+    """kv_a's product ckv [T, L + R] into both caches at each token's (slot, position): the latent through
+    kv_a_layernorm, k_pe rotated at its position; one Pallas launch (`update_mla_cache`, which computes the RoPE
+    angles itself: no table operands), or its jnp reference with impl "xla". Padding tokens carry position max_len
+    (out of range): dropped."""
+    inv_freq, attention_factor = cfg.rope()
+    scales = () if cache.kv_scale is None else (cache.kv_scale,)
+    args = (cache.kv_cache, cache.pe_cache, ckv, meta.tok_slot, meta.tok_pos, params["kv_a_layernorm"],
+            jnp.asarray(inv_freq))
+    opts = dict(eps=cfg.norm_eps, rope_scale=attention_factor)
+    if impl != "pallas":
+        return MLACache(*pallas_kernels.update_mla_cache_reference(*args, **opts, kv_scale=cache.kv_scale))
 
-        def local(cache, rows, slots, positions, *scales):  # this device's slots: others are out of range, skipped
-            return pallas_kernels.update_cache(cache, rows, slots - sharding.axis_index(DP) * cache.shape[0], positions,
-                                               scales=scales[0] if scales else None)
+    def local(kv, pe, ckv, slots, positions, weight, inv_freq, *scales):  # this device's slots: others are skipped
+        slots = slots - sharding.axis_index(DP) * kv.shape[0]
+        return pallas_kernels.update_mla_cache(kv, pe, ckv, slots, positions, weight, inv_freq, **opts,
+                                               kv_scale=scales[0] if scales else None)
 
-        specs = (MLA_CACHE, MLA_CACHE_SCALE) if scales else MLA_CACHE
-        return sharding.per_device(local, (MLA_CACHE, P(), P(), P()) + (MLA_CACHE_SCALE,) * len(scales), specs)(
-            cache, rows, meta.tok_slot, meta.tok_pos, *scales)
-
-    pe = write(cache.pe_cache, k_pe)
-    if cache.kv_scale is None:
-        return MLACache(write(cache.kv_cache, latent), pe)
-    kv, kv_scale = write(cache.kv_cache, latent, cache.kv_scale)
-    return MLACache(kv, pe, kv_scale)
+    specs = (MLA_CACHE, MLA_CACHE) + (MLA_CACHE_SCALE,) * len(scales)
+    return MLACache(*sharding.per_device(local, specs[:2] + (P(),) * 5 + specs[2:], specs)(*args, *scales))
 
 
 def _softmax(scores: jax.Array, meta: batching.RaggedMeta, kv_len: int) -> jax.Array:
@@ -472,9 +470,9 @@ def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes,
     INT8 varlen attention kernel (up-projected form); otherwise XLA scatters and the XLA absorbed/naive forms.
     """
     meta = batching.ragged_metadata(seq_lens, past_lens, sizes, cache.kv_cache.shape[1])
-    q, q_pe, latent, k_pe = _project(params, cfg, x, meta.tok_pos, impl, rope)
+    q, q_pe, ckv = _project(params, cfg, x, meta.tok_pos, impl, rope)
     q_nope = q[..., : cfg.qk_nope_head_dim]  # a copy only where used (the Pallas paths take q whole)
-    cache = _write_cache(cache, meta, latent, k_pe, impl)
+    cache = _write_cache(params, cfg, cache, meta, ckv, impl)
     if mode == "naive":
         o = _attend_naive(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len, impl)
     elif impl == "pallas" and sizes.block_q == 1:

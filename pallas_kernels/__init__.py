@@ -1,6 +1,7 @@
 """Pallas GPU kernels, each beside its pure-jnp reference. Compiled (Triton) on GPU, interpreted on CPU."""
 
-from pallas_kernels.cache_update import update_cache, update_cache_reference
+from pallas_kernels.cache_update import (update_cache, update_cache_reference, update_mla_cache,
+                                         update_mla_cache_reference)
 from pallas_kernels.common import on_gpu
 from pallas_kernels.fp8_matmul import Fp8Weight, fp8_matmul, fp8_matmul_reference, fp8_matmuls
 from pallas_kernels.mla_decode import BlockSizes as MLADecodeBlockSizes
@@ -11,4 +12,5 @@ from pallas_kernels.common import segments as sage_attention_segments
 
 __all__ = ["Fp8Weight", "MLADecodeBlockSizes", "SageBlockSizes", "fp8_matmul", "fp8_matmul_reference", "fp8_matmuls",
            "mla_decode", "mla_decode_reference", "on_gpu", "sage_attention", "sage_attention_reference",
-           "sage_attention_segments", "update_cache", "update_cache_reference"]
+           "sage_attention_segments", "update_cache", "update_cache_reference", "update_mla_cache",
+           "update_mla_cache_reference"]

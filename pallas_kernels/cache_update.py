@@ -12,11 +12,16 @@ Two options on the same kernel:
 - `block_table`: a paged cache [pages, page_size, D]; request r's position p lives in page
   block_table[r, p // page_size] at row p % page_size (vLLM's layout). The (page, row) pairs are computed in XLA and
   the kernel writes them like (slot, position) pairs.
+
+`update_mla_cache` is the MLA layer's whole cache write in one launch (vLLM's `concat_and_cache_mla` with the
+latent's RMSNorm and the key's RoPE folded in): from kv_a's product [latent | k_pe], or its split-K partial sums,
+it normalises the latent, rotates k_pe and writes both caches, where the separate passes took four launches.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +29,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.common import quantize_rows_int8, resolve_interpret
+
+_F32 = jnp.float32
 
 
 def _kernel(rows_ref, slot_ref, pos_ref, *refs, quantize: bool):
@@ -92,6 +99,101 @@ def update_cache(cache, rows, slots, positions, *, scales=None, block_table=None
     return tuple(out) if quantize else out[0]
 
 
+def _mla_kernel(lat_ref, lo_ref, hi_ref, w_ref, freq_ref, slot_ref, pos_ref, *refs, eps: float, rope_scale: float,
+                dtype, quantize: bool):
+    # refs: the aliased inputs (kv_cache, pe_cache[, kv_scale]) then the outputs in the same order
+    kv_ref, pe_ref, *scale_ref = refs[len(refs) // 2:]
+    slot, pos = slot_ref[0], pos_ref[0]
+    ok = (pos >= 0) & (pos < kv_ref.shape[1]) & (slot >= 0) & (slot < kv_ref.shape[0])
+
+    @pl.when(ok)
+    def _():
+        def row(ref):  # [S, 1, C] partial sums -> the product's row [1, C], rounded to its dtype
+            return jnp.sum(ref[...].astype(_F32), axis=0).astype(dtype).astype(_F32)
+
+        x = row(lat_ref)
+        normed = (x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)).astype(dtype)
+        latent = (w_ref[...].astype(_F32) * normed.astype(_F32)).astype(dtype)
+        c, s = _cos_sin(pos, freq_ref[...], rope_scale, dtype)
+        lo, hi = row(lo_ref), row(hi_ref)
+        half = lo.shape[-1]
+        pe_ref[slot, pl.ds(pos, 1), pl.ds(0, half)] = (lo * c - hi * s).astype(dtype).astype(pe_ref.dtype)
+        pe_ref[slot, pl.ds(pos, 1), pl.ds(half, half)] = (hi * c + lo * s).astype(dtype).astype(pe_ref.dtype)
+        if quantize:
+            q, scale = quantize_rows_int8(latent)
+            kv_ref[slot, pl.ds(pos, 1), :] = q
+            scale_ref[0][slot, pl.ds(pos, 1)] = scale
+        else:
+            kv_ref[slot, pl.ds(pos, 1), :] = latent.astype(kv_ref.dtype)
+
+
+def _cos_sin(positions, inv_freq, rope_scale: float, dtype):
+    """HF's RoPE tables at integer positions (one half of the half-split layout): cos / sin of positions x inv_freq
+    in float32, times rope_scale, rounded to `dtype` (the model's tables are in its dtype)."""
+    angles = jnp.asarray(positions).astype(_F32)[..., None] * inv_freq.astype(_F32)
+    return [(f(angles) * rope_scale).astype(dtype).astype(_F32) for f in (jnp.cos, jnp.sin)]
+
+
+def _mla_parts(ckv, kv_cache, pe_cache, norm_weight, inv_freq, kv_scale):
+    """Checks of update_mla_cache's operands: returns ckv as partial sums [S, T, L + R]."""
+    parts = ckv if ckv.ndim == 3 else ckv[None]
+    lat, rope = kv_cache.shape[-1], pe_cache.shape[-1]
+    t = parts.shape[1] if parts.ndim == 3 else -1
+    shapes_ok = (parts.ndim == 3 and parts.shape[2] == lat + rope and kv_cache.ndim == 3 and rope % 2 == 0
+                 and pe_cache.shape[:2] == kv_cache.shape[:2] and norm_weight.shape == (lat,) and t >= 0
+                 and inv_freq.shape == (rope // 2,))
+    if not shapes_ok:
+        raise ValueError(f"update_mla_cache needs ckv [T, L + R] or [S, T, L + R], kv_cache [B, S, L], pe_cache "
+                         f"[B, S, R] (R even), norm_weight [L], inv_freq [R / 2]; got ckv {ckv.shape}, kv_cache "
+                         f"{kv_cache.shape}, pe_cache {pe_cache.shape}, norm_weight {norm_weight.shape}, inv_freq "
+                         f"{inv_freq.shape}")
+    if (kv_scale is not None) != (kv_cache.dtype == jnp.int8) or (
+            kv_scale is not None and kv_scale.shape != kv_cache.shape[:2]):
+        raise ValueError(f"update_mla_cache: an int8 kv_cache needs its [B, S] kv_scale and a 16 / 32-bit one "
+                         f"none; got {kv_cache.dtype} with kv_scale {None if kv_scale is None else kv_scale.shape}")
+    return parts
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "rope_scale", "dtype", "interpret"),
+                   donate_argnames=("kv_cache", "pe_cache", "kv_scale"))
+def update_mla_cache(kv_cache, pe_cache, ckv, slots, positions, norm_weight, inv_freq, *, eps: float,
+                     rope_scale: float = 1.0, dtype=None, kv_scale=None, interpret: bool | None = None):
+    """The MLA layer's cache write, in place, one launch: ckv [T, L + R] is kv_a's product [latent | k_pe] (or
+    [S, T, L + R] split-K partial sums of it, added in float32 and rounded to `dtype`, default ckv's dtype); token
+    t's rms_norm(latent) * norm_weight goes to kv_cache[slots[t], positions[t]] (kv_cache [B, S, L], donated; int8
+    with its [B, S] float32 row scales `kv_scale` when given, quantised as in `update_cache`) and k_pe, rotated
+    (HF's half-split layout) at its position by the inverse frequencies inv_freq [R / 2] with cos / sin scaled by
+    `rope_scale` (YaRN's attention factor), to pe_cache [B, S, R]. Numerics of HF's RMSNorm and RoPE in `dtype`
+    (float32 statistics and products, rounded where HF rounds). Tokens whose position is outside [0, S) write
+    nothing. Returns (kv_cache, pe_cache[, kv_scale])."""
+    parts = _mla_parts(ckv, kv_cache, pe_cache, norm_weight, inv_freq, kv_scale)
+    dtype = jnp.dtype(dtype or ckv.dtype)
+    s, t, _ = parts.shape
+    lat, half = kv_cache.shape[-1], pe_cache.shape[-1] // 2
+    caches = (kv_cache, pe_cache) + (() if kv_scale is None else (kv_scale,))
+    if t == 0:
+        return caches
+    if lat % half:
+        raise ValueError(f"update_mla_cache reads k_pe in blocks of R / 2 = {half}: L = {lat} must be a multiple")
+    full = lambda x: pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim)  # noqa: E731
+    part = lambda width, col: pl.BlockSpec((s, 1, width), lambda i: (0, i, col))  # noqa: E731
+    tok = pl.BlockSpec((1,), lambda i: (i,))
+    out = pl.pallas_call(
+        functools.partial(_mla_kernel, eps=eps, rope_scale=rope_scale, dtype=dtype, quantize=kv_scale is not None),
+        grid=(t,),
+        in_specs=[part(lat, 0), part(half, lat // half), part(half, lat // half + 1), full(norm_weight),
+                  pl.BlockSpec((1, half), lambda i: (0, 0)), tok, tok, *map(full, caches)],
+        out_specs=[full(c) for c in caches],
+        out_shape=[jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches],
+        input_output_aliases={7 + i: i for i in range(len(caches))},
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        interpret=resolve_interpret(interpret),
+        name="update_mla_cache",
+    )(parts, parts, parts, norm_weight, inv_freq.astype(_F32)[None], jnp.asarray(slots, jnp.int32),
+      jnp.asarray(positions, jnp.int32), *caches)
+    return tuple(out)
+
+
 def update_cache_reference(cache, rows, slots, positions, *, scales=None, block_table=None):
     """Plain jnp scatter; out-of-range positions are dropped. Same options and results as `update_cache`."""
     if block_table is not None:
@@ -102,3 +204,25 @@ def update_cache_reference(cache, rows, slots, positions, *, scales=None, block_
         return cache.at[slots, positions].set(rows.astype(cache.dtype), mode="drop")
     q, s = quantize_rows_int8(rows)
     return cache.at[slots, positions].set(q, mode="drop"), scales.at[slots, positions].set(s, mode="drop")
+
+
+def update_mla_cache_reference(kv_cache, pe_cache, ckv, slots, positions, norm_weight, inv_freq, *, eps: float,
+                               rope_scale: float = 1.0, dtype=None, kv_scale=None):
+    """Plain jnp: the partial sums added, HF's RMSNorm of the latent and rotate-half RoPE of k_pe, then
+    `update_cache_reference` into each cache. Same arguments and results as `update_mla_cache`."""
+    parts = _mla_parts(ckv, kv_cache, pe_cache, norm_weight, inv_freq, kv_scale)
+    dtype = jnp.dtype(dtype or ckv.dtype)
+    x = functools.reduce(operator.add, [p.astype(_F32) for p in parts]).astype(dtype)
+    lat = kv_cache.shape[-1]
+    x32 = x[:, :lat].astype(_F32)
+    normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(dtype)
+    latent = (norm_weight.astype(_F32) * normed.astype(_F32)).astype(dtype)
+    half = pe_cache.shape[-1] // 2
+    lo, hi = x[:, lat:lat + half].astype(_F32), x[:, lat + half:].astype(_F32)
+    c, s = _cos_sin(positions, inv_freq, rope_scale, dtype)
+    k_pe = jnp.concatenate([lo * c - hi * s, hi * c + lo * s], axis=-1).astype(dtype)
+    pe_cache = update_cache_reference(pe_cache, k_pe, slots, positions)
+    if kv_scale is None:
+        return update_cache_reference(kv_cache, latent, slots, positions), pe_cache
+    kv_cache, kv_scale = update_cache_reference(kv_cache, latent, slots, positions, scales=kv_scale)
+    return kv_cache, pe_cache, kv_scale

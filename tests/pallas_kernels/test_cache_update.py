@@ -1,4 +1,5 @@
-"""update_cache against its jnp reference: in place, ragged slots, padding rows dropped, nothing else touched."""
+"""update_cache and update_mla_cache against their jnp references: in place, ragged slots, padding rows dropped,
+nothing else touched."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import update_cache, update_cache_reference
+from pallas_kernels import update_cache, update_cache_reference, update_mla_cache, update_mla_cache_reference
 from pallas_kernels.lowering import export_for_h100
 
 
@@ -97,3 +98,81 @@ def test_int8_and_paged_lower_for_h100():
                            S((300, 64, 512), jnp.int8), S((16, 512), jnp.bfloat16), S((16,), jnp.int32),
                            S((16,), jnp.int32), S((300, 64), jnp.float32), S((16, 18), jnp.int32))
     assert "update_cache" in text
+
+
+def _mla_case(rng, dtype, splits, int8=False, lat=32, rope=8):
+    """Caches with fresh random contents (rows the call must leave alone), kv_a's product or its split-K partial
+    sums (float32), a norm weight, YaRN-like inverse frequencies, and tokens with history offsets, the last
+    position, a position past the end and a negative one (both dropped)."""
+    kv = (jnp.asarray(rng.integers(-127, 128, (3, 40, lat)), jnp.int8) if int8
+          else jnp.asarray(rng.standard_normal((3, 40, lat)), dtype))
+    pe = jnp.asarray(rng.standard_normal((3, 40, rope)), dtype)
+    slots = jnp.asarray([0, 0, 2, 2, 2, 1, 0], jnp.int32)
+    positions = jnp.asarray([0, 1, 5, 6, 39, 40, -1], jnp.int32)
+    shape = (7, lat + rope) if splits is None else (splits, 7, lat + rope)
+    ckv = jnp.asarray(rng.standard_normal(shape) * 3 + 1, dtype if splits is None else jnp.float32)
+    weight = jnp.asarray(rng.standard_normal(lat), dtype)
+    inv_freq = jnp.asarray(10000.0 ** -(np.arange(rope // 2) / (rope // 2)), jnp.float32)
+    scales = jnp.asarray(rng.random((3, 40)), jnp.float32) if int8 else None
+    return (kv, pe, ckv, slots, positions, weight, inv_freq), scales
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("splits", [None, 1, 4])
+def test_mla_cache_matches_reference(dtype, splits):
+    """update_mla_cache (norm + RoPE + both caches in one launch) against its reference: kv_a's product whole or as
+    split-K partial sums; bit-equal in bf16, float32 within the partial sums' and cos's rounding order."""
+    args, _ = _mla_case(np.random.default_rng(5), dtype, splits)
+    opts = dict(eps=1e-6, rope_scale=1.3, dtype=dtype)
+    want = update_mla_cache_reference(*args, **opts)
+    got = update_mla_cache(*(jnp.array(a) for a in args), **opts, interpret=True)
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        if dtype == jnp.bfloat16:
+            np.testing.assert_array_equal(g, w)
+        else:
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=2e-6)
+    kept = np.zeros((3, 40), bool)
+    kept[np.asarray(args[3])[:5], np.asarray(args[4])[:5]] = True  # the five in-range tokens
+    np.testing.assert_array_equal(np.asarray(got[0])[~kept], np.asarray(args[0])[~kept])  # the rest untouched
+    np.testing.assert_array_equal(np.asarray(got[1])[~kept], np.asarray(args[1])[~kept])
+
+
+def test_mla_cache_reference_is_the_layers_math():
+    """The reference's norm and RoPE are jaxlm.layers' rms_norm, rope_cos_sin and apply_rope (the XLA path's)."""
+    from jaxlm.layers import apply_rope, rms_norm, rope_cos_sin
+
+    rng = np.random.default_rng(6)
+    (kv, pe, ckv, slots, positions, weight, inv_freq), _ = _mla_case(rng, jnp.float32, None)
+    got_kv, got_pe = update_mla_cache_reference(kv, pe, ckv, slots, positions, weight, inv_freq, eps=1e-6,
+                                                rope_scale=1.3)
+    cos, sin = rope_cos_sin(positions, np.asarray(inv_freq), 1.3, jnp.float32)
+    want_kv = update_cache_reference(kv, rms_norm(ckv[:, :32], weight, 1e-6), slots, positions)
+    want_pe = update_cache_reference(pe, apply_rope(ckv[:, 32:], cos, sin), slots, positions)
+    np.testing.assert_allclose(np.asarray(got_kv), np.asarray(want_kv), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_pe), np.asarray(want_pe), rtol=1e-6, atol=1e-6)
+
+
+def test_mla_cache_int8_latent_and_errors():
+    """An int8 latent cache: quantised rows and scales as `update_cache` writes them; the k_pe cache stays 16-bit."""
+    args, scales = _mla_case(np.random.default_rng(7), jnp.bfloat16, 4, int8=True)
+    opts = dict(eps=1e-6, rope_scale=1.0, dtype=jnp.bfloat16)
+    want = update_mla_cache_reference(*args, **opts, kv_scale=scales)
+    got = update_mla_cache(*(jnp.array(a) for a in args), **opts, kv_scale=jnp.array(scales), interpret=True)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1], np.float32), np.asarray(want[1], np.float32))
+    np.testing.assert_allclose(np.asarray(got[2]), np.asarray(want[2]), rtol=1e-6)
+    with pytest.raises(ValueError, match="needs its \\[B, S\\] kv_scale"):
+        update_mla_cache(*args, **opts)
+    with pytest.raises(ValueError, match="update_mla_cache needs ckv"):
+        update_mla_cache(args[0], args[1], args[2][..., :-1], *args[3:], **opts, kv_scale=scales)
+
+
+def test_mla_cache_lowers_for_h100():
+    """R1's sizes: the seed decode's 16 tokens as 8 split-K partial sums, 512 + 64 wide, bf16 caches."""
+    S = jax.ShapeDtypeStruct
+    fn = functools.partial(update_mla_cache, eps=1e-6, rope_scale=1.2, dtype=jnp.bfloat16, interpret=False)
+    text = export_for_h100(fn, S((16, 512, 512), jnp.bfloat16), S((16, 512, 64), jnp.bfloat16),
+                           S((8, 16, 576), jnp.float32), S((16,), jnp.int32), S((16,), jnp.int32),
+                           S((512,), jnp.bfloat16), S((32,), jnp.float32))
+    assert "update_mla_cache" in text
