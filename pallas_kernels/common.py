@@ -119,9 +119,13 @@ def quantize_parts_int8(parts, eps: float = 1e-8):
     """`quantize_rows_int8` of the concatenation of `parts` along the last axis, without building it: (the int8
     parts, the shared float32 row scales)."""
     fs = [x.astype(jnp.float32) for x in parts]
-    amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=-1) for x in fs])
-    scale = jnp.maximum(amax, eps) / 127.0
-    return [jnp.clip(jnp.floor(x / scale[..., None] + 0.5), -127.0, 127.0).astype(jnp.int8) for x in fs], scale
+    amax = jnp.maximum(functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=-1) for x in fs]), eps)
+    # codes from one multiply by the row's 127 / absmax, not a division by the scale: XLA rewrites a division by a
+    # broadcast row into that multiply in some programs and not in others (on CPU: the unsharded MLA layer's but not
+    # its shard_map'ed one), and the two round ties differently, so the same rows got different codes
+    inv = 127.0 / amax
+    return ([jnp.clip(jnp.floor(x * inv[..., None] + 0.5), -127.0, 127.0).astype(jnp.int8) for x in fs],
+            amax / 127.0)
 
 
 def online_softmax_step(s, m, l, acc, masked: bool, scale=1.0):

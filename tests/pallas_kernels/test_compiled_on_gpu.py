@@ -100,6 +100,33 @@ def test_update_cache_int8_and_paged():
         np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-6)
 
 
+@pytest.mark.parametrize("splits,int8", [(8, False), (1, False), (4, True)])
+def test_update_mla_cache(splits, int8):
+    """R1's widths (512 + 64): kv_a's product as split-K partial sums (or whole), bf16 caches or an int8 latent."""
+    rng = np.random.default_rng(splits)
+    slots = jnp.asarray(rng.integers(0, 4, 40), jnp.int32)
+    positions = jnp.asarray(np.r_[rng.permutation(256)[:38], 256, -1], jnp.int32)  # two dropped
+    ckv = jnp.asarray(rng.standard_normal((splits, 40, 576)) * 2, jnp.float32)
+    weight = jnp.asarray(rng.standard_normal(512), jnp.bfloat16)
+    inv_freq = jnp.asarray(10000.0 ** -(np.arange(32) / 32), jnp.float32)
+
+    def caches():
+        kv = jnp.zeros((4, 256, 512), jnp.int8) if int8 else jnp.asarray(rng.standard_normal((4, 256, 512)),
+                                                                            jnp.bfloat16)
+        scales = jnp.zeros((4, 256), jnp.float32) if int8 else None
+        return kv, jnp.asarray(rng.standard_normal((4, 256, 64)), jnp.bfloat16), scales
+
+    kv, pe, scales = caches()
+    args = (slots, positions, weight, inv_freq)
+    opts = dict(eps=1e-6, rope_scale=1.2, dtype=jnp.bfloat16)
+    want = pk.update_mla_cache_reference(kv, pe, ckv, *args, **opts, kv_scale=scales)
+    got = pk.update_mla_cache(jnp.array(kv), jnp.array(pe), ckv, *args, **opts,
+                              kv_scale=None if scales is None else jnp.array(scales))
+    for g, w in zip(got, want):  # within one rounding: float32 sums and cos in another order than XLA's
+        step = 1.0 if g.dtype == jnp.int8 else 2.0 ** -7 * np.abs(np.asarray(w, np.float32)) + 1e-6
+        assert np.all(np.abs(np.asarray(g, np.float32) - np.asarray(w, np.float32)) <= step), g.dtype
+
+
 def test_one_pass_activation_quantisation():
     """The compiled act_quant pass gives XLA's bytes and scales (the division and the e4m3 rounding on the GPU)."""
     from pallas_kernels.fp8_matmul import quantize_activations, quantize_activations_t
