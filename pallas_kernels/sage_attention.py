@@ -79,9 +79,9 @@ def auto_backend(tq: int, tk: int, requests: int, dqk: int, dv: int, v_dtype) ->
     return "mosaic" if dqk <= MOSAIC_MAX_DQK and long_enough else "triton"
 
 
-def _request_means(parts, cu):
-    """Per-request means over tokens of each of `parts` (x [T, H, D_i]) -> ([B, H, D_i] per part, the request of each
-    token), as one-hot matmuls (no scatter) sharing one membership matrix."""
+def request_means(parts, cu):
+    """Per-request means over tokens of each of `parts` (x [T, H, D_i]) -> ([B, H, D_i] float32 per part, the request
+    of each token), as one-hot matmuls (no scatter) sharing one membership matrix. K's smoothing shift."""
     seg, off = segments(cu, parts[0].shape[0])
     member = (jnp.arange(cu.shape[0] - 1)[:, None] == seg[None, :]) & (off < (cu[1:] - cu[:-1])[seg])[None, :]
     count = jnp.maximum(cu[1:] - cu[:-1], 1).astype(jnp.float32)[:, None, None]
@@ -157,7 +157,7 @@ def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, qs_ref, ks_ref, *refs,
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "smooth_k", "return_lse", "block_sizes",
                                              "backend", "interpret"))
 def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, sm_scale: float | None = None,
-                   smooth_k: bool = True, return_lse: bool = False,
+                   smooth_k: bool = True, k_mean=None, return_lse: bool = False,
                    block_sizes: BlockSizes | MosaicBlockSizes | None = None, backend: str | None = None,
                    interpret: bool | None = None):
     """Packed varlen attention with INT8 Q.K^T. Returns o [Tq, Hq, Dv] in q's dtype (zeros for rows that see no key;
@@ -171,6 +171,10 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     second: the Mosaic path reads the window in place, no sliced copy). A k part may have one head, shared by every
     K head (MLA's rope key k_pe [Tk, 1, R]): the Mosaic path reads it once per head where it is; the Triton path
     broadcasts it.
+    k_mean: K's per-request channel means [B, Hk or 1, D_i] per part (as k), when the caller has them for less than
+    a pass over K (MLA: the latent's mean through W_UK); None: `request_means` of k. The smoothing subtracts them
+    from K (with smooth_k): any shift per request and head leaves the softmax as it is (the LSE is corrected by the
+    same means), so they need not be exact.
     backend: "triton", "mosaic" (Hopper wgmma kernel, sage_attention_mgpu.py; 16-bit V) or "auto" (`auto_backend`:
     Mosaic for long requests); None: the backend block_sizes belong to, else common.DEFAULT_BACKEND ("auto") for
     compiled calls and "triton" in interpret mode;
@@ -199,8 +203,13 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
         o = jnp.zeros((tq, hq, v.shape[2]), qp[0].dtype)
         return (o, jnp.full((tq, hq), -jnp.inf, jnp.float32)) if return_lse else o
     means = None
-    if smooth_k and tk:
-        means, seg_k = _request_means(kp, cu_k)
+    if smooth_k and tk and k_mean is None:
+        means, seg_k = request_means(kp, cu_k)
+    elif smooth_k and tk:
+        means, seg_k = [m.astype(jnp.float32) for m in as_parts(k_mean)], segments(cu_k, tk)[0]
+        if len(means) != len(kp) or any(m.shape != (nb, x.shape[1], w) for m, x, w in zip(means, kp, widths)):
+            raise ValueError(f"sage_attention: k_mean {[m.shape for m in means]} does not fit k "
+                             f"{[x.shape for x in kp]} with {nb} requests (one [B, heads of the part, width] each)")
     # request-aligned query blocks: a static bound on their number, each (request, block index) from cu_q
     rows = bs.program_rows  # query rows per program
     nqb = cdiv(tq, rows) + nb

@@ -113,6 +113,34 @@ def test_parts_equal_their_concatenation(backend, bs):
         sage_attention((q[..., :128], q[..., 128:]), (k[..., :64], k[..., 64:]), v, cq, ck, interpret=True)
 
 
+@pytest.mark.parametrize("backend,bs", [("triton", SMALL), ("mosaic", MosaicBlockSizes())])
+def test_given_key_means(backend, bs):
+    """k_mean given (MLA computes it from the latent): K's own means give the default call's output and LSE; any
+    other shift per request and head (here the means plus noise) leaves the output within the INT8 bounds of the
+    exact reference and the LSE the reference's (the smoothing is undone); a mean of the wrong shape is an error."""
+    from pallas_kernels.sage_attention import request_means
+
+    rng = np.random.default_rng(12)
+    q, k, v, cq, ck = make(rng, [9, 0, 20], [30, 0, 20], 4, 4, 192, 128, jnp.bfloat16, k_offset=3.0)
+    parts = (k[..., :128], k[:, :1, 128:])  # MLA's form: a one-head rope part
+    qp = (q[..., :128], q[..., 128:])
+    run = functools.partial(sage_attention, return_lse=True, backend=backend, block_sizes=bs, interpret=True)
+    want, want_lse = run(qp, parts, v, cq, ck)
+    means, _ = request_means(parts, jnp.asarray(ck))
+    got, lse = run(qp, parts, v, cq, ck, k_mean=tuple(means))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-6, atol=1e-5)
+    shifted = tuple(m + jnp.asarray(rng.standard_normal(m.shape), jnp.float32) for m in means)
+    got, lse = run(qp, parts, v, cq, ck, k_mean=shifted)
+    ref, ref_lse = sage_attention_reference(qp, parts, v, cq, ck, return_lse=True)
+    cos, rel_l1 = metrics(got, ref)
+    assert cos >= 0.999 and rel_l1 <= 0.02, (cos, rel_l1)
+    rows = int(cq[-1])
+    np.testing.assert_allclose(np.asarray(lse)[:rows], np.asarray(ref_lse)[:rows], atol=0.05)
+    with pytest.raises(ValueError, match="k_mean"):
+        run(qp, parts, v, cq, ck, k_mean=(means[0][:, :2], means[1]))
+
+
 @pytest.mark.parametrize("backend", ["triton", "mosaic"])
 @pytest.mark.parametrize("rows,cu", [(0, [0]), (0, [0, 0]), (5, [0])], ids=["no-rows", "empty-request", "no-requests"])
 def test_nothing_to_attend(backend, rows, cu):
