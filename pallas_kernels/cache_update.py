@@ -49,6 +49,26 @@ def _kernel(rows_ref, slot_ref, pos_ref, *refs, quantize: bool):
             cache_ref[slot, pl.ds(pos, 1), :] = rows_ref[...].astype(cache_ref.dtype)
 
 
+def _whole(x):
+    return pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim)
+
+
+def _in_place(kernel, name: str, tokens: int, specs, args, caches, *, num_warps: int, interpret):
+    """`kernel` with one program per token over `args` (read through `specs`) and `caches`, which are aliased to the
+    outputs: written in place. Returns the caches as a tuple."""
+    return tuple(pl.pallas_call(
+        kernel,
+        grid=(tokens,),
+        in_specs=[*specs, *map(_whole, caches)],
+        out_specs=[_whole(c) for c in caches],
+        out_shape=[jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches],
+        input_output_aliases={len(args) + i: i for i in range(len(caches))},
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=resolve_interpret(interpret),
+        name=name,
+    )(*args, *caches))
+
+
 def paged_positions(block_table, slots, positions, page_size: int):
     """(request slot, position) pairs -> (page, row in page) pairs of a paged cache; positions outside the table
     (padding) map to row -1, which `update_cache` skips."""
@@ -83,20 +103,12 @@ def update_cache(cache, rows, slots, positions, *, scales=None, block_table=None
     if t == 0:
         return (cache, scales) if quantize else cache
     caches = (cache, scales) if quantize else (cache,)
-    full = lambda x: pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim)
-    out = pl.pallas_call(
-        functools.partial(_kernel, quantize=quantize),
-        grid=(t,),
-        in_specs=[pl.BlockSpec((1, d), lambda i: (i, 0)), pl.BlockSpec((1,), lambda i: (i,)),
-                  pl.BlockSpec((1,), lambda i: (i,)), *map(full, caches)],
-        out_specs=[full(c) for c in caches],
-        out_shape=[jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches],
-        input_output_aliases={3 + i: i for i in range(len(caches))},
-        compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
-        interpret=resolve_interpret(interpret),
-        name="update_cache",
-    )(rows, jnp.asarray(slots, jnp.int32), jnp.asarray(positions, jnp.int32), *caches)
-    return tuple(out) if quantize else out[0]
+    tok = pl.BlockSpec((1,), lambda i: (i,))
+    out = _in_place(functools.partial(_kernel, quantize=quantize), "update_cache", t,
+                    [pl.BlockSpec((1, d), lambda i: (i, 0)), tok, tok],
+                    [rows, jnp.asarray(slots, jnp.int32), jnp.asarray(positions, jnp.int32)], caches, num_warps=1,
+                    interpret=interpret)
+    return out if quantize else out[0]
 
 
 def _mla_kernel(lat_ref, lo_ref, hi_ref, w_ref, freq_ref, slot_ref, pos_ref, *refs, eps: float, rope_scale: float,
@@ -175,23 +187,16 @@ def update_mla_cache(kv_cache, pe_cache, ckv, slots, positions, norm_weight, inv
         return caches
     if lat % half:
         raise ValueError(f"update_mla_cache reads k_pe in blocks of R / 2 = {half}: L = {lat} must be a multiple")
-    full = lambda x: pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim)  # noqa: E731
     part = lambda width, col: pl.BlockSpec((s, 1, width), lambda i: (0, i, col))  # noqa: E731
     tok = pl.BlockSpec((1,), lambda i: (i,))
-    out = pl.pallas_call(
+    freqs = inv_freq.astype(_F32)[None]
+    return _in_place(
         functools.partial(_mla_kernel, eps=eps, rope_scale=rope_scale, dtype=dtype, quantize=kv_scale is not None),
-        grid=(t,),
-        in_specs=[part(lat, 0), part(half, lat // half), part(half, lat // half + 1), full(norm_weight),
-                  pl.BlockSpec((1, half), lambda i: (0, 0)), tok, tok, *map(full, caches)],
-        out_specs=[full(c) for c in caches],
-        out_shape=[jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches],
-        input_output_aliases={7 + i: i for i in range(len(caches))},
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-        interpret=resolve_interpret(interpret),
-        name="update_mla_cache",
-    )(parts, parts, parts, norm_weight, inv_freq.astype(_F32)[None], jnp.asarray(slots, jnp.int32),
-      jnp.asarray(positions, jnp.int32), *caches)
-    return tuple(out)
+        "update_mla_cache", t,
+        [part(lat, 0), part(half, lat // half), part(half, lat // half + 1), _whole(norm_weight), _whole(freqs), tok,
+         tok],
+        [parts, parts, parts, norm_weight, freqs, jnp.asarray(slots, jnp.int32), jnp.asarray(positions, jnp.int32)],
+        caches, num_warps=4, interpret=interpret)
 
 
 def update_cache_reference(cache, rows, slots, positions, *, scales=None, block_table=None):
