@@ -150,9 +150,8 @@ def _mla_parts(ckv, kv_cache, pe_cache, norm_weight, inv_freq, kv_scale):
     """Checks of update_mla_cache's operands: returns ckv as partial sums [S, T, L + R]."""
     parts = ckv if ckv.ndim == 3 else ckv[None]
     lat, rope = kv_cache.shape[-1], pe_cache.shape[-1]
-    t = parts.shape[1] if parts.ndim == 3 else -1
     shapes_ok = (parts.ndim == 3 and parts.shape[2] == lat + rope and kv_cache.ndim == 3 and rope % 2 == 0
-                 and pe_cache.shape[:2] == kv_cache.shape[:2] and norm_weight.shape == (lat,) and t >= 0
+                 and pe_cache.shape[:2] == kv_cache.shape[:2] and norm_weight.shape == (lat,)
                  and inv_freq.shape == (rope // 2,))
     if not shapes_ok:
         raise ValueError(f"update_mla_cache needs ckv [T, L + R] or [S, T, L + R], kv_cache [B, S, L], pe_cache "

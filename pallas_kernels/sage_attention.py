@@ -203,13 +203,14 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
         o = jnp.zeros((tq, hq, v.shape[2]), qp[0].dtype)
         return (o, jnp.full((tq, hq), -jnp.inf, jnp.float32)) if return_lse else o
     means = None
-    if smooth_k and tk and k_mean is None:
-        means, seg_k = request_means(kp, cu_k)
-    elif smooth_k and tk:
-        means, seg_k = [m.astype(jnp.float32) for m in as_parts(k_mean)], segments(cu_k, tk)[0]
-        if len(means) != len(kp) or any(m.shape != (nb, x.shape[1], w) for m, x, w in zip(means, kp, widths)):
-            raise ValueError(f"sage_attention: k_mean {[m.shape for m in means]} does not fit k "
-                             f"{[x.shape for x in kp]} with {nb} requests (one [B, heads of the part, width] each)")
+    if smooth_k and tk:
+        if k_mean is None:
+            means, seg_k = request_means(kp, cu_k)
+        else:
+            means, seg_k = [m.astype(jnp.float32) for m in as_parts(k_mean)], segments(cu_k, tk)[0]
+            if len(means) != len(kp) or any(m.shape != (nb, x.shape[1], w) for m, x, w in zip(means, kp, widths)):
+                raise ValueError(f"sage_attention: k_mean {[m.shape for m in means]} does not fit k "
+                                 f"{[x.shape for x in kp]} with {nb} requests (one [B, heads of the part, width] each)")
     # request-aligned query blocks: a static bound on their number, each (request, block index) from cu_q
     rows = bs.program_rows  # query rows per program
     nqb = cdiv(tq, rows) + nb
