@@ -589,7 +589,9 @@ def decode_steps(params: Params, cfg: MLAConfig, xs: jax.Array, cache: MLACache,
     batching.plan([steps] * num_req, past, num_tokens=steps * num_req, num_slots=slots, max_len=max_len)
     kv_len = min(batching.bucket(int(past.max()) + steps, 16), max_len)
     with sharding.use(sharding.mesh_of((params, cache))):
-        return _decode_steps_jit(params, cfg, xs, cache, jnp.asarray(past_lens, jnp.int32), kv_len, mode, impl)
+        # the lengths go in as numpy, travelling with the call's arguments: a separate upload first (jnp.asarray)
+        # cost ~0.4 ms more per call on an H100 host
+        return _decode_steps_jit(params, cfg, xs, cache, past.astype(np.int32), kv_len, mode, impl)
 
 
 def load_layer(hf_dir, layer: int, *, dtype=None, keep_fp8: bool = False) -> tuple[MLAConfig, Params]:

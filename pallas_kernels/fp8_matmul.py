@@ -76,9 +76,12 @@ class Fp8Weight:
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     block_m: int = 64  # token rows per program (>= 16 for the tensor cores; smaller M is padded to 16)
-    block_n: int = 64  # output columns per program (at most the scale block); 64 measured best at R1's decode sizes
+    # output columns per program (at most the scale block) and warps: on the GPU the Triton kernel's default user is
+    # R1's decode W_UK (16 tokens x 128 heads, [128, 512] per head, contracting its rows), where 128 columns with 8
+    # warps take 7.3-7.4 us against 8.1 for 64 with 4 (H100, build/wuk_tune.py in bench/RESULTS.md)
+    block_n: int = 128
     k_splits: int | None = None  # split-K factor; None: enough programs to fill an H100 (132 SMs) twice
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 3
 
 
