@@ -78,7 +78,7 @@ class BlockSizes:
     block_m: int = 64  # token rows per program (>= 16 for the tensor cores; smaller M is padded to 16)
     # output columns per program (at most the scale block) and warps: on the GPU the Triton kernel's default user is
     # R1's decode W_UK (16 tokens x 128 heads, [128, 512] per head, contracting its rows), where 128 columns with 8
-    # warps take 7.3-7.4 us against 8.1 for 64 with 4 (H100, build/wuk_tune.py in bench/RESULTS.md)
+    # warps take 7.3-7.4 us against 8.1 for 64 with 4 (H100; bench/RESULTS.md, sixteenth session)
     block_n: int = 128
     k_splits: int | None = None  # split-K factor; None: enough programs to fill an H100 (132 SMs) twice
     num_warps: int = 8
