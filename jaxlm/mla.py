@@ -104,9 +104,8 @@ class MLAConfig:
         """From an HF `config.json` dict (`deepseek_v3` or `deepseek_v2`; `rope_scaling` or `rope_parameters`)."""
         model_type = hf.get("model_type")
         if model_type not in ("deepseek_v3", "deepseek_v2"):
-            raise ValueError(
-                f"unknown model_type {model_type!r} for the MLA layer: expected 'deepseek_v3' (V3/R1) or 'deepseek_v2' (V2/V2-Lite)"
-            )
+            raise ValueError(f"unknown model_type {model_type!r} for the MLA layer: expected 'deepseek_v3' (V3/R1) or "
+                             f"'deepseek_v2' (V2/V2-Lite)")
         missing = [k for k in ("hidden_size", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
                                "qk_rope_head_dim", "v_head_dim") if hf.get(k) is None]
         if missing:
@@ -115,7 +114,8 @@ class MLAConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         if rope_type not in ("default", "yarn"):
-            raise ValueError(f"unsupported rope type {rope_type!r} in config.json: jaxlm implements 'default' and 'yarn'")
+            raise ValueError(f"unsupported rope type {rope_type!r} in config.json: jaxlm implements 'default' and "
+                             f"'yarn'")
         yarn = rope_type == "yarn"
         if yarn and rope.get("original_max_position_embeddings") is None:
             raise ValueError("yarn rope needs 'original_max_position_embeddings' in config.json")
