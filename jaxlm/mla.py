@@ -309,13 +309,16 @@ def _expand_uv(o_lat, params, impl):
     return jnp.einsum("tnl,nlv->tnv", o_lat, w)
 
 
-def _up_project_k(kv, params, impl):
-    """Cached latent [..., L] -> per-head K_nope [..., N, P] through W_UK."""
-    w = params["w_uk"]
+def _from_latent(kv, w, spec: str, impl):
+    """Latent rows [..., L] -> per head [..., N, X] through W_UK [N, P, L] or W_UV [N, L, V] (`spec`, the einsum of
+    a float weight in our layout); an Fp8Weight (HF rows [N, X, L]) through the FP8 kernel on the rows flattened."""
     if isinstance(w, Fp8Weight):
-        k = _fp8(kv.reshape(-1, kv.shape[-1]), w, impl, activations="bf16")
-        return k.reshape(*kv.shape[:-1], *k.shape[1:])
-    return jnp.einsum("...l,npl->...np", kv, w)
+        y = _fp8(kv.reshape(-1, kv.shape[-1]), w, impl, activations="bf16")
+        return y.reshape(*kv.shape[:-1], *y.shape[1:])
+    return jnp.einsum(spec, kv, w)
+
+
+_UK, _UV = "...l,npl->...np", "...l,nlv->...nv"  # W_UK / W_UV einsums of a latent row (float weights)
 
 
 def _up_project(kv, params, impl):
@@ -323,14 +326,8 @@ def _up_project(kv, params, impl):
     The two GEMMs share their input; XLA's dot merger would run them as one GEMM whose output halves it then copies
     out (0.07 ms at the seed prefill on an H100): V's input goes through an optimization barrier, so each GEMM
     writes its own buffer."""
-    w_uv = params["w_uv"]
-    kv_v = jax.lax.optimization_barrier(kv)
-    if isinstance(w_uv, Fp8Weight):
-        v = _fp8(kv_v.reshape(-1, kv.shape[-1]), w_uv, impl, activations="bf16")
-        v = v.reshape(*kv.shape[:-1], *v.shape[1:])
-    else:
-        v = jnp.einsum("...l,nlv->...nv", kv_v, w_uv)
-    return _up_project_k(kv, params, impl), v
+    return (_from_latent(kv, params["w_uk"], _UK, impl),
+            _from_latent(jax.lax.optimization_barrier(kv), params["w_uv"], _UV, impl))
 
 
 def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array, impl: str, rope=None):
@@ -456,7 +453,7 @@ def _attend_prefill_kernel(params, cfg, q, q_pe, cache, seq_lens, past_lens, kv_
         # of a pass over the [Tk, N, P] keys (12 us less per FP8 seed prefill on an H100); any shift per request and
         # head would serve (sage_attention undoes it)
         (lat_mean, pe_mean), _ = pallas_kernels.sage_attention_request_means((kv[:, None], k[1]), cu_k)
-        k_mean = (_up_project_k(lat_mean[:, 0].astype(kv.dtype), {"w_uk": w_uk}, "pallas"), pe_mean)
+        k_mean = (_from_latent(lat_mean[:, 0].astype(kv.dtype), w_uk, _UK, "pallas"), pe_mean)
         return pallas_kernels.sage_attention(q, k, v, cu_q, cu_k, k_mean=k_mean, causal=True,
                                              sm_scale=cfg.softmax_scale)
 
