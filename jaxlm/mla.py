@@ -549,6 +549,13 @@ def forward(params: Params, cfg: MLAConfig, x: jax.Array, cache: MLACache, seq_l
     return batching.take_rows(y, num_tokens), cache
 
 
+# decode_steps' scan runs this many steps per loop iteration: the loop's per-iteration costs on an H100 (a ~3.6 us
+# idle gap at each iteration's start, the counter's kernel, the carried output's copy) are paid once per
+# DECODE_UNROLL steps. FP8 seed decode, 100 steps: 0.1259 ms per step unrolled 1 (untied), 0.1210 at 2, 0.1196 at 4,
+# 0.1200 at 8; compile time unchanged (bench/RESULTS.md, seventeenth session).
+DECODE_UNROLL = 4
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "kv_len", "mode", "impl"), donate_argnames=("cache",))
 def _decode_steps_jit(params, cfg, xs, cache, past_lens, kv_len, mode, impl):
     num_req = xs.shape[1]
@@ -560,14 +567,20 @@ def _decode_steps_jit(params, cfg, xs, cache, past_lens, kv_len, mode, impl):
     # every step's RoPE tables in one pass before the loop (each step reads its rows where it applies them)
     cos, sin = _rope_of(cfg, past_lens[None, :] + steps[:, None], xs.dtype)  # [steps, B, R]
 
-    # step i's histories come from the loop index, so the cache is the only carry (a carried lengths vector was
-    # copied on the device at every step)
-    def body(cache, step_inputs):
+    # step i's histories come from the loop index (a carried lengths vector was copied on the device at every step).
+    # Each step's input waits for the previous step's output (an optimization barrier on the pair), as in a real
+    # decode, where it is computed from that output: with all inputs given up front and the loop unrolled, XLA would
+    # otherwise batch the unrolled steps' projections into one GEMM, one weight read for several steps.
+    def body(carry, step_inputs):
+        cache, prev = carry
         x, i, rope = step_inputs
+        x, _ = jax.lax.optimization_barrier((x, prev))
         y, cache = _step(params, cfg, x, cache, ones, past_lens + i, sizes, mode, impl, rope)
-        return cache, y
+        return (cache, y), y
 
-    cache, ys = jax.lax.scan(body, cache, (xs, steps, (cos, sin)))
+    first = jnp.zeros((num_req, cfg.hidden_size), xs.dtype)
+    (cache, _), ys = jax.lax.scan(body, (cache, first), (xs, steps, (cos, sin)),
+                                  unroll=max(1, min(DECODE_UNROLL, xs.shape[0])))
     return ys, cache
 
 
