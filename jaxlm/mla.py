@@ -35,7 +35,7 @@ from jaxlm.sharding import DP, MLA_CACHE, MLA_CACHE_SCALE, TP
 from pallas_kernels.common import resolve_attention_impl
 from pallas_kernels.fp8_matmul import Fp8Weight
 from pallas_kernels.mla_decode import dequantize_rows
-from jaxlm.layers import apply_rope, rms_norm, rope_cos_sin, rope_frequencies, yarn_get_mscale
+from jaxlm.layers import apply_rope, rope_cos_sin, rope_frequencies, yarn_get_mscale
 
 Params = dict[str, jax.Array]
 MODES = ("absorbed", "naive")
@@ -330,21 +330,36 @@ def _up_project(kv, params, impl):
             _from_latent(jax.lax.optimization_barrier(kv), params["w_uv"], _UV, impl))
 
 
-def _project(params: Params, cfg: MLAConfig, x: jax.Array, positions: jax.Array, impl: str, rope=None):
-    """x [T, D] -> q [T, N, P + R] as projected (q_nope is its leading P columns; its rope part unrotated), q_pe
-    [T, N, R] (roped) and ckv [T, L + R] (kv_a's product: the latent and k_pe before their norm and RoPE, which the
-    cache write applies). rope: (cos, sin) [T, R] of the positions when the caller has them already."""
-    n = cfg.num_heads
+def _first_projections(params: Params, cfg: MLAConfig, x: jax.Array, impl: str):
+    """x [T, D] -> (qa, ckv, dtype): q_a's product [T, Q] (q_proj's [T, N, P + R] without q-LoRA), kv_a's [T, L + R]
+    and the products' dtype. On the Pallas path with FP8 weights at decode sizes q_a's and kv_a's products come
+    from one weight-only launch as its split-K partial sums side by side, [S, T, Q + L + R], given as both: the
+    cache write adds them as it reads them (no pass of their own)."""
     first = ("q_proj", "td,dnh->tnh") if cfg.q_lora_rank is None else ("q_a_proj", "td,dq->tq")
-    qa, ckv = _linears_of_x(x, params, [first, ("kv_a_proj_with_mqa", "td,de->te")], impl)  # one FP8 launch
+    names_specs = [first, ("kv_a_proj_with_mqa", "td,de->te")]
+    ws = [params[name] for name, _ in names_specs]
+    if (impl == "pallas" and cfg.q_lora_rank is not None and all(isinstance(w, Fp8Weight) for w in ws)
+            and ws[0].block == ws[1].block and not any(name + "_bias" in params for name, _ in names_specs)):
+        parts = pallas_kernels.fp8_matmuls_side_by_side(x, [w.w for w in ws], [w.scale for w in ws],
+                                                        block=ws[0].block)
+        if parts is not None:
+            return parts, parts, x.dtype
+    qa, ckv = _linears_of_x(x, params, names_specs, impl)  # one FP8 launch where the Mosaic kernel takes both
+    return qa, ckv, ckv.dtype
+
+
+def _project_q(params: Params, cfg: MLAConfig, qa: jax.Array, positions: jax.Array, impl: str, rope=None):
+    """q_a's normalised product (q_proj's without q-LoRA) -> q [T, N, P + R] as projected (q_nope is its leading P
+    columns; its rope part unrotated) and q_pe [T, N, R] (roped). rope: (cos, sin) [T, R] of the positions when the
+    caller has them already."""
+    n = cfg.num_heads
     if cfg.q_lora_rank is None:
         q = qa.reshape(qa.shape[0], n, -1)
     else:
-        q = _linear(rms_norm(qa, params["q_a_layernorm"], cfg.norm_eps), params, "q_b_proj", "tq,qnh->tnh", impl,
-                    heads=n)
+        q = _linear(qa, params, "q_b_proj", "tq,qnh->tnh", impl, heads=n)
     q_pe = q[..., cfg.qk_nope_head_dim :]
-    cos, sin = rope if rope is not None else _rope_of(cfg, positions, x.dtype)  # [T, R]
-    return q, apply_rope(q_pe, cos[:, None], sin[:, None]), ckv
+    cos, sin = rope if rope is not None else _rope_of(cfg, positions, qa.dtype)  # [T, R]
+    return q, apply_rope(q_pe, cos[:, None], sin[:, None])
 
 
 def _rope_of(cfg: MLAConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
@@ -353,26 +368,32 @@ def _rope_of(cfg: MLAConfig, positions: jax.Array, dtype) -> tuple[jax.Array, ja
     return rope_cos_sin(positions, inv_freq, attention_factor, dtype)
 
 
-def _write_cache(params, cfg: MLAConfig, cache: MLACache, meta: batching.RaggedMeta, ckv, impl: str) -> MLACache:
-    """kv_a's product ckv [T, L + R] into both caches at each token's (slot, position): the latent through
-    kv_a_layernorm, k_pe rotated at its position; one Pallas launch (`update_mla_cache`, which computes the RoPE
-    angles itself: no table operands), or its jnp reference with impl "xla". Padding tokens carry position max_len
-    (out of range): dropped."""
+def _write_cache(params, cfg: MLAConfig, cache: MLACache, meta: batching.RaggedMeta, qa, ckv, dtype,
+                 impl: str) -> tuple[MLACache, jax.Array]:
+    """kv_a's product ckv (see `_first_projections`) into both caches at each token's (slot, position): the latent
+    through kv_a_layernorm, k_pe rotated at its position; one Pallas launch (`update_mla_cache`, which computes the
+    RoPE angles itself: no table operands), or its jnp reference with impl "xla". Padding tokens carry position
+    max_len (out of range): dropped. With q-LoRA the same launch normalises q_a's product qa (q_a_layernorm).
+    Returns (cache, qa normalised [T, Q], or qa as given without q-LoRA)."""
     inv_freq, attention_factor = cfg.rope()
     scales = () if cache.kv_scale is None else (cache.kv_scale,)
+    q_args = () if cfg.q_lora_rank is None else (qa, params["q_a_layernorm"])
     args = (cache.kv_cache, cache.pe_cache, ckv, meta.tok_slot, meta.tok_pos, params["kv_a_layernorm"],
-            jnp.asarray(inv_freq))
-    opts = dict(eps=cfg.norm_eps, rope_scale=attention_factor)
-    if impl != "pallas":
-        return MLACache(*pallas_kernels.update_mla_cache_reference(*args, **opts, kv_scale=cache.kv_scale))
+            jnp.asarray(inv_freq), *q_args)
+    opts = dict(eps=cfg.norm_eps, rope_scale=attention_factor, dtype=dtype)
+    fn = pallas_kernels.update_mla_cache if impl == "pallas" else pallas_kernels.update_mla_cache_reference
 
-    def local(kv, pe, ckv, slots, positions, weight, inv_freq, *scales):  # this device's slots: others are skipped
+    def local(kv, pe, ckv, slots, positions, weight, inv_freq, *rest):  # this device's slots: others are skipped
+        q_opts = dict(zip(("q", "q_norm_weight"), rest[:len(q_args)]))
+        scale = rest[len(q_args):]
         slots = slots - sharding.axis_index(DP) * kv.shape[0]
-        return pallas_kernels.update_mla_cache(kv, pe, ckv, slots, positions, weight, inv_freq, **opts,
-                                               kv_scale=scales[0] if scales else None)
+        return fn(kv, pe, ckv, slots, positions, weight, inv_freq, **opts, kv_scale=scale[0] if scale else None,
+                  **q_opts)
 
-    specs = (MLA_CACHE, MLA_CACHE) + (MLA_CACHE_SCALE,) * len(scales)
-    return MLACache(*sharding.per_device(local, specs[:2] + (P(),) * 5 + specs[2:], specs)(*args, *scales))
+    cache_specs = (MLA_CACHE, MLA_CACHE) + (MLA_CACHE_SCALE,) * len(scales)
+    in_specs = cache_specs[:2] + (P(),) * (5 + len(q_args)) + cache_specs[2:]
+    out = sharding.per_device(local, in_specs, cache_specs + (P(),) * bool(q_args))(*args, *scales)
+    return MLACache(*out[:len(cache_specs)]), out[-1] if q_args else qa
 
 
 def _softmax(scores: jax.Array, meta: batching.RaggedMeta, kv_len: int) -> jax.Array:
@@ -487,9 +508,10 @@ def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes,
     INT8 varlen attention kernel (up-projected form); otherwise XLA scatters and the XLA absorbed/naive forms.
     """
     meta = batching.ragged_metadata(seq_lens, past_lens, sizes, cache.kv_cache.shape[1])
-    q, q_pe, ckv = _project(params, cfg, x, meta.tok_pos, impl, rope)
+    qa, ckv, dtype = _first_projections(params, cfg, x, impl)
+    cache, qa = _write_cache(params, cfg, cache, meta, qa, ckv, dtype, impl)  # normalises q_a's product too
+    q, q_pe = _project_q(params, cfg, qa, meta.tok_pos, impl, rope)
     q_nope = q[..., : cfg.qk_nope_head_dim]  # a copy only where used (the Pallas paths take q whole)
-    cache = _write_cache(params, cfg, cache, meta, ckv, impl)
     if mode == "naive":
         o = _attend_naive(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len, impl)
     elif impl == "pallas" and sizes.block_q == 1:

@@ -15,7 +15,9 @@ Two options on the same kernel:
 
 `update_mla_cache` is the MLA layer's whole cache write in one launch (vLLM's `concat_and_cache_mla` with the
 latent's RMSNorm and the key's RoPE folded in): from kv_a's product [latent | k_pe], or its split-K partial sums,
-it normalises the latent, rotates k_pe and writes both caches, where the separate passes took four launches.
+it normalises the latent, rotates k_pe and writes both caches, where the separate passes took four launches. It can
+also normalise q_a's product (q_a_layernorm) on the way: at decode sizes both products come from one weight-only
+launch as split-K partial sums side by side, which the kernel adds as it reads them (no pass of their own).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import quantize_rows_int8, resolve_interpret
+from pallas_kernels.common import pow2_chunks, quantize_rows_int8, resolve_interpret
 
 _F32 = jnp.float32
+MLA_WARPS = 4  # update_mla_cache's warps per program
 
 
 def _kernel(rows_ref, slot_ref, pos_ref, *refs, quantize: bool):
@@ -50,18 +53,21 @@ def _kernel(rows_ref, slot_ref, pos_ref, *refs, quantize: bool):
 
 
 def _whole(x):
-    return pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim)
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
 
-def _in_place(kernel, name: str, tokens: int, specs, args, caches, *, num_warps: int, interpret):
-    """`kernel` with one program per token over `args` (read through `specs`) and `caches`, which are aliased to the
-    outputs: written in place. Returns the caches as a tuple."""
+def _in_place(kernel, name: str, tokens: int, specs, args, caches, *, num_warps: int, interpret, extra_out=(),
+              per_token: int = 1):
+    """`kernel` with `per_token` programs per token (grid (tokens,) or (tokens, per_token)) over `args` (read through
+    `specs`) and `caches`, which are aliased to the outputs: written in place. extra_out: (ShapeDtypeStruct,
+    BlockSpec) of outputs after the caches, which the kernel writes whole. Returns the caches and the extra outputs
+    as a tuple."""
     return tuple(pl.pallas_call(
         kernel,
-        grid=(tokens,),
+        grid=(tokens,) if per_token == 1 else (tokens, per_token),
         in_specs=[*specs, *map(_whole, caches)],
-        out_specs=[_whole(c) for c in caches],
-        out_shape=[jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches],
+        out_specs=[*(_whole(c) for c in caches), *(spec for _, spec in extra_out)],
+        out_shape=[*(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches), *(shape for shape, _ in extra_out)],
         input_output_aliases={len(args) + i: i for i in range(len(caches))},
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=resolve_interpret(interpret),
@@ -111,24 +117,46 @@ def update_cache(cache, rows, slots, positions, *, scales=None, block_table=None
     return out if quantize else out[0]
 
 
-def _mla_kernel(lat_ref, lo_ref, hi_ref, w_ref, freq_ref, slot_ref, pos_ref, *refs, eps: float, rope_scale: float,
-                dtype, quantize: bool):
-    # refs: the aliased inputs (kv_cache, pe_cache[, kv_scale]) then the outputs in the same order
-    kv_ref, pe_ref, *scale_ref = refs[len(refs) // 2:]
+def _rms_norm(x, sum_sq, width: int, weight, eps: float, dtype):
+    """HF's RMSNorm of float32 x (values of `dtype`) whose row's sum of squares over `width` columns is sum_sq."""
+    normed = (x * jax.lax.rsqrt(sum_sq / width + eps)).astype(dtype)
+    return (weight.astype(_F32) * normed.astype(_F32)).astype(dtype)
+
+
+def _mla_kernel(ckv_ref, w_ref, freq_ref, slot_ref, pos_ref, *refs, eps: float, rope_scale: float, dtype,
+                quantize: bool, q_width: int):
+    # refs: [q, its norm weight,] the aliased inputs (kv_cache, pe_cache[, kv_scale]), then the outputs in the same
+    # order[, the normalised q]
+    if q_width:
+        q_ref, qw_ref, *refs = refs
+    caches_out = refs[len(refs) // 2:] if not q_width else refs[(len(refs) - 1) // 2:-1]
+    kv_ref, pe_ref, *scale_ref = caches_out
     slot, pos = slot_ref[0], pos_ref[0]
     ok = (pos >= 0) & (pos < kv_ref.shape[1]) & (slot >= 0) & (slot < kv_ref.shape[0])
+    lat, half = kv_ref.shape[-1], pe_ref.shape[-1] // 2
+    first = ckv_ref.shape[-1] - lat - 2 * half  # kv_a's product: the trailing L + R columns
+
+    def row(ref, col, width):  # columns [col, col + width) of a [S, 1, C] block of partial sums -> the product's
+        return jnp.sum(ref[:, :, pl.ds(col, width)].astype(_F32), axis=0).astype(dtype).astype(_F32)  # [1, width]
+
+    # with q, program (t, 0) normalises token t's q row (padding tokens too: their rows are dropped later) and
+    # program (t, 1) writes its cache rows: two short programs where one did both in turn
+    if q_width:
+        @pl.when(pl.program_id(1) == 0)
+        def _():
+            pieces = [(off, w, row(q_ref, off, w)) for off, w in pow2_chunks(q_width)]  # power-of-two loads
+            sum_sq = sum(jnp.sum(x * x, axis=-1, keepdims=True) for _, _, x in pieces)
+            for off, w, x in pieces:
+                refs[-1][:, pl.ds(off, w)] = _rms_norm(x, sum_sq, q_width, qw_ref[pl.ds(off, w)], eps, dtype)
+
+        ok = ok & (pl.program_id(1) == 1)
 
     @pl.when(ok)
     def _():
-        def row(ref):  # [S, 1, C] partial sums -> the product's row [1, C], rounded to its dtype
-            return jnp.sum(ref[...].astype(_F32), axis=0).astype(dtype).astype(_F32)
-
-        x = row(lat_ref)
-        normed = (x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)).astype(dtype)
-        latent = (w_ref[...].astype(_F32) * normed.astype(_F32)).astype(dtype)
+        x = row(ckv_ref, first, lat)
+        latent = _rms_norm(x, jnp.sum(x * x, axis=-1, keepdims=True), lat, w_ref[...], eps, dtype)
         c, s = _cos_sin(pos, freq_ref[...], rope_scale, dtype)
-        lo, hi = row(lo_ref), row(hi_ref)
-        half = lo.shape[-1]
+        lo, hi = row(ckv_ref, first + lat, half), row(ckv_ref, first + lat + half, half)
         pe_ref[slot, pl.ds(pos, 1), pl.ds(0, half)] = (lo * c - hi * s).astype(dtype).astype(pe_ref.dtype)
         pe_ref[slot, pl.ds(pos, 1), pl.ds(half, half)] = (hi * c + lo * s).astype(dtype).astype(pe_ref.dtype)
         if quantize:
@@ -146,56 +174,81 @@ def _cos_sin(positions, inv_freq, rope_scale: float, dtype):
     return [(f(angles) * rope_scale).astype(dtype).astype(_F32) for f in (jnp.cos, jnp.sin)]
 
 
-def _mla_parts(ckv, kv_cache, pe_cache, norm_weight, inv_freq, kv_scale):
-    """Checks of update_mla_cache's operands: returns ckv as partial sums [S, T, L + R]."""
-    parts = ckv if ckv.ndim == 3 else ckv[None]
+def _as_parts(x):
+    """[T, C] or split-K partial sums [S, T, C] -> [S, T, C]."""
+    return x if x.ndim == 3 else x[None]
+
+
+def _mla_parts(ckv, kv_cache, pe_cache, norm_weight, inv_freq, kv_scale, q, q_norm_weight):
+    """Checks of update_mla_cache's operands: returns ckv and q (or None) as partial sums [S, T, C]."""
+    parts = _as_parts(ckv)
     lat, rope = kv_cache.shape[-1], pe_cache.shape[-1]
-    shapes_ok = (parts.ndim == 3 and parts.shape[2] == lat + rope and kv_cache.ndim == 3 and rope % 2 == 0
+    shapes_ok = (parts.ndim == 3 and parts.shape[2] >= lat + rope and kv_cache.ndim == 3 and rope % 2 == 0
                  and pe_cache.shape[:2] == kv_cache.shape[:2] and norm_weight.shape == (lat,)
                  and inv_freq.shape == (rope // 2,))
     if not shapes_ok:
-        raise ValueError(f"update_mla_cache needs ckv [T, L + R] or [S, T, L + R], kv_cache [B, S, L], pe_cache "
-                         f"[B, S, R] (R even), norm_weight [L], inv_freq [R / 2]; got ckv {ckv.shape}, kv_cache "
-                         f"{kv_cache.shape}, pe_cache {pe_cache.shape}, norm_weight {norm_weight.shape}, inv_freq "
-                         f"{inv_freq.shape}")
+        raise ValueError(f"update_mla_cache needs ckv [T, >= L + R] or [S, T, >= L + R], kv_cache [B, S, L], "
+                         f"pe_cache [B, S, R] (R even), norm_weight [L], inv_freq [R / 2]; got ckv {ckv.shape}, "
+                         f"kv_cache {kv_cache.shape}, pe_cache {pe_cache.shape}, norm_weight {norm_weight.shape}, "
+                         f"inv_freq {inv_freq.shape}")
     if (kv_scale is not None) != (kv_cache.dtype == jnp.int8) or (
             kv_scale is not None and kv_scale.shape != kv_cache.shape[:2]):
         raise ValueError(f"update_mla_cache: an int8 kv_cache needs its [B, S] kv_scale and a 16 / 32-bit one "
                          f"none; got {kv_cache.dtype} with kv_scale {None if kv_scale is None else kv_scale.shape}")
-    return parts
+    if (q is None) != (q_norm_weight is None):
+        raise ValueError("update_mla_cache: q and q_norm_weight go together (q_a's product and q_a_layernorm's "
+                         "weight); pass both or neither")
+    if q is None:
+        return parts, None
+    q_parts = _as_parts(q)
+    if (q_parts.ndim != 3 or q_norm_weight.ndim != 1 or q_parts.shape[2] < q_norm_weight.shape[0]
+            or q_parts.shape[1] != parts.shape[1]):
+        raise ValueError(f"update_mla_cache needs q [T, >= Q] or [S, T, >= Q] for q_norm_weight [Q], with ckv's T; "
+                         f"got q {q.shape}, q_norm_weight {q_norm_weight.shape}, ckv {ckv.shape}")
+    return parts, q_parts
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "rope_scale", "dtype", "interpret"),
                    donate_argnames=("kv_cache", "pe_cache", "kv_scale"))
 def update_mla_cache(kv_cache, pe_cache, ckv, slots, positions, norm_weight, inv_freq, *, eps: float,
-                     rope_scale: float = 1.0, dtype=None, kv_scale=None, interpret: bool | None = None):
+                     rope_scale: float = 1.0, dtype=None, kv_scale=None, q=None, q_norm_weight=None,
+                     interpret: bool | None = None):
     """The MLA layer's cache write, in place, one launch: ckv [T, L + R] is kv_a's product [latent | k_pe] (or
-    [S, T, L + R] split-K partial sums of it, added in float32 and rounded to `dtype`, default ckv's dtype); token
-    t's rms_norm(latent) * norm_weight goes to kv_cache[slots[t], positions[t]] (kv_cache [B, S, L], donated; int8
-    with its [B, S] float32 row scales `kv_scale` when given, quantised as in `update_cache`) and k_pe, rotated
-    (HF's half-split layout) at its position by the inverse frequencies inv_freq [R / 2] with cos / sin scaled by
-    `rope_scale` (YaRN's attention factor), to pe_cache [B, S, R]. Numerics of HF's RMSNorm and RoPE in `dtype`
-    (float32 statistics and products, rounded where HF rounds). Tokens whose position is outside [0, S) write
-    nothing. Returns (kv_cache, pe_cache[, kv_scale])."""
-    parts = _mla_parts(ckv, kv_cache, pe_cache, norm_weight, inv_freq, kv_scale)
+    [S, T, L + R] split-K partial sums of it, added in float32 and rounded to `dtype`, default ckv's dtype; a wider
+    ckv holds it in its trailing L + R columns); token t's rms_norm(latent) * norm_weight goes to
+    kv_cache[slots[t], positions[t]] (kv_cache [B, S, L], donated; int8 with its [B, S] float32 row scales
+    `kv_scale` when given, quantised as in `update_cache`) and k_pe, rotated (HF's half-split layout) at its
+    position by the inverse frequencies inv_freq [R / 2] with cos / sin scaled by `rope_scale` (YaRN's attention
+    factor), to pe_cache [B, S, R]. Numerics of HF's RMSNorm and RoPE in `dtype` (float32 statistics and products,
+    rounded where HF rounds). Tokens whose position is outside [0, S) write nothing.
+
+    q, q_norm_weight [Q]: q_a's product in the leading Q columns of q ([T, >= Q] or partial sums [S, T, >= Q]; the
+    same array as ckv when one launch made both side by side), returned normalised (RMSNorm with q_norm_weight and
+    eps) as [T, Q] in `dtype`, every token's row.
+
+    Returns (kv_cache, pe_cache[, kv_scale][, q])."""
+    parts, q_parts = _mla_parts(ckv, kv_cache, pe_cache, norm_weight, inv_freq, kv_scale, q, q_norm_weight)
     dtype = jnp.dtype(dtype or ckv.dtype)
-    s, t, _ = parts.shape
-    lat, half = kv_cache.shape[-1], pe_cache.shape[-1] // 2
+    t = parts.shape[1]
     caches = (kv_cache, pe_cache) + (() if kv_scale is None else (kv_scale,))
+    q_width = 0 if q is None else q_norm_weight.shape[0]
     if t == 0:
-        return caches
-    if lat % half:
-        raise ValueError(f"update_mla_cache reads k_pe in blocks of R / 2 = {half}: L = {lat} must be a multiple")
-    part = lambda width, col: pl.BlockSpec((s, 1, width), lambda i: (0, i, col))  # noqa: E731
-    tok = pl.BlockSpec((1,), lambda i: (i,))
+        return caches + (() if q is None else (jnp.zeros((0, q_width), dtype),))
+    tok = pl.BlockSpec((1,), lambda i, *_: (i,))
+    rows = lambda x: pl.BlockSpec((x.shape[0], 1, x.shape[2]), lambda i, *_: (0, i, 0))  # noqa: E731  (token i's)
     freqs = inv_freq.astype(_F32)[None]
+    specs = [rows(parts), _whole(norm_weight), _whole(freqs), tok, tok]
+    args = [parts, norm_weight, freqs, jnp.asarray(slots, jnp.int32), jnp.asarray(positions, jnp.int32)]
+    extra_out = ()
+    if q is not None:
+        specs += [rows(q_parts), _whole(q_norm_weight)]
+        args += [q_parts, q_norm_weight]
+        extra_out = ((jax.ShapeDtypeStruct((t, q_width), dtype), pl.BlockSpec((1, q_width), lambda i, *_: (i, 0))),)
     return _in_place(
-        functools.partial(_mla_kernel, eps=eps, rope_scale=rope_scale, dtype=dtype, quantize=kv_scale is not None),
-        "update_mla_cache", t,
-        [part(lat, 0), part(half, lat // half), part(half, lat // half + 1), _whole(norm_weight), _whole(freqs), tok,
-         tok],
-        [parts, parts, parts, norm_weight, freqs, jnp.asarray(slots, jnp.int32), jnp.asarray(positions, jnp.int32)],
-        caches, num_warps=4, interpret=interpret)
+        functools.partial(_mla_kernel, eps=eps, rope_scale=rope_scale, dtype=dtype, quantize=kv_scale is not None,
+                          q_width=q_width),
+        "update_mla_cache", t, specs, args, caches, num_warps=MLA_WARPS, interpret=interpret, extra_out=extra_out,
+        per_token=2 if q_width else 1)
 
 
 def update_cache_reference(cache, rows, slots, positions, *, scales=None, block_table=None):
@@ -211,22 +264,31 @@ def update_cache_reference(cache, rows, slots, positions, *, scales=None, block_
 
 
 def update_mla_cache_reference(kv_cache, pe_cache, ckv, slots, positions, norm_weight, inv_freq, *, eps: float,
-                               rope_scale: float = 1.0, dtype=None, kv_scale=None):
-    """Plain jnp: the partial sums added, HF's RMSNorm of the latent and rotate-half RoPE of k_pe, then
+                               rope_scale: float = 1.0, dtype=None, kv_scale=None, q=None, q_norm_weight=None):
+    """Plain jnp: the partial sums added, HF's RMSNorm of the latent (and of q) and rotate-half RoPE of k_pe, then
     `update_cache_reference` into each cache. Same arguments and results as `update_mla_cache`."""
-    parts = _mla_parts(ckv, kv_cache, pe_cache, norm_weight, inv_freq, kv_scale)
+    parts, q_parts = _mla_parts(ckv, kv_cache, pe_cache, norm_weight, inv_freq, kv_scale, q, q_norm_weight)
     dtype = jnp.dtype(dtype or ckv.dtype)
-    x = functools.reduce(operator.add, [p.astype(_F32) for p in parts]).astype(dtype)
-    lat = kv_cache.shape[-1]
-    x32 = x[:, :lat].astype(_F32)
-    normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(dtype)
-    latent = (norm_weight.astype(_F32) * normed.astype(_F32)).astype(dtype)
-    half = pe_cache.shape[-1] // 2
+
+    def product(p, cols):  # the partial sums' columns `cols` added in float32, rounded to dtype
+        return functools.reduce(operator.add, [x[:, cols].astype(_F32) for x in p]).astype(dtype)
+
+    def rms_norm(x, weight):
+        x32 = x.astype(_F32)
+        return _rms_norm(x32, jnp.sum(x32 * x32, axis=-1, keepdims=True), x.shape[-1], weight, eps, dtype)
+
+    lat, half = kv_cache.shape[-1], pe_cache.shape[-1] // 2
+    x = product(parts, slice(parts.shape[2] - lat - 2 * half, None))  # kv_a's product: the trailing columns
+    latent = rms_norm(x[:, :lat], norm_weight)
     lo, hi = x[:, lat:lat + half].astype(_F32), x[:, lat + half:].astype(_F32)
     c, s = _cos_sin(positions, inv_freq, rope_scale, dtype)
     k_pe = jnp.concatenate([lo * c - hi * s, hi * c + lo * s], axis=-1).astype(dtype)
     pe_cache = update_cache_reference(pe_cache, k_pe, slots, positions)
     if kv_scale is None:
-        return update_cache_reference(kv_cache, latent, slots, positions), pe_cache
-    kv_cache, kv_scale = update_cache_reference(kv_cache, latent, slots, positions, scales=kv_scale)
-    return kv_cache, pe_cache, kv_scale
+        out = (update_cache_reference(kv_cache, latent, slots, positions), pe_cache)
+    else:
+        kv_cache, kv_scale = update_cache_reference(kv_cache, latent, slots, positions, scales=kv_scale)
+        out = (kv_cache, pe_cache, kv_scale)
+    if q is None:
+        return out
+    return out + (rms_norm(product(q_parts, slice(0, q_norm_weight.shape[0])), q_norm_weight),)

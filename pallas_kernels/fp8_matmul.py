@@ -251,28 +251,34 @@ def _mosaic_weight_only_applies(x, w, block, transpose_w, activations) -> bool:
             and x.dtype in (jnp.bfloat16, jnp.float16) and n % fp8_matmul_mgpu.WEIGHT_ROWS == 0 and k % block == 0)
 
 
-def _mosaic_weight_only(x, weights, *, block_sizes, interpret):
-    """The Mosaic weight-only kernel for x and one or more weights ((w, scale), ...) inside
+def _mosaic_weight_only_parts(x, weights, *, block_sizes, interpret):
+    """The Mosaic weight-only kernel for x [M, K] or [M, G, K] and one or more weights ((w, scale), ...) inside
     `_mosaic_weight_only_applies`, in one launch: tokens padded to a multiple of 8; K split into the largest power
     of two that keeps the programs within two per SM and >= 4 K steps each (the best or near it at R1's four
-    projections, `bench/fp8_tune.py --grid mosaic`); the kernel's token-major partial sums added here by elementwise
-    adds, which XLA fuses into whatever reads the product (one split: the kernel writes the product itself).
-    Returns each weight's product [M, N_i] ([M, G, N_i] for grouped weights)."""
-    grouped = weights[0][0].ndim == 3
-    if not grouped:
-        weights = [(w[None], s[None]) for w, s in weights]
+    projections, `bench/fp8_tune.py --grid mosaic`). Returns the products side by side as the kernel leaves them:
+    [S, M, G, sum N_i], float32 token-major partial sums of S > 1 splits, or (one split: the kernel writes the
+    product itself) [1, M, G, sum N_i] in x's dtype."""
     x3 = x if x.ndim == 3 else x[:, None]  # [M, 1 or G, K]
     m, _, k = x3.shape
     k_steps = k // fp8_matmul_mgpu.BLOCK
-    programs = sum(w.shape[1] for w, _ in weights) // fp8_matmul_mgpu.WEIGHT_ROWS * weights[0][0].shape[0]
+    programs = sum(w.shape[-2] for w, _ in weights) // fp8_matmul_mgpu.WEIGHT_ROWS * (
+        weights[0][0].shape[0] if weights[0][0].ndim == 3 else 1)
     fit = min(2 * H100_SMS // programs, k_steps // 4)
     splits = min(block_sizes.k_splits or 1 << max(fit, 1).bit_length() - 1, k_steps)
-    out = fp8_matmul_mgpu.weight_only(pad_to(x3, 0, cdiv(m, 8) * 8), [(w, _scale_rows(s)) for w, s in weights],
-                                      k_splits=splits, stages=block_sizes.stages, interpret=interpret)
-    y = out if splits == 1 else functools.reduce(operator.add, list(out)).astype(x.dtype)  # [Mp, G, sum N_i]
-    y = y[:m]
-    ends = list(itertools.accumulate(w.shape[1] for w, _ in weights))
-    return [y[..., e - w.shape[1]:e] if grouped else y[:, 0, e - w.shape[1]:e] for (w, _), e in zip(weights, ends)]
+    grouped = [(w if w.ndim == 3 else w[None], _scale_rows(s if s.ndim == 3 else s[None])) for w, s in weights]
+    out = fp8_matmul_mgpu.weight_only(pad_to(x3, 0, cdiv(m, 8) * 8), grouped, k_splits=splits,
+                                      stages=block_sizes.stages, interpret=interpret)
+    return (out if splits > 1 else out[None])[:, :m]
+
+
+def _mosaic_weight_only(x, weights, *, block_sizes, interpret):
+    """`_mosaic_weight_only_parts` with the partial sums added by elementwise adds, which XLA fuses into whatever
+    reads the product. Returns each weight's product [M, N_i] ([M, G, N_i] for grouped weights)."""
+    parts = _mosaic_weight_only_parts(x, weights, block_sizes=block_sizes, interpret=interpret)
+    y = functools.reduce(operator.add, list(parts)).astype(x.dtype) if parts.shape[0] > 1 else parts[0]
+    ends = list(itertools.accumulate(w.shape[-2] for w, _ in weights))
+    grouped = weights[0][0].ndim == 3
+    return [y[..., e - w.shape[-2]:e] if grouped else y[:, 0, e - w.shape[-2]:e] for (w, _), e in zip(weights, ends)]
 
 
 def _mosaic_dequant_applies(x, w, block, transpose_w, activations) -> bool:
@@ -480,3 +486,25 @@ def fp8_matmuls(x, weights, scales, *, block: int = 128, activations: str = "aut
     return tuple(fp8_matmul(x if i == 0 else jax.lax.optimization_barrier(x), w, sc, block=block,
                             activations=activations, block_sizes=block_sizes, backend=backend, interpret=interpret)
                  for i, (w, sc) in enumerate(zip(weights, scales)))
+
+
+@functools.partial(jax.jit, static_argnames=("block", "block_sizes", "interpret"))
+def fp8_matmuls_side_by_side(x, weights, scales, *, block: int = 128, block_sizes: MosaicBlockSizes | None = None,
+                             interpret: bool | None = None):
+    """`fp8_matmuls`' one-launch products (bf16 activations) unsummed and side by side: [S, M, sum N_i] split-K
+    partial sums (float32 for S > 1; S = 1: the products in x's dtype) from one Mosaic weight-only launch, for a
+    consumer that adds them as it reads them (`update_mla_cache`: no pass of their own). None where that kernel does
+    not take every weight (use `fp8_matmuls`), e.g. on the CPU (interpret mode picks the Triton kernel) or beyond
+    128 tokens; weights [N_i, K] only."""
+    weights, scales = tuple(weights), tuple(scales)
+    if len(weights) != len(scales) or not weights:
+        raise ValueError(f"fp8_matmuls_side_by_side: one scale per weight, at least one weight; got {len(weights)} / "
+                         f"{len(scales)}")
+    interp = resolve_interpret(interpret)
+    for w, sc in zip(weights, scales):
+        _check_shapes(x, w, sc, block, True)
+    if x.shape[0] == 0 or any(w.ndim != 2 or w.shape[-1] != x.shape[-1] or _route(
+            x, w, block, True, "bf16", block_sizes, None, interp) != "mosaic_weight_only" for w in weights):
+        return None
+    return _mosaic_weight_only_parts(x, list(zip(weights, scales)), block_sizes=block_sizes or MosaicBlockSizes(),
+                                     interpret=interp)[:, :, 0]

@@ -168,6 +168,62 @@ def test_mla_cache_int8_latent_and_errors():
         update_mla_cache(args[0], args[1], args[2][..., :-1], *args[3:], **opts, kv_scale=scales)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("splits,side_by_side", [(None, False), (4, True), (1, True), (2, False)])
+def test_mla_cache_normalises_q(dtype, splits, side_by_side):
+    """With q_a's product (48 columns: two power-of-two pieces) and its norm weight, the launch also returns every
+    token's rms_norm(q_a) (padding tokens included), from q and ckv given apart or as one array of split-K partial
+    sums side by side [S, T, Q + L + R]; caches as without q. Against the reference (whose q is jaxlm.layers'
+    rms_norm of the summed product): caches bit-equal in bf16, q within one rounding (another order of its sum of
+    squares over two pieces)."""
+    rng = np.random.default_rng(9 + (splits or 0))
+    args, _ = _mla_case(rng, dtype, splits)
+    kv, pe, ckv, slots, positions, weight, inv_freq = args
+    q_shape = (7, 48) if splits is None else (splits, 7, 48)
+    qa = jnp.asarray(rng.standard_normal(q_shape) * 2 - 0.5, ckv.dtype)
+    q_weight = jnp.asarray(rng.standard_normal(48), dtype)
+    if side_by_side:
+        ckv = qa = jnp.concatenate([qa, ckv], axis=-1)  # [S, T, 48 + 32 + 8]
+    opts = dict(eps=1e-6, rope_scale=1.3, dtype=dtype)
+    want = update_mla_cache_reference(kv, pe, ckv, slots, positions, weight, inv_freq, **opts, q=qa,
+                                      q_norm_weight=q_weight)
+    got = update_mla_cache(jnp.array(kv), jnp.array(pe), ckv, slots, positions, weight, inv_freq, **opts, q=qa,
+                           q_norm_weight=q_weight, interpret=True)
+    assert len(got) == 3 and got[2].shape == (7, 48) and got[2].dtype == dtype
+    plain = update_mla_cache_reference(kv, pe, ckv[..., -40:], slots, positions, weight, inv_freq, **opts)
+    for g, w, p in zip(got[:2], want[:2], plain):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        np.testing.assert_array_equal(w, np.asarray(p, np.float32))  # the q option leaves the caches' math alone
+        if dtype == jnp.bfloat16:
+            np.testing.assert_array_equal(g, w)
+        else:
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=2e-6)
+    from jaxlm.layers import rms_norm
+
+    summed = functools.reduce(lambda a, b: a + b, [p.astype(jnp.float32) for p in (qa if qa.ndim == 3 else qa[None])])
+    layers_q = np.asarray(rms_norm(summed[:, :48].astype(dtype), q_weight, 1e-6), np.float32)
+    np.testing.assert_array_equal(np.asarray(want[2], np.float32), layers_q)
+    g, w = np.asarray(got[2], np.float32), np.asarray(want[2], np.float32)
+    step = (2.0 ** -7 if dtype == jnp.bfloat16 else 2.0 ** -20) * np.abs(w) + 1e-6
+    assert np.all(np.abs(g - w) <= step), np.abs(g - w).max()
+
+
+def test_mla_cache_q_errors():
+    args, _ = _mla_case(np.random.default_rng(3), jnp.float32, None)
+    opts = dict(eps=1e-6, rope_scale=1.0)
+    q_weight = jnp.ones(48, jnp.float32)
+    with pytest.raises(ValueError, match="q and q_norm_weight go together"):
+        update_mla_cache(*args, **opts, q=jnp.ones((7, 48)))
+    with pytest.raises(ValueError, match="needs q \\[T, >= Q\\]"):
+        update_mla_cache(*args, **opts, q=jnp.ones((7, 40)), q_norm_weight=q_weight)
+    with pytest.raises(ValueError, match="needs q \\[T, >= Q\\]"):
+        update_mla_cache(*args, **opts, q=jnp.ones((6, 48)), q_norm_weight=q_weight)
+    kv, pe, ckv, slots, positions, weight, inv_freq = args
+    empty = update_mla_cache(kv, pe, ckv[:0], slots[:0], positions[:0], weight, inv_freq, **opts, q=jnp.ones((0, 48)),
+                             q_norm_weight=q_weight)
+    assert len(empty) == 3 and empty[2].shape == (0, 48)
+
+
 def test_mla_cache_lowers_for_h100():
     """R1's sizes: the seed decode's 16 tokens as 8 split-K partial sums, 512 + 64 wide, bf16 caches."""
     S = jax.ShapeDtypeStruct
@@ -175,4 +231,17 @@ def test_mla_cache_lowers_for_h100():
     text = export_for_h100(fn, S((16, 512, 512), jnp.bfloat16), S((16, 512, 64), jnp.bfloat16),
                            S((8, 16, 576), jnp.float32), S((16,), jnp.int32), S((16,), jnp.int32),
                            S((512,), jnp.bfloat16), S((32,), jnp.float32))
+    assert "update_mla_cache" in text
+
+
+def test_mla_cache_with_q_lowers_for_h100():
+    """R1's decode: q_a's and kv_a's products side by side as 8 split-K partial sums [8, 16, 1536 + 512 + 64], q_a's
+    1536 columns read as 1024 + 512 pieces."""
+    S = jax.ShapeDtypeStruct
+    fn = functools.partial(update_mla_cache, eps=1e-6, rope_scale=1.2, dtype=jnp.bfloat16, interpret=False)
+    text = export_for_h100(lambda kv, pe, parts, s, p, w, f, qw: fn(kv, pe, parts, s, p, w, f, q=parts,
+                                                                   q_norm_weight=qw),
+                           S((16, 512, 512), jnp.bfloat16), S((16, 512, 64), jnp.bfloat16),
+                           S((8, 16, 2112), jnp.float32), S((16,), jnp.int32), S((16,), jnp.int32),
+                           S((512,), jnp.bfloat16), S((32,), jnp.float32), S((1536,), jnp.bfloat16))
     assert "update_mla_cache" in text

@@ -127,6 +127,36 @@ def test_update_mla_cache(splits, int8):
         assert np.all(np.abs(np.asarray(g, np.float32) - np.asarray(w, np.float32)) <= step), g.dtype
 
 
+def test_q_a_kv_a_side_by_side_into_the_cache():
+    """R1's decode start: q_a's and kv_a's products from one weight-only launch as split-K partial sums side by side
+    (the GPU's default route at 16 tokens), read by update_mla_cache as both q and ckv: caches and the normalised q
+    within one rounding of the reference on the same partial sums, and q against jaxlm's rms_norm of fp8_matmuls'
+    q_a product."""
+    from jaxlm.layers import rms_norm
+
+    rng = np.random.default_rng(11)
+    (wq, sq), (wkv, skv) = (quantize(rng.standard_normal((n, 7168)).astype(np.float32) / 80) for n in (1536, 576))
+    x = jnp.asarray(rng.standard_normal((16, 7168)), jnp.bfloat16)
+    parts = pk.fp8_matmuls_side_by_side(x, [wq, wkv], [sq, skv])
+    assert parts is not None and parts.shape[1:] == (16, 2112), None if parts is None else parts.shape
+    kv = jnp.asarray(rng.standard_normal((16, 512, 512)), jnp.bfloat16)
+    pe = jnp.asarray(rng.standard_normal((16, 512, 64)), jnp.bfloat16)
+    args = (jnp.arange(16, dtype=jnp.int32), jnp.asarray(rng.integers(0, 512, 16), jnp.int32),
+            jnp.asarray(rng.standard_normal(512), jnp.bfloat16), jnp.asarray(10000.0 ** -(np.arange(32) / 32),
+                                                                             jnp.float32))
+    qw = jnp.asarray(rng.standard_normal(1536), jnp.bfloat16)
+    opts = dict(eps=1e-6, rope_scale=1.2, dtype=jnp.bfloat16, q=parts, q_norm_weight=qw)
+    want = pk.update_mla_cache_reference(kv, pe, parts, *args, **opts)
+    got = pk.update_mla_cache(jnp.array(kv), jnp.array(pe), parts, *args, **opts)
+    qa, _ = pk.fp8_matmuls(x, [wq, wkv], [sq, skv])
+    assert len(got) == len(want) == 3
+    # within one rounding of the reference (sums in another order); the layer's q within two (the product's rounding,
+    # then the norm's)
+    for g, w, roundings in zip(got + (got[2],), want + (rms_norm(qa, qw, 1e-6),), (1, 1, 1, 2)):
+        step = roundings * 2.0 ** -7 * np.abs(np.asarray(w, np.float32)) + 1e-6
+        assert np.all(np.abs(np.asarray(g, np.float32) - np.asarray(w, np.float32)) <= step)
+
+
 def test_one_pass_activation_quantisation():
     """The compiled act_quant pass gives XLA's bytes and scales (the division and the e4m3 rounding on the GPU)."""
     from pallas_kernels.fp8_matmul import quantize_activations, quantize_activations_t

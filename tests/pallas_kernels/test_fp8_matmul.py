@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pallas_kernels import fp8_matmul, fp8_matmul_reference, fp8_matmuls
+from pallas_kernels import fp8_matmul, fp8_matmul_reference, fp8_matmuls, fp8_matmuls_side_by_side
 from pallas_kernels.fp8_matmul import (DEQUANTIZE_MIN_M, BlockSizes, dequantize, quantize, quantize_activations,
                                       quantize_activations_t)
 from pallas_kernels.lowering import export_for_h100
@@ -246,6 +246,33 @@ def test_fp8_matmuls_shared_x(n2, backend):
         assert y.shape == ref.shape and y.dtype == jnp.bfloat16 and rel(y, ref) <= 1e-2, rel(y, ref)
     with pytest.raises(ValueError, match="one scale per weight"):
         fp8_matmuls(x, [w1, w2], [s1], interpret=True)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_fp8_matmuls_side_by_side(splits):
+    """The one Mosaic weight-only launch's products unsummed, side by side (Mosaic GPU interpreter): their partial
+    sums add up to fp8_matmuls' products (bit-equal: the same adds), [S, M, N1 + N2], float32 when split; None
+    where the kernel does not take every weight (the interpreter's default Triton route), an error where Mosaic
+    block sizes ask for it and it cannot (N not a multiple of 64)."""
+    from pallas_kernels.fp8_matmul_mgpu import MosaicBlockSizes
+
+    rng = np.random.default_rng(splits)
+    (w1, s1), (w2, s2) = (quantize(rng.standard_normal((n, 512)).astype(np.float32)) for n in (128, 192))
+    x = jnp.asarray(rng.standard_normal((13, 512)), jnp.bfloat16)
+    bs = MosaicBlockSizes(stages=2, k_splits=splits)
+    parts = fp8_matmuls_side_by_side(x, [w1, w2], [s1, s2], block_sizes=bs, interpret=True)
+    assert parts.shape == (splits, 13, 320) and parts.dtype == (jnp.float32 if splits > 1 else jnp.bfloat16)
+    y = functools.reduce(lambda a, b: a + b, list(parts)).astype(jnp.bfloat16)
+    y1, y2 = fp8_matmuls(x, [w1, w2], [s1, s2], block_sizes=bs, interpret=True)
+    np.testing.assert_array_equal(np.asarray(y[:, :128], np.float32), np.asarray(y1, np.float32))
+    np.testing.assert_array_equal(np.asarray(y[:, 128:], np.float32), np.asarray(y2, np.float32))
+    assert rel(y2, fp8_matmul_reference(x, w2, s2)) <= 1e-2
+    assert fp8_matmuls_side_by_side(x, [w1, w2], [s1, s2], interpret=True) is None  # Triton route
+    w3, s3 = quantize(rng.standard_normal((100, 512)).astype(np.float32))
+    with pytest.raises(ValueError, match="use backend='triton'"):
+        fp8_matmuls_side_by_side(x, [w1, w3], [s1, s3], block_sizes=bs, interpret=True)
+    with pytest.raises(ValueError, match="one scale per weight"):
+        fp8_matmuls_side_by_side(x, [w1, w2], [s1], interpret=True)
 
 
 @pytest.mark.parametrize("backend", [None, "mosaic"])
