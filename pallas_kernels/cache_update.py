@@ -125,12 +125,11 @@ def _rms_norm(x, sum_sq, width: int, weight, eps: float, dtype):
 
 def _mla_kernel(ckv_ref, w_ref, freq_ref, slot_ref, pos_ref, *refs, eps: float, rope_scale: float, dtype,
                 quantize: bool, q_width: int):
-    # refs: [q, its norm weight,] the aliased inputs (kv_cache, pe_cache[, kv_scale]), then the outputs in the same
-    # order[, the normalised q]
-    if q_width:
-        q_ref, qw_ref, *refs = refs
-    caches_out = refs[len(refs) // 2:] if not q_width else refs[(len(refs) - 1) // 2:-1]
-    kv_ref, pe_ref, *scale_ref = caches_out
+    # refs: [q, its norm weight,] the aliased inputs (kv_cache, pe_cache[, kv_scale]), then the outputs: the same
+    # caches[, the normalised q]
+    q_ref, qw_ref, *refs = refs if q_width else (None, None, *refs)
+    q_out = refs.pop() if q_width else None
+    kv_ref, pe_ref, *scale_ref = refs[len(refs) // 2:]  # the caches as outputs (aliased: the same buffers)
     slot, pos = slot_ref[0], pos_ref[0]
     ok = (pos >= 0) & (pos < kv_ref.shape[1]) & (slot >= 0) & (slot < kv_ref.shape[0])
     lat, half = kv_ref.shape[-1], pe_ref.shape[-1] // 2
@@ -147,7 +146,7 @@ def _mla_kernel(ckv_ref, w_ref, freq_ref, slot_ref, pos_ref, *refs, eps: float, 
             pieces = [(off, w, row(q_ref, off, w)) for off, w in pow2_chunks(q_width)]  # power-of-two loads
             sum_sq = sum(jnp.sum(x * x, axis=-1, keepdims=True) for _, _, x in pieces)
             for off, w, x in pieces:
-                refs[-1][:, pl.ds(off, w)] = _rms_norm(x, sum_sq, q_width, qw_ref[pl.ds(off, w)], eps, dtype)
+                q_out[:, pl.ds(off, w)] = _rms_norm(x, sum_sq, q_width, qw_ref[pl.ds(off, w)], eps, dtype)
 
         ok = ok & (pl.program_id(1) == 1)
 
