@@ -117,3 +117,45 @@ def test_convert_keep_fp8_round_trip_and_errors(aligned, tmp_path):
     build_hf_model(plain, seed=3)
     with pytest.raises(CheckpointError, match="not float8_e4m3fn"):
         mla.load_layer(plain, 0, keep_fp8=True)
+
+
+def test_decode_with_q_a_and_kv_a_side_by_side(monkeypatch):
+    """The GPU's decode route for q_a / kv_a, run on the CPU: their products as the Mosaic weight-only launch's
+    split-K partial sums side by side (the Mosaic GPU interpreter; the CPU default routes to Triton, where
+    `fp8_matmuls_side_by_side` returns None), read by update_mla_cache as both q and ckv. Against the same decode
+    steps with the products apart (the Triton kernel's): outputs within the kernels' rounding, the caches too."""
+    import jax
+    import jax.numpy as jnp
+    import pallas_kernels
+    from pallas_kernels.fp8_matmul_mgpu import MosaicBlockSizes
+
+    cfg = mla.MLAConfig(hidden_size=256, num_heads=2, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32,
+                        qk_rope_head_dim=64, v_head_dim=32)  # q_a 128 and kv_a 192 rows: the kernel's 64-row tiles
+    p8 = mla.quantize_fp8(mla.init_params(cfg, jax.random.key(3), jnp.bfloat16), cfg)
+    rng = np.random.default_rng(4)
+    past = [5, 0, 17]
+    hist = jnp.asarray(rng.standard_normal((sum(past), 256)), jnp.bfloat16)
+    xs = jnp.asarray(rng.standard_normal((2, 3, 256)), jnp.bfloat16)
+
+    def decode():
+        jax.clear_caches()  # traced anew: the jitted steps would otherwise keep the route of an earlier trace
+        cache = mla.init_cache(cfg, 3, 64, jnp.bfloat16)
+        _, cache = mla.forward(p8, cfg, hist, cache, past, [0] * 3, attention_impl="pallas")
+        ys, cache = mla.decode_steps(p8, cfg, xs, cache, past, attention_impl="pallas")
+        return np.asarray(ys, np.float32), [np.asarray(c, np.float32) for c in cache[:2]]
+
+    apart, apart_cache = decode()
+    calls = []
+    side_by_side = pallas_kernels.fp8_matmuls_side_by_side
+
+    def mosaic(*args, **kw):
+        parts = side_by_side(*args, **kw, block_sizes=MosaicBlockSizes(stages=2, k_splits=2))
+        calls.append(parts.shape)
+        return parts
+
+    monkeypatch.setattr(pallas_kernels, "fp8_matmuls_side_by_side", mosaic)
+    together, together_cache = decode()
+    assert calls and all(c[0] == 2 and c[2] == 128 + 192 for c in calls), calls  # every decode step's launch
+    assert cos(together, apart) >= 0.9999, cos(together, apart)
+    for a, b in zip(together_cache, apart_cache):
+        assert cos(a, b) >= 0.9999, cos(a, b)
