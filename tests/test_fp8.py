@@ -138,7 +138,8 @@ def test_decode_with_q_a_and_kv_a_side_by_side(monkeypatch):
     xs = jnp.asarray(rng.standard_normal((2, 3, 256)), jnp.bfloat16)
 
     def decode():
-        jax.clear_caches()  # traced anew: the jitted steps would otherwise keep the route of an earlier trace
+        for step in (mla._step_jit, mla._decode_steps_jit):  # traced anew: else they keep an earlier trace's route
+            step.clear_cache()
         cache = mla.init_cache(cfg, 3, 64, jnp.bfloat16)
         _, cache = mla.forward(p8, cfg, hist, cache, past, [0] * 3, attention_impl="pallas")
         ys, cache = mla.decode_steps(p8, cfg, xs, cache, past, attention_impl="pallas")
