@@ -276,6 +276,14 @@ def _linear(x, params, name, spec, impl, heads: int | None = None):
     return y if bias is None else y + bias
 
 
+def _fp8_together(params, names_specs, impl) -> bool:
+    """Whether weights that share x ((name, einsum spec), ...) can go to the FP8 kernels as one call: the Pallas
+    path, every weight FP8 with one block size, bf16 activations for all."""
+    ws = [params[name] for name, _ in names_specs]
+    return (impl == "pallas" and all(isinstance(w, Fp8Weight) and w.block == ws[0].block for w in ws)
+            and not any(name in FP8_ACTIVATIONS for name, _ in names_specs))
+
+
 def _linears_of_x(x, params, names_specs, impl):
     """x [T, D] through several weights that all take it ((name, einsum spec), ...): with FP8 weights on the Pallas
     path one fp8_matmuls call (a single weight-only launch at decode sizes), else `_linear` each. XLA's dot merger
@@ -283,8 +291,7 @@ def _linears_of_x(x, params, names_specs, impl):
     prefill on an H100, more than the launch it saves), so each GEMM after the first gets x through an optimization
     barrier."""
     ws = [params[name] for name, _ in names_specs]
-    if (impl == "pallas" and all(isinstance(w, Fp8Weight) and w.block == ws[0].block for w in ws)
-            and not any(name in FP8_ACTIVATIONS for name, _ in names_specs)):
+    if _fp8_together(params, names_specs, impl):
         ys = pallas_kernels.fp8_matmuls(x, [w.w for w in ws], [w.scale for w in ws], block=ws[0].block,
                                         activations="bf16")
         return [y if params.get(name + "_bias") is None else y + params[name + "_bias"]
@@ -338,8 +345,8 @@ def _first_projections(params: Params, cfg: MLAConfig, x: jax.Array, impl: str):
     first = ("q_proj", "td,dnh->tnh") if cfg.q_lora_rank is None else ("q_a_proj", "td,dq->tq")
     names_specs = [first, ("kv_a_proj_with_mqa", "td,de->te")]
     ws = [params[name] for name, _ in names_specs]
-    if (impl == "pallas" and cfg.q_lora_rank is not None and all(isinstance(w, Fp8Weight) for w in ws)
-            and ws[0].block == ws[1].block and not any(name + "_bias" in params for name, _ in names_specs)):
+    if (cfg.q_lora_rank is not None and _fp8_together(params, names_specs, impl)
+            and not any(name + "_bias" in params for name, _ in names_specs)):  # a bias: added to the sum
         parts = pallas_kernels.fp8_matmuls_side_by_side(x, [w.w for w in ws], [w.scale for w in ws],
                                                         block=ws[0].block)
         if parts is not None:

@@ -461,6 +461,25 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     return y if grouped else y[:, 0]
 
 
+def _shared_x_weights(name: str, x, weights, scales, block: int):
+    """Checks of weights that all multiply x [M, K] (one scale each, every weight's K that of x); as tuples."""
+    weights, scales = tuple(weights), tuple(scales)
+    if len(weights) != len(scales) or not weights:
+        raise ValueError(f"{name}: one scale per weight, at least one weight; got {len(weights)} / {len(scales)}")
+    for w, sc in zip(weights, scales):
+        _check_shapes(x, w, sc, block, True)
+        if w.shape[-1] != x.shape[-1]:  # one x for all: no window of a wider x here
+            raise ValueError(f"{name}: x {x.shape} does not match w {w.shape}: every weight's K must be x's")
+    return weights, scales
+
+
+def _one_weight_only_launch(x, weights, block, activations, block_sizes, backend, interp) -> bool:
+    """Whether the Mosaic weight-only kernel takes x with every weight (then one launch runs them all). No tokens:
+    no launch (routing would call an empty "mosaic" call an error)."""
+    return x.shape[0] > 0 and all(_route(x, w, block, True, activations, block_sizes, backend, interp)
+                                  == "mosaic_weight_only" for w in weights)
+
+
 @functools.partial(jax.jit, static_argnames=("block", "activations", "block_sizes", "backend", "interpret"))
 def fp8_matmuls(x, weights, scales, *, block: int = 128, activations: str = "auto",
                 block_sizes: BlockSizes | MosaicBlockSizes | None = None, backend: str | None = None,
@@ -468,17 +487,9 @@ def fp8_matmuls(x, weights, scales, *, block: int = 128, activations: str = "aut
     """x @ dequant(w_i)^T for several HF-layout weights that multiply the same x [M, K] (MLA's q_a and kv_a): one
     Mosaic weight-only launch for all of them where that kernel takes every one (the GPU default at decode sizes:
     one launch and one split-K sum instead of one each), else `fp8_matmul` per weight. Returns a tuple."""
-    weights, scales = tuple(weights), tuple(scales)
-    if len(weights) != len(scales) or not weights:
-        raise ValueError(f"fp8_matmuls: one scale per weight, at least one weight; got {len(weights)} / {len(scales)}")
+    weights, scales = _shared_x_weights("fp8_matmuls", x, weights, scales, block)
     interp = resolve_interpret(interpret)
-    for w, sc in zip(weights, scales):
-        _check_shapes(x, w, sc, block, True)
-        if w.shape[-1] != x.shape[-1]:  # one x for all: no window of a wider x here
-            raise ValueError(f"fp8_matmuls: x {x.shape} does not match w {w.shape}: every weight's K must be x's")
-    # no tokens: fp8_matmul below returns each empty product (routing would call an empty "mosaic" call an error)
-    if x.shape[0] > 0 and all(_route(x, w, block, True, activations, block_sizes, backend, interp)
-                              == "mosaic_weight_only" for w in weights):
+    if _one_weight_only_launch(x, weights, block, activations, block_sizes, backend, interp):
         return tuple(_mosaic_weight_only(x, list(zip(weights, scales)),
                                          block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp))
     # one call each; XLA's dot merger would run dequantised-path GEMMs as one, on the widened weights concatenated
@@ -496,15 +507,10 @@ def fp8_matmuls_side_by_side(x, weights, scales, *, block: int = 128, block_size
     consumer that adds them as it reads them (`update_mla_cache`: no pass of their own). None where that kernel does
     not take every weight (use `fp8_matmuls`), e.g. on the CPU (interpret mode picks the Triton kernel) or beyond
     128 tokens; weights [N_i, K] only."""
-    weights, scales = tuple(weights), tuple(scales)
-    if len(weights) != len(scales) or not weights:
-        raise ValueError(f"fp8_matmuls_side_by_side: one scale per weight, at least one weight; got {len(weights)} / "
-                         f"{len(scales)}")
+    weights, scales = _shared_x_weights("fp8_matmuls_side_by_side", x, weights, scales, block)
     interp = resolve_interpret(interpret)
-    for w, sc in zip(weights, scales):
-        _check_shapes(x, w, sc, block, True)
-    if x.shape[0] == 0 or any(w.ndim != 2 or w.shape[-1] != x.shape[-1] or _route(
-            x, w, block, True, "bf16", block_sizes, None, interp) != "mosaic_weight_only" for w in weights):
+    if any(w.ndim != 2 for w in weights) or not _one_weight_only_launch(x, weights, block, "bf16", block_sizes,
+                                                                         None, interp):
         return None
     return _mosaic_weight_only_parts(x, list(zip(weights, scales)), block_sizes=block_sizes or MosaicBlockSizes(),
                                      interpret=interp)[:, :, 0]
