@@ -580,9 +580,19 @@ def forward(params: Params, cfg: MLAConfig, x: jax.Array, cache: MLACache, seq_l
 
 # decode_steps' scan runs this many steps per loop iteration: the loop's per-iteration costs on an H100 (a ~3.6 us
 # idle gap at each iteration's start, the counter's kernel, the carried output's copy) are paid once per
-# DECODE_UNROLL steps. FP8 seed decode, 100 steps: 0.1259 ms per step unrolled 1 (untied), 0.1210 at 2, 0.1196 at 4,
-# 0.1200 at 8; compile time unchanged (bench/RESULTS.md, seventeenth session).
+# DECODE_UNROLL steps. FP8 seed decode, 100 steps, each step after the one before (`_after`): 0.1234-0.1258 ms per
+# step unrolled 1, 0.1199-0.1212 at 2, 0.1205-0.1206 at 4, 0.1218-0.1237 at 8 (bench/RESULTS.md, eighteenth session).
 DECODE_UNROLL = 4
+
+
+def _after(x: jax.Array, prev: jax.Array) -> jax.Array:
+    """x computed after prev: x + 0 * (prev's first element, or 0 where it is not finite), equal to x (a -0.0 becomes
+    +0.0). A data dependency: an optimization barrier on (x, prev) kept XLA's program in order but not the CUDA
+    graph's kernels, which follow the buffers they read; on an H100 the unrolled steps' q_a / kv_a launches (which
+    read their x only) ran at the start of each loop iteration, ahead of the steps before them, and found their
+    weights in L2 (seen in profiles, eighteenth session)."""
+    first = prev[:1, :1].astype(jnp.float32)
+    return x + (jnp.where(jnp.isfinite(first), first, 0.0) * 0.0).astype(x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kv_len", "mode", "impl"), donate_argnames=("cache",))
@@ -597,14 +607,13 @@ def _decode_steps_jit(params, cfg, xs, cache, past_lens, kv_len, mode, impl):
     cos, sin = _rope_of(cfg, past_lens[None, :] + steps[:, None], xs.dtype)  # [steps, B, R]
 
     # step i's histories come from the loop index (a carried lengths vector was copied on the device at every step).
-    # Each step's input waits for the previous step's output (an optimization barrier on the pair), as in a real
-    # decode, where it is computed from that output: with all inputs given up front and the loop unrolled, XLA would
-    # otherwise batch the unrolled steps' projections into one GEMM, one weight read for several steps.
+    # Each step's input waits for the previous step's output, as in a real decode, where it is computed from that
+    # output (`_after`): with all inputs given up front and the loop unrolled, XLA would otherwise batch the unrolled
+    # steps' projections into one GEMM, or the GPU would run a later step's first projection early.
     def body(carry, step_inputs):
         cache, prev = carry
         x, i, rope = step_inputs
-        x, _ = jax.lax.optimization_barrier((x, prev))
-        y, cache = _step(params, cfg, x, cache, ones, past_lens + i, sizes, mode, impl, rope)
+        y, cache = _step(params, cfg, _after(x, prev), cache, ones, past_lens + i, sizes, mode, impl, rope)
         return (cache, y), y
 
     first = jnp.zeros((num_req, cfg.hidden_size), xs.dtype)

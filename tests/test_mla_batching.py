@@ -65,6 +65,18 @@ def test_decode_steps_equals_repeated_forward(layer, impl):
     np.testing.assert_allclose(np.asarray(cache_loop.pe_cache), np.asarray(cache.pe_cache), rtol=1e-6, atol=1e-6)
 
 
+def test_decode_steps_input_waits_for_the_previous_output():
+    """Each decode_steps step's input is x + 0 * (previous output's first element): equal to x for any previous
+    output (NaN and inf included), and the dependency survives XLA's optimiser (it must reach the GPU's graph)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((4, 8)), jnp.bfloat16)
+    for first in (1.5, -2.0e30, np.inf, -np.inf, np.nan):
+        prev = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32).at[0, 0].set(first)
+        np.testing.assert_array_equal(np.asarray(mla._after(x, prev)), np.asarray(x))
+    hlo = jax.jit(mla._after).lower(x, jnp.ones((4, 8), jnp.float32)).compile().as_text()
+    assert "is-finite" in hlo and "parameter(1)" in hlo, hlo
+
+
 def test_zero_length_requests_leave_their_slot_untouched(layer):
     cfg, params = layer
     rng = np.random.default_rng(2)
