@@ -44,32 +44,6 @@ def _take_rows(y, rows):
     return y[:rows]
 
 
-class _Uploads:
-    """The lengths a step passes, on the device when they come again (`reuse_lengths`)."""
-
-    seen = None  # key of the last lengths passed as numpy
-    key = None  # key of `array`
-    array = None
-
-
-def reuse_lengths(lengths: np.ndarray, device):
-    """`lengths` for a jitted step on `device` (JAX's default device; None: always as given): as given (numpy,
-    travelling with the call's arguments) the first time, then one device copy for as long as the same values come
-    again, e.g. from every layer of a model step. A numpy argument makes the launch wait on the host for its
-    transfer (~0.1 ms per call on an H100 host); an array already on the device does not. The copy is uncommitted,
-    as numpy arguments are, so the step's compiled program is the same. One entry, keyed by the values."""
-    if device is None:
-        return lengths
-    key = (lengths.tobytes(), lengths.shape, device)
-    if _Uploads.key == key:
-        return _Uploads.array
-    if _Uploads.seen != key:
-        _Uploads.seen = key
-        return lengths
-    _Uploads.key, _Uploads.array = key, jax.device_put(lengths)
-    return _Uploads.array
-
-
 def bucket(n: int, minimum: int = 8) -> int:
     """Smallest m * 2**k >= n with m in {4, 5, 6, 7}: at most 25% padding, four sizes per octave."""
     n = max(int(n), minimum)

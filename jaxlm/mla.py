@@ -552,16 +552,6 @@ def _check_options(mode: str, attention_impl: str | None) -> str:
     return resolve_attention_impl(attention_impl)
 
 
-def _lengths_device(mesh, cache: MLACache):
-    """The device whose copy of a step's lengths `batching.reuse_lengths` may keep: JAX's default device when the
-    step runs there alone (no mesh, the cache there, not traced inside a caller's jit), else None."""
-    if mesh is not None or isinstance(cache.kv_cache, jax.core.Tracer):
-        return None
-    devices = cache.kv_cache.devices()
-    default = jax.devices()[0]
-    return default if devices == {default} else None
-
-
 def forward(params: Params, cfg: MLAConfig, x: jax.Array, cache: MLACache, seq_lens, past_lens, *,
             mode: str = "absorbed", attention_impl: str | None = None) -> tuple[jax.Array, MLACache]:
     """One ragged MLA step.
@@ -583,9 +573,7 @@ def forward(params: Params, cfg: MLAConfig, x: jax.Array, cache: MLACache, seq_l
     num_tokens = x.shape[0]
     lengths, sizes = batching.plan(seq_lens, past_lens, num_tokens=num_tokens, num_slots=slots, max_len=max_len)
     x = batching.pad_rows(x, sizes.num_tokens)  # on the host when x is there: no extra device op per call
-    mesh = sharding.mesh_of((params, cache))
-    with sharding.use(mesh):
-        lengths = batching.reuse_lengths(lengths, _lengths_device(mesh, cache))
+    with sharding.use(sharding.mesh_of((params, cache))):
         y, cache = _step_jit(params, cfg, x, cache, lengths, sizes, mode, impl)
     return batching.take_rows(y, num_tokens), cache
 
