@@ -32,6 +32,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.common import online_softmax_step, smem
 
 HEADS = 64  # query heads per program: one wgmma M tile
+# Per-thread registers of the memory warpgroup and of each compute warpgroup (setmaxnreg; 128 x (2 x compute +
+# memory) <= 65536). The compute warpgroups spill (ptxas: 240 bytes at 232, 136 at 240); on an H100 at the seed
+# decode shape the kernel took 12.9 us at (40, 232) and 12.5 at (24, 240); at B=64, L=4096 138-139 us either way
+# (bench/RESULTS.md, eighteenth session).
+MEMORY_REGISTERS, COMPUTE_REGISTERS = 24, 240
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +101,7 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, max_len: int, scale_l
 
             @pl.when(wg == 2)
             def _memory():
-                plgpu.set_max_registers(40, action="decrease")
+                plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
                 for s in range(stages):
                     pl.when(s < steps)(lambda s=s: fetch(s, s))
 
@@ -136,7 +141,7 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, max_len: int, scale_l
 
             @pl.when(wg == 0)
             def _scores():  # Q.K^T, the online softmax and the first half of P.V
-                plgpu.set_max_registers(232, action="increase")
+                plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
                 @pl.when(steps > 0)  # an empty split needs no Q
                 def _():
                     plgpu.copy_gmem_to_smem(ql_ref.at[req, pl.ds(h0, HEADS)], ql_smem, q_bar.at[0])
@@ -196,7 +201,7 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, max_len: int, scale_l
 
             @pl.when(wg == 1)
             def _second_half():  # P (from shared memory) times the other half of the latent columns
-                plgpu.set_max_registers(232, action="increase")
+                plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
 
                 def step(j, acc):
                     slot = lax.rem(j, jnp.int32(stages))
