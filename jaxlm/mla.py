@@ -586,8 +586,8 @@ DECODE_UNROLL = 4
 
 
 def _after(x: jax.Array, prev: jax.Array) -> jax.Array:
-    """x computed after prev: x + 0 * (prev's first element, or 0 where it is not finite), equal to x (a -0.0 becomes
-    +0.0). A data dependency: an optimization barrier on (x, prev) kept XLA's program in order but not the CUDA
+    """x computed after prev: x + 0 * (prev's first element, or 0 where it is not finite), equal to x (a -0.0 of x
+    may become +0.0). A data dependency: an optimization barrier on (x, prev) kept XLA's program in order but not the CUDA
     graph's kernels, which follow the buffers they read; on an H100 the unrolled steps' q_a / kv_a launches (which
     read their x only) ran at the start of each loop iteration, ahead of the steps before them, and found their
     weights in L2 (seen in profiles, eighteenth session)."""
