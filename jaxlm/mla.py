@@ -337,20 +337,22 @@ def _up_project(kv, params, impl):
             _from_latent(jax.lax.optimization_barrier(kv), params["w_uv"], _UV, impl))
 
 
-def _first_projections(params: Params, cfg: MLAConfig, x: jax.Array, impl: str):
+def _first_projections(params: Params, cfg: MLAConfig, x: jax.Array, impl: str, after=None):
     """x [T, D] -> (qa, ckv, dtype): q_a's product [T, Q] (q_proj's [T, N, P + R] without q-LoRA), kv_a's [T, L + R]
     and the products' dtype. On the Pallas path with FP8 weights at decode sizes q_a's and kv_a's products come
     from one weight-only launch as its split-K partial sums side by side, [S, T, Q + L + R], given as both: the
-    cache write adds them as it reads them (no pass of their own)."""
+    cache write adds them as it reads them (no pass of their own). `after`: an array computed before x is read
+    (the previous decode step's output): an operand of that launch, else tied to x by `_after`."""
     first = ("q_proj", "td,dnh->tnh") if cfg.q_lora_rank is None else ("q_a_proj", "td,dq->tq")
     names_specs = [first, ("kv_a_proj_with_mqa", "td,de->te")]
     ws = [params[name] for name, _ in names_specs]
     if (cfg.q_lora_rank is not None and _fp8_together(params, names_specs, impl)
             and not any(name + "_bias" in params for name, _ in names_specs)):  # a bias: added to the sum
         parts = pallas_kernels.fp8_matmuls_side_by_side(x, [w.w for w in ws], [w.scale for w in ws],
-                                                        block=ws[0].block)
+                                                        block=ws[0].block, after=after)
         if parts is not None:
             return parts, parts, x.dtype
+    x = x if after is None else _after(x, after)
     qa, ckv = _linears_of_x(x, params, names_specs, impl)  # one FP8 launch where the Mosaic kernel takes both
     return qa, ckv, ckv.dtype
 
@@ -506,16 +508,18 @@ def _attend_naive(params, cfg, q_nope, q_pe, cache, meta, kv_len, impl):
     return _from_blocks(jnp.einsum("bnqs,bsnv->bqnv", probs, v), meta)
 
 
-def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes, mode: str, impl: str, rope=None):
+def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes, mode: str, impl: str, rope=None,
+          after=None):
     """One ragged step on padded shapes: x [sizes.num_tokens, D] -> (y [num_tokens, D], cache). rope: the tokens'
-    (cos, sin) when the caller computed them (decode_steps, for all its steps at once).
+    (cos, sin) when the caller computed them (decode_steps, for all its steps at once); after: an array the step's
+    reads of x wait for (decode_steps: the previous step's output; see `_first_projections`).
 
     The one place that picks the kernels: with impl == "pallas" the caches are written by the in-place Pallas
     kernel, one-token steps attend through the absorbed flash-decoding kernel and multi-token steps through the
     INT8 varlen attention kernel (up-projected form); otherwise XLA scatters and the XLA absorbed/naive forms.
     """
     meta = batching.ragged_metadata(seq_lens, past_lens, sizes, cache.kv_cache.shape[1])
-    qa, ckv, dtype = _first_projections(params, cfg, x, impl)
+    qa, ckv, dtype = _first_projections(params, cfg, x, impl, after)
     cache, qa = _write_cache(params, cfg, cache, meta, qa, ckv, dtype, impl)  # normalises q_a's product too
     q, q_pe = _project_q(params, cfg, qa, meta.tok_pos, impl, rope)
     q_nope = q[..., : cfg.qk_nope_head_dim]  # a copy only where used (the Pallas paths take q whole)
@@ -528,7 +532,8 @@ def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes,
     else:
         o = _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len, impl)  # [T, N, V]
     if "gate_proj" in params:  # gated attention: o * sigmoid(x W_g), per head and channel
-        o = o * jax.nn.sigmoid(jnp.einsum("td,dnv->tnv", x, params["gate_proj"]))
+        gate_x = x if after is None else _after(x, after)
+        o = o * jax.nn.sigmoid(jnp.einsum("td,dnv->tnv", gate_x, params["gate_proj"]))
     return _linear(o, params, "o_proj", "tnv,nvd->td", impl), cache
 
 
@@ -590,7 +595,8 @@ def _after(x: jax.Array, prev: jax.Array) -> jax.Array:
     may become +0.0). A data dependency: an optimization barrier on (x, prev) kept XLA's program in order but not the CUDA
     graph's kernels, which follow the buffers they read; on an H100 the unrolled steps' q_a / kv_a launches (which
     read their x only) ran at the start of each loop iteration, ahead of the steps before them, and found their
-    weights in L2 (seen in profiles, eighteenth session)."""
+    weights in L2 (seen in profiles, eighteenth session). Where the step's first launch is a Pallas kernel it takes
+    prev as an operand instead (`_first_projections`): no add of its own."""
     first = prev[:1, :1].astype(jnp.float32)
     return x + (jnp.where(jnp.isfinite(first), first, 0.0) * 0.0).astype(x.dtype)
 
@@ -607,13 +613,14 @@ def _decode_steps_jit(params, cfg, xs, cache, past_lens, kv_len, mode, impl):
     cos, sin = _rope_of(cfg, past_lens[None, :] + steps[:, None], xs.dtype)  # [steps, B, R]
 
     # step i's histories come from the loop index (a carried lengths vector was copied on the device at every step).
-    # Each step's input waits for the previous step's output, as in a real decode, where it is computed from that
-    # output (`_after`): with all inputs given up front and the loop unrolled, XLA would otherwise batch the unrolled
-    # steps' projections into one GEMM, or the GPU would run a later step's first projection early.
+    # Each step's reads of its input wait for the previous step's output, as in a real decode, where the input is
+    # computed from that output (`_step`'s after: an operand of the step's first launch, or `_after`): with all
+    # inputs given up front and the loop unrolled, XLA would otherwise batch the unrolled steps' projections into
+    # one GEMM, or the GPU would run a later step's first projection early.
     def body(carry, step_inputs):
         cache, prev = carry
         x, i, rope = step_inputs
-        y, cache = _step(params, cfg, _after(x, prev), cache, ones, past_lens + i, sizes, mode, impl, rope)
+        y, cache = _step(params, cfg, x, cache, ones, past_lens + i, sizes, mode, impl, rope, after=prev)
         return (cache, y), y
 
     first = jnp.zeros((num_req, cfg.hidden_size), xs.dtype)

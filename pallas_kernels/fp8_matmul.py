@@ -251,13 +251,13 @@ def _mosaic_weight_only_applies(x, w, block, transpose_w, activations) -> bool:
             and x.dtype in (jnp.bfloat16, jnp.float16) and n % fp8_matmul_mgpu.WEIGHT_ROWS == 0 and k % block == 0)
 
 
-def _mosaic_weight_only_parts(x, weights, *, block_sizes, interpret):
+def _mosaic_weight_only_parts(x, weights, *, block_sizes, interpret, after=()):
     """The Mosaic weight-only kernel for x [M, K] or [M, G, K] and one or more weights ((w, scale), ...) inside
     `_mosaic_weight_only_applies`, in one launch: tokens padded to a multiple of 8; K split into the largest power
     of two that keeps the programs within two per SM and >= 4 K steps each (the best or near it at R1's four
     projections, `bench/fp8_tune.py --grid mosaic`). Returns the products side by side as the kernel leaves them:
     [S, M, G, sum N_i], float32 token-major partial sums of S > 1 splits, or (one split: the kernel writes the
-    product itself) [1, M, G, sum N_i] in x's dtype."""
+    product itself) [1, M, G, sum N_i] in x's dtype. `after`: arrays the launch waits for (see `weight_only`)."""
     x3 = x if x.ndim == 3 else x[:, None]  # [M, 1 or G, K]
     m, _, k = x3.shape
     k_steps = k // fp8_matmul_mgpu.BLOCK
@@ -267,7 +267,7 @@ def _mosaic_weight_only_parts(x, weights, *, block_sizes, interpret):
     splits = min(block_sizes.k_splits or 1 << max(fit, 1).bit_length() - 1, k_steps)
     grouped = [(w if w.ndim == 3 else w[None], _scale_rows(s if s.ndim == 3 else s[None])) for w, s in weights]
     out = fp8_matmul_mgpu.weight_only(pad_to(x3, 0, cdiv(m, 8) * 8), grouped, k_splits=splits,
-                                      stages=block_sizes.stages, interpret=interpret)
+                                      stages=block_sizes.stages, after=after, interpret=interpret)
     return (out if splits > 1 else out[None])[:, :m]
 
 
@@ -501,16 +501,18 @@ def fp8_matmuls(x, weights, scales, *, block: int = 128, activations: str = "aut
 
 @functools.partial(jax.jit, static_argnames=("block", "block_sizes", "interpret"))
 def fp8_matmuls_side_by_side(x, weights, scales, *, block: int = 128, block_sizes: MosaicBlockSizes | None = None,
-                             interpret: bool | None = None):
+                             after=None, interpret: bool | None = None):
     """`fp8_matmuls`' one-launch products (bf16 activations) unsummed and side by side: [S, M, sum N_i] split-K
     partial sums (float32 for S > 1; S = 1: the products in x's dtype) from one Mosaic weight-only launch, for a
     consumer that adds them as it reads them (`update_mla_cache`: no pass of their own). None where that kernel does
     not take every weight (use `fp8_matmuls`), e.g. on the CPU (interpret mode picks the Triton kernel) or beyond
-    128 tokens; weights [N_i, K] only."""
+    128 tokens; weights [N_i, K] only. `after`: an array the launch waits for without reading it (an operand
+    only: the GPU runs the launch after its producer; a decode step's first launch after the previous step's
+    output, with no pass of its own to tie them)."""
     weights, scales = _shared_x_weights("fp8_matmuls_side_by_side", x, weights, scales, block)
     interp = resolve_interpret(interpret)
     if any(w.ndim != 2 for w in weights) or not _one_weight_only_launch(x, weights, block, "bf16", block_sizes,
                                                                          None, interp):
         return None
     return _mosaic_weight_only_parts(x, list(zip(weights, scales)), block_sizes=block_sizes or MosaicBlockSizes(),
-                                     interpret=interp)[:, :, 0]
+                                     interpret=interp, after=() if after is None else (after,))[:, :, 0]

@@ -144,7 +144,7 @@ def matmul(xq, xs_t, w, ws, *, out_dtype, block_sizes: MosaicBlockSizes = Mosaic
     )(xq, xs_t, w, ws)
 
 
-def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
+def weight_only(x, weights, *, k_splits: int, stages: int, after=(), interpret=False):
     """x [Mp, Gx, K] bf16 / f16 with Mp a multiple of 8 (<= 128: `stages` x tiles fit shared memory), K of 128, Gx
     1 (x shared by every group) or G; weights ((w [G, N_i, K] e4m3 with N_i a multiple of 64, ws [G, ceil(N_i /
     128), >= K / 128] float32, columns padded to a multiple of 4 for TMA), ...): every weight that multiplies x, G
@@ -152,7 +152,8 @@ def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
     [k_splits, Mp, G, sum N_i] (the weights' rows side by side) whose sum over the first axis is, per group g,
     x[:, g] @ [dequant(w_1[g]); dequant(w_2[g]); ...]^T; with one split the product itself, [Mp, G, sum N_i] in x's
     dtype. Each program's [64, Mp] tile is transposed in registers and stored through shared memory by TMA, so no
-    transposing pass follows."""
+    transposing pass follows. `after`: arrays the launch waits for and does not read (operands only, so that the
+    GPU runs it after their producers: a decode step's first launch after the previous step's output)."""
     mp, gx, k = x.shape
     groups = weights[0][0].shape[0]
     tiles = [w.shape[1] // WEIGHT_ROWS for w, _ in weights]
@@ -166,7 +167,7 @@ def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
 
     def body(x_ref, *refs):
         w_refs, s_refs = refs[0:2 * len(weights):2], refs[1:2 * len(weights):2]
-        o_ref, x_smem, w_smem, ws_smem, bar, ws_bar, y_smem, *a_smem = refs[2 * len(weights):]
+        o_ref, x_smem, w_smem, ws_smem, bar, ws_bar, y_smem, *a_smem = refs[2 * len(weights) + len(after):]
         ni, si, g = lax.axis_index("n"), lax.axis_index("s"), lax.axis_index("g")
         xg = g if gx > 1 else 0
         # this program's weight (uniform per program) and its 64-row tile within it
@@ -231,7 +232,7 @@ def weight_only(x, weights, *, k_splits: int, stages: int, interpret=False):
         grid=(sum(tiles), k_splits, groups),
         grid_names=("n", "s", "g"),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
-    )(x, *[a for w, ws in weights for a in (w, ws)])
+    )(x, *[a for w, ws in weights for a in (w, ws)], *after)
 
 
 def dequant_matmul(x, w, ws, *, block_m: int = 256, stages: int = 2, programs: int | None = None, interpret=False):

@@ -123,7 +123,8 @@ def test_decode_with_q_a_and_kv_a_side_by_side(monkeypatch):
     """The GPU's decode route for q_a / kv_a, run on the CPU: their products as the Mosaic weight-only launch's
     split-K partial sums side by side (the Mosaic GPU interpreter; the CPU default routes to Triton, where
     `fp8_matmuls_side_by_side` returns None), read by update_mla_cache as both q and ckv. Against the same decode
-    steps with the products apart (the Triton kernel's): outputs within the kernels' rounding, the caches too."""
+    steps with the products apart (the Triton kernel's): outputs within the kernels' rounding, the caches too. The
+    decode steps' launches take the previous step's output as an operand (the step's tie to it: no add of its own)."""
     import jax
     import jax.numpy as jnp
     import pallas_kernels
@@ -151,12 +152,15 @@ def test_decode_with_q_a_and_kv_a_side_by_side(monkeypatch):
 
     def mosaic(*args, **kw):
         parts = side_by_side(*args, **kw, block_sizes=MosaicBlockSizes(stages=2, k_splits=2))
-        calls.append(parts.shape)
+        calls.append((parts.shape, kw.get("after") is not None))
         return parts
 
     monkeypatch.setattr(pallas_kernels, "fp8_matmuls_side_by_side", mosaic)
     together, together_cache = decode()
-    assert calls and all(c[0] == 2 and c[2] == 128 + 192 for c in calls), calls  # every decode step's launch
+    assert calls and all(c[0] == 2 and c[2] == 128 + 192 for c, _ in calls), calls  # every decode step's launch
+    # forward()'s launch has no step before it; decode_steps' (its scan's body, traced once) waits for the previous
+    # step's output
+    assert [tied for _, tied in calls] == [False, True], calls
     assert cos(together, apart) >= 0.9999, cos(together, apart)
     for a, b in zip(together_cache, apart_cache):
         assert cos(a, b) >= 0.9999, cos(a, b)

@@ -248,10 +248,21 @@ def test_fp8_matmuls_shared_x(n2, backend):
         fp8_matmuls(x, [w1, w2], [s1], interpret=True)
 
 
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, those of the jaxprs inside its equations (jit, scan) included."""
+    for e in jaxpr.eqns:
+        yield e
+        for v in e.params.values():
+            inner = getattr(v, "jaxpr", v)
+            if hasattr(inner, "eqns"):
+                yield from _eqns(inner)
+
+
 @pytest.mark.parametrize("splits", [1, 2])
 def test_fp8_matmuls_side_by_side(splits):
     """The one Mosaic weight-only launch's products unsummed, side by side (Mosaic GPU interpreter): their partial
-    sums add up to fp8_matmuls' products (bit-equal: the same adds), [S, M, N1 + N2], float32 when split; None
+    sums add up to fp8_matmuls' products (bit-equal: the same adds), [S, M, N1 + N2], float32 when split; the same
+    with an `after` operand, which the launch takes and does not read; None
     where the kernel does not take every weight (the interpreter's default Triton route), an error where Mosaic
     block sizes ask for it and it cannot (N not a multiple of 64)."""
     from pallas_kernels.fp8_matmul_mgpu import MosaicBlockSizes
@@ -267,6 +278,13 @@ def test_fp8_matmuls_side_by_side(splits):
     np.testing.assert_array_equal(np.asarray(y[:, :128], np.float32), np.asarray(y1, np.float32))
     np.testing.assert_array_equal(np.asarray(y[:, 128:], np.float32), np.asarray(y2, np.float32))
     assert rel(y2, fp8_matmul_reference(x, w2, s2)) <= 1e-2
+    # `after`: an operand of the launch (the GPU orders the launch after its producer), not read: the same products
+    prev = jnp.asarray(rng.standard_normal((5, 24)), jnp.float32)
+    tied = functools.partial(fp8_matmuls_side_by_side, x, [w1, w2], [s1, s2], block_sizes=bs, interpret=True)
+    np.testing.assert_array_equal(np.asarray(tied(after=prev), np.float32), np.asarray(parts, np.float32))
+    launches = [e for e in _eqns(jax.make_jaxpr(lambda p: tied(after=p))(prev).jaxpr)
+                if e.primitive.name in ("pallas_call", "mpmd_map")]  # mpmd_map: the Mosaic GPU interpreter's
+    assert len(launches) == 1 and any(v.aval.shape == prev.shape for v in launches[0].invars), launches
     assert fp8_matmuls_side_by_side(x, [w1, w2], [s1, s2], interpret=True) is None  # Triton route
     w3, s3 = quantize(rng.standard_normal((100, 512)).astype(np.float32))
     with pytest.raises(ValueError, match="use backend='triton'"):
