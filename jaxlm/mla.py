@@ -276,6 +276,22 @@ def _linear(x, params, name, spec, impl, heads: int | None = None):
     return y if bias is None else y + bias
 
 
+def _out_proj(o, params, impl):
+    """o [T, N, V] -> (y [T, D], done): o_proj (+ its bias) and what its launch wrote last: with an FP8 weight on
+    the Pallas path the kernel's parts ([S, T, D] split-K partial sums at decode sizes, `fp8_matmul_parts`), which y
+    adds up, else y. A later launch that takes `done` as an operand runs after o_proj, and y's sum is computed only
+    by its own consumer (decode_steps' output write), not once more to be carried."""
+    w = params["o_proj"]
+    if isinstance(w, Fp8Weight) and impl == "pallas":
+        done = pallas_kernels.fp8_matmul_parts(o.reshape(o.shape[0], -1), w.w, w.scale, block=w.block,
+                                               activations="auto" if "o_proj" in FP8_ACTIVATIONS else "bf16")
+        y = pallas_kernels.sum_parts(done, o.dtype)
+        bias = params.get("o_proj_bias")
+        return (y if bias is None else y + bias), done
+    y = _linear(o, params, "o_proj", "tnv,nvd->td", impl)
+    return y, y
+
+
 def _fp8_together(params, names_specs, impl) -> bool:
     """Whether weights that share x ((name, einsum spec), ...) can go to the FP8 kernels as one call: the Pallas
     path, every weight FP8 with one block size, bf16 activations for all."""
@@ -510,9 +526,10 @@ def _attend_naive(params, cfg, q_nope, q_pe, cache, meta, kv_len, impl):
 
 def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes, mode: str, impl: str, rope=None,
           after=None):
-    """One ragged step on padded shapes: x [sizes.num_tokens, D] -> (y [num_tokens, D], cache). rope: the tokens'
-    (cos, sin) when the caller computed them (decode_steps, for all its steps at once); after: an array the step's
-    reads of x wait for (decode_steps: the previous step's output; see `_first_projections`).
+    """One ragged step on padded shapes: x [sizes.num_tokens, D] -> (y [num_tokens, D], cache, done). rope: the
+    tokens' (cos, sin) when the caller computed them (decode_steps, for all its steps at once); after: an array the
+    step's reads of x wait for (decode_steps: the previous step's `done`; see `_first_projections`); done: what the
+    step's last launch wrote (`_out_proj`).
 
     The one place that picks the kernels: with impl == "pallas" the caches are written by the in-place Pallas
     kernel, one-token steps attend through the absorbed flash-decoding kernel and multi-token steps through the
@@ -534,12 +551,13 @@ def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes,
     if "gate_proj" in params:  # gated attention: o * sigmoid(x W_g), per head and channel
         gate_x = x if after is None else _after(x, after)
         o = o * jax.nn.sigmoid(jnp.einsum("td,dnv->tnv", gate_x, params["gate_proj"]))
-    return _linear(o, params, "o_proj", "tnv,nvd->td", impl), cache
+    y, done = _out_proj(o, params, impl)
+    return y, cache, done
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sizes", "mode", "impl"), donate_argnames=("cache",))
 def _step_jit(params, cfg, x, cache, lengths, sizes, mode, impl):
-    return _step(params, cfg, x, cache, lengths[0], lengths[1], sizes, mode, impl)
+    return _step(params, cfg, x, cache, lengths[0], lengths[1], sizes, mode, impl)[:2]
 
 
 def _cache_shape(cache: MLACache) -> tuple[int, int]:
@@ -597,7 +615,7 @@ def _after(x: jax.Array, prev: jax.Array) -> jax.Array:
     read their x only) ran at the start of each loop iteration, ahead of the steps before them, and found their
     weights in L2 (seen in profiles, eighteenth session). Where the step's first launch is a Pallas kernel it takes
     prev as an operand instead (`_first_projections`): no add of its own."""
-    first = prev[:1, :1].astype(jnp.float32)
+    first = prev.reshape(-1)[:1].astype(jnp.float32)
     return x + (jnp.where(jnp.isfinite(first), first, 0.0) * 0.0).astype(x.dtype)
 
 
@@ -617,13 +635,15 @@ def _decode_steps_jit(params, cfg, xs, cache, past_lens, kv_len, mode, impl):
     # computed from that output (`_step`'s after: an operand of the step's first launch, or `_after`): with all
     # inputs given up front and the loop unrolled, XLA would otherwise batch the unrolled steps' projections into
     # one GEMM, or the GPU would run a later step's first projection early.
-    def body(carry, step_inputs):
-        cache, prev = carry
-        x, i, rope = step_inputs
-        y, cache = _step(params, cfg, x, cache, ones, past_lens + i, sizes, mode, impl, rope, after=prev)
-        return (cache, y), y
+    def step(cache, x, i, rope, prev):
+        return _step(params, cfg, x, cache, ones, past_lens + i, sizes, mode, impl, rope, after=prev)
 
-    first = jnp.zeros((num_req, cfg.hidden_size), xs.dtype)
+    def body(carry, step_inputs):
+        y, cache, done = step(*carry[:1], *step_inputs, carry[1])
+        return (cache, done), y
+
+    # the carry's `done` (o_proj's parts on the FP8 Pallas path, else y): its shape from the step itself, traced only
+    first = jnp.zeros_like(jax.eval_shape(step, cache, xs[0], steps[0], (cos[0], sin[0]), None)[2])
     (cache, _), ys = jax.lax.scan(body, (cache, first), (xs, steps, (cos, sin)),
                                   unroll=max(1, min(DECODE_UNROLL, xs.shape[0])))
     return ys, cache

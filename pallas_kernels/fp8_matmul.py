@@ -271,11 +271,16 @@ def _mosaic_weight_only_parts(x, weights, *, block_sizes, interpret, after=()):
     return (out if splits > 1 else out[None])[:, :m]
 
 
+def sum_parts(parts, dtype):
+    """The product of parts [S, ...] as the FP8 kernels leave them (`fp8_matmul_parts`): their sum over the first
+    axis (elementwise adds, which XLA fuses into the consumer) in `dtype`; parts[0] itself when S = 1."""
+    return functools.reduce(operator.add, list(parts)).astype(dtype) if parts.shape[0] > 1 else parts[0]
+
+
 def _mosaic_weight_only(x, weights, *, block_sizes, interpret):
     """`_mosaic_weight_only_parts` with the partial sums added by elementwise adds, which XLA fuses into whatever
     reads the product. Returns each weight's product [M, N_i] ([M, G, N_i] for grouped weights)."""
-    parts = _mosaic_weight_only_parts(x, weights, block_sizes=block_sizes, interpret=interpret)
-    y = functools.reduce(operator.add, list(parts)).astype(x.dtype) if parts.shape[0] > 1 else parts[0]
+    y = sum_parts(_mosaic_weight_only_parts(x, weights, block_sizes=block_sizes, interpret=interpret), x.dtype)
     ends = list(itertools.accumulate(w.shape[-2] for w, _ in weights))
     grouped = weights[0][0].ndim == 3
     return [y[..., e - w.shape[-2]:e] if grouped else y[:, 0, e - w.shape[-2]:e] for (w, _), e in zip(weights, ends)]
@@ -459,6 +464,25 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
     y = out[0] if splits == 1 else out.sum(0).astype(x.dtype)
     y = y[:m, :, :n]
     return y if grouped else y[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("block", "activations", "block_sizes", "interpret"))
+def fp8_matmul_parts(x, w, w_scale, *, block: int = 128, activations: str = "auto",
+                     block_sizes: BlockSizes | MosaicBlockSizes | None = None, interpret: bool | None = None):
+    """`fp8_matmul`'s x [M, K] @ dequant(w)^T (w [N, K]) as its launch leaves it: [S, M, N] whose sum over the
+    first axis (`sum_parts`) is the product. Where the call takes the Mosaic weight-only route (the GPU default at
+    decode sizes) the kernel's split-K partial sums, float32 for S > 1; else [1, M, N], the product itself. For a
+    consumer that adds the parts as it reads them, or that waits on the launch without a pass of its own (MLA's
+    decode steps: the next step's first launch takes the previous o_proj's parts as an operand)."""
+    interp = resolve_interpret(interpret)
+    if x.ndim != 2 or w.ndim != 2:
+        raise ValueError(f"fp8_matmul_parts: x [M, K] and w [N, K], got x {x.shape}, w {w.shape}")
+    _, _, k = _check_shapes(x, w, w_scale, block, True)
+    if x.shape[0] and _route(x[:, :k], w, block, True, activations, block_sizes, None, interp) == "mosaic_weight_only":
+        return _mosaic_weight_only_parts(x[:, :k], [(w, w_scale)], block_sizes=block_sizes or MosaicBlockSizes(),
+                                         interpret=interp)[:, :, 0]
+    return fp8_matmul(x, w, w_scale, block=block, activations=activations, block_sizes=block_sizes,
+                      interpret=interpret)[None]
 
 
 def _shared_x_weights(name: str, x, weights, scales, block: int):

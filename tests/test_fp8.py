@@ -124,14 +124,15 @@ def test_decode_with_q_a_and_kv_a_side_by_side(monkeypatch):
     split-K partial sums side by side (the Mosaic GPU interpreter; the CPU default routes to Triton, where
     `fp8_matmuls_side_by_side` returns None), read by update_mla_cache as both q and ckv. Against the same decode
     steps with the products apart (the Triton kernel's): outputs within the kernels' rounding, the caches too. The
-    decode steps' launches take the previous step's output as an operand (the step's tie to it: no add of its own)."""
+    decode steps' launches take the previous step's o_proj parts as an operand (the step's tie to it: no pass of its
+    own), o_proj on the Mosaic weight-only kernel too."""
     import jax
     import jax.numpy as jnp
     import pallas_kernels
     from pallas_kernels.fp8_matmul_mgpu import MosaicBlockSizes
 
     cfg = mla.MLAConfig(hidden_size=256, num_heads=2, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32,
-                        qk_rope_head_dim=64, v_head_dim=32)  # q_a 128 and kv_a 192 rows: the kernel's 64-row tiles
+                        qk_rope_head_dim=64, v_head_dim=128)  # q_a 128, kv_a 192 rows, o_proj K 256: the kernel's tiles
     p8 = mla.quantize_fp8(mla.init_params(cfg, jax.random.key(3), jnp.bfloat16), cfg)
     rng = np.random.default_rng(4)
     past = [5, 0, 17]
@@ -150,17 +151,22 @@ def test_decode_with_q_a_and_kv_a_side_by_side(monkeypatch):
     calls = []
     side_by_side = pallas_kernels.fp8_matmuls_side_by_side
 
+    out_parts = pallas_kernels.fp8_matmul_parts
+    mosaic_sizes = MosaicBlockSizes(stages=2, k_splits=2)
+
     def mosaic(*args, **kw):
-        parts = side_by_side(*args, **kw, block_sizes=MosaicBlockSizes(stages=2, k_splits=2))
-        calls.append((parts.shape, kw.get("after") is not None))
+        parts = side_by_side(*args, **kw, block_sizes=mosaic_sizes)
+        calls.append((parts.shape, getattr(kw.get("after"), "shape", None)))
         return parts
 
     monkeypatch.setattr(pallas_kernels, "fp8_matmuls_side_by_side", mosaic)
+    monkeypatch.setattr(pallas_kernels, "fp8_matmul_parts",
+                        lambda *args, **kw: out_parts(*args, **kw, block_sizes=mosaic_sizes))
     together, together_cache = decode()
     assert calls and all(c[0] == 2 and c[2] == 128 + 192 for c, _ in calls), calls  # every decode step's launch
-    # forward()'s launch has no step before it; decode_steps' (its scan's body, traced once) waits for the previous
-    # step's output
-    assert [tied for _, tied in calls] == [False, True], calls
+    # forward()'s launch has no step before it; decode_steps' scan body's (traced last, after a shape-only trace of
+    # the step) waits for the previous step's o_proj: its launch takes that launch's split-K parts
+    assert calls[0][1] is None and calls[-1][1] == (2, 3, 256), calls
     assert cos(together, apart) >= 0.9999, cos(together, apart)
     for a, b in zip(together_cache, apart_cache):
         assert cos(a, b) >= 0.9999, cos(a, b)

@@ -293,6 +293,33 @@ def test_fp8_matmuls_side_by_side(splits):
         fp8_matmuls_side_by_side(x, [w1, w2], [s1], interpret=True)
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+def test_fp8_matmul_parts(splits):
+    """fp8_matmul's product as its launch leaves it (Mosaic GPU interpreter where Mosaic block sizes ask for the
+    weight-only kernel): [S, M, N] split-K partial sums whose sum is fp8_matmul's product bit for bit; [1, M, N],
+    the product itself, on the other routes (Triton; FP8 activations from 128 tokens); a clear error for 3-D x."""
+    from pallas_kernels import fp8_matmul_parts, sum_parts
+    from pallas_kernels.fp8_matmul_mgpu import MosaicBlockSizes
+
+    rng = np.random.default_rng(10 + splits)
+    w, s = quantize(rng.standard_normal((192, 384)).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((13, 384)), jnp.bfloat16)
+    bs = MosaicBlockSizes(stages=2, k_splits=splits)
+    parts = fp8_matmul_parts(x, w, s, block_sizes=bs, interpret=True)
+    assert parts.shape == (splits, 13, 192) and parts.dtype == (jnp.float32 if splits > 1 else jnp.bfloat16)
+    want = fp8_matmul(x, w, s, block_sizes=bs, interpret=True)
+    np.testing.assert_array_equal(np.asarray(sum_parts(parts, x.dtype), np.float32), np.asarray(want, np.float32))
+    assert rel(want, fp8_matmul_reference(x, w, s)) <= 1e-2
+    for m in (13, 130):  # the Triton route (weight-only, then FP8 activations): the product, as fp8_matmul's
+        xm = jnp.asarray(rng.standard_normal((m, 384)), jnp.bfloat16)
+        got = fp8_matmul_parts(xm, w, s, interpret=True)
+        assert got.shape == (1, m, 192)
+        np.testing.assert_array_equal(np.asarray(got[0], np.float32),
+                                      np.asarray(fp8_matmul(xm, w, s, interpret=True), np.float32))
+    with pytest.raises(ValueError, match=r"x \[M, K\] and w \[N, K\]"):
+        fp8_matmul_parts(x[:, None], w[None], s[None], interpret=True)
+
+
 @pytest.mark.parametrize("backend", [None, "mosaic"])
 def test_no_tokens(backend):
     """An empty batch gives an empty product (no launch), for 2-D and grouped weights and through fp8_matmuls."""
