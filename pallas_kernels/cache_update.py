@@ -124,10 +124,11 @@ def _rms_norm(x, sum_sq, width: int, weight, eps: float, dtype):
 
 
 def _mla_kernel(ckv_ref, w_ref, freq_ref, slot_ref, pos_ref, *refs, eps: float, rope_scale: float, dtype,
-                quantize: bool, q_width: int):
+                quantize: bool, q_width: int, rope_out: bool):
     # refs: [q, its norm weight,] the aliased inputs (kv_cache, pe_cache[, kv_scale]), then the outputs: the same
-    # caches[, the normalised q]
+    # caches[, the normalised q][, the tokens' (cos | sin)]
     q_ref, qw_ref, *refs = refs if q_width else (None, None, *refs)
+    cs_out = refs.pop() if rope_out else None
     q_out = refs.pop() if q_width else None
     kv_ref, pe_ref, *scale_ref = refs[len(refs) // 2:]  # the caches as outputs (aliased: the same buffers)
     slot, pos = slot_ref[0], pos_ref[0]
@@ -149,12 +150,18 @@ def _mla_kernel(ckv_ref, w_ref, freq_ref, slot_ref, pos_ref, *refs, eps: float, 
                 q_out[:, pl.ds(off, w)] = _rms_norm(x, sum_sq, q_width, qw_ref[pl.ds(off, w)], eps, dtype)
 
         ok = ok & (pl.program_id(1) == 1)
+    c, s = _cos_sin(pos, freq_ref[...], rope_scale, dtype)  # [1, R / 2] each
+    if rope_out:  # every token's, padding ones too (their q rows are computed and dropped later)
+        def write_rope():
+            cs_out[:, pl.ds(0, half)] = c
+            cs_out[:, pl.ds(half, half)] = s
+
+        pl.when(pl.program_id(1) == 1)(write_rope) if q_width else write_rope()
 
     @pl.when(ok)
     def _():
         x = row(ckv_ref, first, lat)
         latent = _rms_norm(x, jnp.sum(x * x, axis=-1, keepdims=True), lat, w_ref[...], eps, dtype)
-        c, s = _cos_sin(pos, freq_ref[...], rope_scale, dtype)
         lo, hi = row(ckv_ref, first + lat, half), row(ckv_ref, first + lat + half, half)
         pe_ref[slot, pl.ds(pos, 1), pl.ds(0, half)] = (lo * c - hi * s).astype(dtype).astype(pe_ref.dtype)
         pe_ref[slot, pl.ds(pos, 1), pl.ds(half, half)] = (hi * c + lo * s).astype(dtype).astype(pe_ref.dtype)
@@ -207,11 +214,11 @@ def _mla_parts(ckv, kv_cache, pe_cache, norm_weight, inv_freq, kv_scale, q, q_no
     return parts, q_parts
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "rope_scale", "dtype", "interpret"),
+@functools.partial(jax.jit, static_argnames=("eps", "rope_scale", "dtype", "rope_out", "interpret"),
                    donate_argnames=("kv_cache", "pe_cache", "kv_scale"))
 def update_mla_cache(kv_cache, pe_cache, ckv, slots, positions, norm_weight, inv_freq, *, eps: float,
                      rope_scale: float = 1.0, dtype=None, kv_scale=None, q=None, q_norm_weight=None,
-                     interpret: bool | None = None):
+                     rope_out: bool = False, interpret: bool | None = None):
     """The MLA layer's cache write, in place, one launch: ckv [T, L + R] is kv_a's product [latent | k_pe] (or
     [S, T, L + R] split-K partial sums of it, added in float32 and rounded to `dtype`, default ckv's dtype; a wider
     ckv holds it in its trailing L + R columns); token t's rms_norm(latent) * norm_weight goes to
@@ -225,14 +232,19 @@ def update_mla_cache(kv_cache, pe_cache, ckv, slots, positions, norm_weight, inv
     same array as ckv when one launch made both side by side), returned normalised (RMSNorm with q_norm_weight and
     eps) as [T, Q] in `dtype`, every token's row.
 
-    Returns (kv_cache, pe_cache[, kv_scale][, q])."""
+    rope_out: also return every token's RoPE table [T, R] float32, [cos | sin] of its position as k_pe was rotated
+    (rounded to `dtype`, times rope_scale): the same rotation for the token's query (`mla_decode(q_pe_rope=)`).
+
+    Returns (kv_cache, pe_cache[, kv_scale][, q][, rope table])."""
     parts, q_parts = _mla_parts(ckv, kv_cache, pe_cache, norm_weight, inv_freq, kv_scale, q, q_norm_weight)
     dtype = jnp.dtype(dtype or ckv.dtype)
     t = parts.shape[1]
     caches = (kv_cache, pe_cache) + (() if kv_scale is None else (kv_scale,))
     q_width = 0 if q is None else q_norm_weight.shape[0]
+    rope = pe_cache.shape[-1]
     if t == 0:
-        return caches + (() if q is None else (jnp.zeros((0, q_width), dtype),))
+        return (caches + (() if q is None else (jnp.zeros((0, q_width), dtype),))
+                + ((jnp.zeros((0, rope), _F32),) if rope_out else ()))
     tok = pl.BlockSpec((1,), lambda i, *_: (i,))
     rows = lambda x: pl.BlockSpec((x.shape[0], 1, x.shape[2]), lambda i, *_: (0, i, 0))  # noqa: E731  (token i's)
     freqs = inv_freq.astype(_F32)[None]
@@ -243,9 +255,11 @@ def update_mla_cache(kv_cache, pe_cache, ckv, slots, positions, norm_weight, inv
         specs += [rows(q_parts), _whole(q_norm_weight)]
         args += [q_parts, q_norm_weight]
         extra_out = ((jax.ShapeDtypeStruct((t, q_width), dtype), pl.BlockSpec((1, q_width), lambda i, *_: (i, 0))),)
+    if rope_out:
+        extra_out += ((jax.ShapeDtypeStruct((t, rope), _F32), pl.BlockSpec((1, rope), lambda i, *_: (i, 0))),)
     return _in_place(
         functools.partial(_mla_kernel, eps=eps, rope_scale=rope_scale, dtype=dtype, quantize=kv_scale is not None,
-                          q_width=q_width),
+                          q_width=q_width, rope_out=rope_out),
         "update_mla_cache", t, specs, args, caches, num_warps=MLA_WARPS, interpret=interpret, extra_out=extra_out,
         per_token=2 if q_width else 1)
 
@@ -263,7 +277,8 @@ def update_cache_reference(cache, rows, slots, positions, *, scales=None, block_
 
 
 def update_mla_cache_reference(kv_cache, pe_cache, ckv, slots, positions, norm_weight, inv_freq, *, eps: float,
-                               rope_scale: float = 1.0, dtype=None, kv_scale=None, q=None, q_norm_weight=None):
+                               rope_scale: float = 1.0, dtype=None, kv_scale=None, q=None, q_norm_weight=None,
+                               rope_out: bool = False):
     """Plain jnp: the partial sums added, HF's RMSNorm of the latent (and of q) and rotate-half RoPE of k_pe, then
     `update_cache_reference` into each cache. Same arguments and results as `update_mla_cache`."""
     parts, q_parts = _mla_parts(ckv, kv_cache, pe_cache, norm_weight, inv_freq, kv_scale, q, q_norm_weight)
@@ -288,6 +303,6 @@ def update_mla_cache_reference(kv_cache, pe_cache, ckv, slots, positions, norm_w
     else:
         kv_cache, kv_scale = update_cache_reference(kv_cache, latent, slots, positions, scales=kv_scale)
         out = (kv_cache, pe_cache, kv_scale)
-    if q is None:
-        return out
-    return out + (rms_norm(product(q_parts, slice(0, q_norm_weight.shape[0])), q_norm_weight),)
+    if q is not None:
+        out += (rms_norm(product(q_parts, slice(0, q_norm_weight.shape[0])), q_norm_weight),)
+    return out + ((jnp.concatenate([c, s], axis=-1),) if rope_out else ())

@@ -208,6 +208,34 @@ def test_mla_cache_normalises_q(dtype, splits, side_by_side):
     assert np.all(np.abs(g - w) <= step), np.abs(g - w).max()
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("with_q", [False, True])
+def test_mla_cache_rope_table(dtype, with_q):
+    """rope_out: every token's [cos | sin] table (padding positions too), the values k_pe was rotated by (rounded to
+    dtype, times rope_scale, as jaxlm.layers' rope_cos_sin), from the one-program and the two-program (with q)
+    launches; the other outputs as without it."""
+    from jaxlm.layers import rope_cos_sin
+
+    rng = np.random.default_rng(11)
+    args, _ = _mla_case(rng, dtype, 2)
+    kv, pe, ckv, slots, positions, weight, inv_freq = args
+    q_opts = dict(q=jnp.asarray(rng.standard_normal((2, 7, 48)), jnp.float32),
+                  q_norm_weight=jnp.asarray(rng.standard_normal(48), dtype)) if with_q else {}
+    opts = dict(eps=1e-6, rope_scale=1.3, dtype=dtype, **q_opts)
+    got = update_mla_cache(jnp.array(kv), jnp.array(pe), *args[2:], **opts, rope_out=True, interpret=True)
+    plain = update_mla_cache(jnp.array(kv), jnp.array(pe), *args[2:], **opts, interpret=True)
+    want = update_mla_cache_reference(*args, **opts, rope_out=True)
+    assert len(got) == len(plain) + 1 == len(want) and got[-1].shape == (7, 8) and got[-1].dtype == jnp.float32
+    for g, p in zip(got[:-1], plain):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(p, np.float32))
+    cos, sin = rope_cos_sin(positions, np.asarray(inv_freq), 1.3, dtype)
+    layers = np.concatenate([np.asarray(cos, np.float32)[:, :4], np.asarray(sin, np.float32)[:, :4]], axis=-1)
+    np.testing.assert_array_equal(np.asarray(want[-1]), layers)
+    np.testing.assert_allclose(np.asarray(got[-1]), layers, rtol=1e-6 if dtype == jnp.float32 else 0, atol=1e-6)
+    empty = update_mla_cache(kv, pe, ckv[:, :0], slots[:0], positions[:0], weight, inv_freq, eps=1e-6, rope_out=True)
+    assert empty[-1].shape == (0, 8)
+
+
 def test_mla_cache_q_errors():
     args, _ = _mla_case(np.random.default_rng(3), jnp.float32, None)
     opts = dict(eps=1e-6, rope_scale=1.0)
@@ -236,11 +264,11 @@ def test_mla_cache_lowers_for_h100():
 
 def test_mla_cache_with_q_lowers_for_h100():
     """R1's decode: q_a's and kv_a's products side by side as 8 split-K partial sums [8, 16, 1536 + 512 + 64], q_a's
-    1536 columns read as 1024 + 512 pieces."""
+    1536 columns read as 1024 + 512 pieces; with the tokens' RoPE table out, as the layer's decode step asks."""
     S = jax.ShapeDtypeStruct
     fn = functools.partial(update_mla_cache, eps=1e-6, rope_scale=1.2, dtype=jnp.bfloat16, interpret=False)
     text = export_for_h100(lambda kv, pe, parts, s, p, w, f, qw: fn(kv, pe, parts, s, p, w, f, q=parts,
-                                                                   q_norm_weight=qw),
+                                                                   q_norm_weight=qw, rope_out=True),
                            S((16, 512, 512), jnp.bfloat16), S((16, 512, 64), jnp.bfloat16),
                            S((8, 16, 2112), jnp.float32), S((16,), jnp.int32), S((16,), jnp.int32),
                            S((512,), jnp.bfloat16), S((32,), jnp.float32), S((1536,), jnp.bfloat16))
