@@ -394,18 +394,19 @@ def _rope_of(cfg: MLAConfig, positions: jax.Array, dtype) -> tuple[jax.Array, ja
 
 
 def _write_cache(params, cfg: MLAConfig, cache: MLACache, meta: batching.RaggedMeta, qa, ckv, dtype,
-                 impl: str) -> tuple[MLACache, jax.Array]:
+                 impl: str, rope_out: bool = False) -> tuple[MLACache, jax.Array, jax.Array | None]:
     """kv_a's product ckv (see `_first_projections`) into both caches at each token's (slot, position): the latent
     through kv_a_layernorm, k_pe rotated at its position; one Pallas launch (`update_mla_cache`, which computes the
     RoPE angles itself: no table operands), or its jnp reference with impl "xla". Padding tokens carry position
     max_len (out of range): dropped. With q-LoRA the same launch normalises q_a's product qa (q_a_layernorm).
-    Returns (cache, qa normalised [T, Q], or qa as given without q-LoRA)."""
+    Returns (cache, qa normalised [T, Q], or qa as given without q-LoRA, and with rope_out the tokens' [cos | sin]
+    [T, R] float32, the rotation their k_pe got, else None)."""
     inv_freq, attention_factor = cfg.rope()
     scales = () if cache.kv_scale is None else (cache.kv_scale,)
     q_args = () if cfg.q_lora_rank is None else (qa, params["q_a_layernorm"])
     args = (cache.kv_cache, cache.pe_cache, ckv, meta.tok_slot, meta.tok_pos, params["kv_a_layernorm"],
             jnp.asarray(inv_freq), *q_args)
-    opts = dict(eps=cfg.norm_eps, rope_scale=attention_factor, dtype=dtype)
+    opts = dict(eps=cfg.norm_eps, rope_scale=attention_factor, dtype=dtype, rope_out=rope_out)
     fn = pallas_kernels.update_mla_cache if impl == "pallas" else pallas_kernels.update_mla_cache_reference
 
     def local(kv, pe, ckv, slots, positions, weight, inv_freq, *rest):  # this device's slots: others are skipped
@@ -417,8 +418,9 @@ def _write_cache(params, cfg: MLAConfig, cache: MLACache, meta: batching.RaggedM
 
     cache_specs = (MLA_CACHE, MLA_CACHE) + (MLA_CACHE_SCALE,) * len(scales)
     in_specs = cache_specs[:2] + (P(),) * (5 + len(q_args)) + cache_specs[2:]
-    out = sharding.per_device(local, in_specs, cache_specs + (P(),) * bool(q_args))(*args, *scales)
-    return MLACache(*out[:len(cache_specs)]), out[-1] if q_args else qa
+    out = sharding.per_device(local, in_specs, cache_specs + (P(),) * (bool(q_args) + rope_out))(*args, *scales)
+    rest = out[len(cache_specs):]  # [the normalised qa][, every token's rope table: each device computes them all]
+    return MLACache(*out[:len(cache_specs)]), rest[0] if q_args else qa, rest[-1] if rope_out else None
 
 
 def _softmax(scores: jax.Array, meta: batching.RaggedMeta, kv_len: int) -> jax.Array:
@@ -451,29 +453,30 @@ def _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, kv_len, impl):
     return _expand_uv(_from_blocks(o_lat, meta), params, impl)
 
 
-def _attend_decode_kernel(params, cfg, q, q_pe, cache, meta):
+def _attend_decode_kernel(params, cfg, q, q_rope, cache, meta):
     """Decode steps through the Pallas flash-decoding kernel, token by token: token t reads its request's cache slot
     (a one-page block table over the [slots, max_len, ...] caches), positions 0 .. its own; padding tokens read
-    nothing. No gathers to or from slot order. With slots split over dp, each device attends the tokens of its
-    slots and the others' rows (zeros) are summed in. Returns [T, N, V]."""
+    nothing. No gathers to or from slot order. q as projected: the kernel reads its rope part in place and rotates
+    it by q_rope ([T, R] [cos | sin] from the cache write) as it loads it (no pass of its own). With slots split over
+    dp, each device attends the tokens of its slots and the others' rows (zeros) are summed in. Returns [T, N, V]."""
     max_len = cache.kv_cache.shape[1]
     dtype = cache.pe_cache.dtype
     q_lat = _absorb_uk(q, params, "pallas").astype(dtype)  # q_nope: q's leading columns
     lengths = jnp.where(meta.tok_pos < max_len, meta.tok_pos + 1, 0)
     scales = () if cache.kv_scale is None else (cache.kv_scale,)
 
-    def local(q_lat, q_pe, kv, pe, slots, lengths, *scales):
+    def local(q_lat, q, q_rope, kv, pe, slots, lengths, *scales):
         slot = slots - sharding.axis_index(DP) * kv.shape[0]  # this device's slots; others' tokens: length 0 here
         mine = (slot >= 0) & (slot < kv.shape[0])
-        o = pallas_kernels.mla_decode(q_lat, q_pe, kv, pe, jnp.where(mine, lengths, 0), sm_scale=cfg.softmax_scale,
-                                      kv_scale=scales[0] if scales else None,
+        o = pallas_kernels.mla_decode(q_lat, q, kv, pe, jnp.where(mine, lengths, 0), sm_scale=cfg.softmax_scale,
+                                      kv_scale=scales[0] if scales else None, q_pe_rope=q_rope,
                                       block_table=jnp.clip(slot, 0, kv.shape[0] - 1)[:, None])
         return sharding.sum_over(o, DP)
 
     heads = P(None, TP, None)
-    specs = (heads, heads, MLA_CACHE, MLA_CACHE, P(), P()) + (MLA_CACHE_SCALE,) * len(scales)
+    specs = (heads, heads, P(), MLA_CACHE, MLA_CACHE, P(), P()) + (MLA_CACHE_SCALE,) * len(scales)
     decode = sharding.per_device(local, specs, heads)
-    o_lat = decode(q_lat, q_pe.astype(dtype), cache.kv_cache, cache.pe_cache, meta.tok_slot, lengths, *scales)
+    o_lat = decode(q_lat, q.astype(dtype), q_rope, cache.kv_cache, cache.pe_cache, meta.tok_slot, lengths, *scales)
     return _expand_uv(o_lat.astype(q.dtype), params, "pallas")
 
 
@@ -536,14 +539,16 @@ def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes,
     INT8 varlen attention kernel (up-projected form); otherwise XLA scatters and the XLA absorbed/naive forms.
     """
     meta = batching.ragged_metadata(seq_lens, past_lens, sizes, cache.kv_cache.shape[1])
+    decode_kernel = mode != "naive" and impl == "pallas" and sizes.block_q == 1
     qa, ckv, dtype = _first_projections(params, cfg, x, impl, after)
-    cache, qa = _write_cache(params, cfg, cache, meta, qa, ckv, dtype, impl)  # normalises q_a's product too
-    q, q_pe = _project_q(params, cfg, qa, meta.tok_pos, impl, rope)
+    # normalises q_a's product too; for the decode kernel, which rotates q's rope part itself, gives the RoPE table
+    cache, qa, q_rope = _write_cache(params, cfg, cache, meta, qa, ckv, dtype, impl, rope_out=decode_kernel)
+    q, q_pe = _project_q(params, cfg, qa, meta.tok_pos, impl, rope)  # q_pe: unused (not computed) by the kernel
     q_nope = q[..., : cfg.qk_nope_head_dim]  # a copy only where used (the Pallas paths take q whole)
     if mode == "naive":
         o = _attend_naive(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len, impl)
-    elif impl == "pallas" and sizes.block_q == 1:
-        o = _attend_decode_kernel(params, cfg, q, q_pe, cache, meta)
+    elif decode_kernel:
+        o = _attend_decode_kernel(params, cfg, q, q_rope, cache, meta)
     elif impl == "pallas":
         o = _attend_prefill_kernel(params, cfg, q, q_pe, cache, seq_lens, past_lens, sizes.kv_tokens)
     else:

@@ -141,6 +141,15 @@ def online_softmax_step(s, m, l, acc, masked: bool, scale=1.0):
     return p, m_new, l * corr + p.sum(axis=1), acc * lax.broadcast_in_dim(corr, acc.shape, [0]), corr
 
 
+def rotate_half_split(x, c, s):
+    """Half-split RoPE of x [..., R]: [lo c - hi s, hi c + lo s] with lo / hi its halves and c, s [..., R / 2]
+    (broadcast against them), in float32, back in x's dtype. Plain jnp on arrays, as the Mosaic GPU kernels run it on
+    registers."""
+    half = x.shape[-1] // 2
+    lo, hi = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([lo * c - hi * s, hi * c + lo * s], axis=-1).astype(x.dtype)
+
+
 def smem(shape, dtype):
     """A shared-memory buffer laid out for TMA and wgmma: (8, row) tiles, swizzled by the row's bytes (<= 128)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu

@@ -22,7 +22,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import mla_decode_mgpu
 from pallas_kernels.common import (H100_SMS, cdiv, next_pow2, pad_to, quantize_rows_int8, resolve_backend,
-                                   resolve_interpret)
+                                   resolve_interpret, rotate_half_split)
 from pallas_kernels.mla_decode_mgpu import MosaicBlockSizes
 
 LOG2E = math.log2(math.e)
@@ -109,16 +109,38 @@ def _kernel(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, *refs, scale, block_k, spli
         lse_ref[...] = jnp.where(has, m + jnp.log2(l_safe), -jnp.inf)
 
 
+def _q_pe_of(q_pe, rope: int, q_pe_rope):
+    """q_pe's trailing `rope` columns, rotated by q_pe_rope [B, R] ([cos | sin]) when given."""
+    q = q_pe[..., q_pe.shape[-1] - rope:]
+    if q_pe_rope is None:
+        return q
+    half = rope // 2
+    return rotate_half_split(q, q_pe_rope[:, None, :half], q_pe_rope[:, None, half:])
+
+
+def _check_q_pe(q_latent, q_pe, rope: int, q_pe_rope):
+    b, h, _ = q_latent.shape
+    if q_pe.ndim != 3 or q_pe.shape[:2] != (b, h) or q_pe.shape[2] < rope:
+        raise ValueError(f"mla_decode: q_pe must be [B, H, >= R] = [{b}, {h}, >= {rope}], got {q_pe.shape}")
+    if q_pe_rope is not None and (q_pe_rope.shape != (b, rope) or rope % 2):
+        raise ValueError(f"mla_decode: q_pe_rope must be [B, R] = [{b}, {rope}] ([cos | sin], R even), got "
+                         f"{q_pe_rope.shape}")
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "qk_int8", "block_sizes", "backend", "interpret",
                                              "return_lse"))
 def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, qk_int8: bool = False,
-               kv_scale=None, block_table=None, block_sizes: BlockSizes | MosaicBlockSizes | None = None,
+               kv_scale=None, block_table=None, q_pe_rope=None, block_sizes: BlockSizes | MosaicBlockSizes | None = None,
                backend: str | None = None, interpret: bool | None = None, return_lse: bool = False):
     """Absorbed MLA decode attention.
 
     q_latent [B, H, L] (q_nope . W_UK), q_pe [B, H, R], kv_cache [B, S, L], pe_cache [B, S, R], lengths [B] int32
     (cached positions each request attends, 0 allowed). Returns o [B, H, L] in q's dtype (zeros for length 0),
     and the natural-log LSE [B, H] when `return_lse`.
+    q_pe may be wider, [B, H, W > R]: its trailing R columns are the rope part (MLA's q as projected, [q_nope |
+    q_pe], read in place by the Mosaic kernel). q_pe_rope: [B, R] float32 [cos | sin] of each request's new position
+    (`update_mla_cache(rope_out=True)`): q_pe is rotated by it first (half-split RoPE in float32, rounded to q_pe's
+    dtype), inside the Mosaic kernel as it loads q_pe, else by XLA before the kernel.
     qk_int8: Q.K^T in int8 (query rows quantised per row, absmax / 127; the latent and rope parts as two dots with
     their own scales; cache rows quantised per tile as read unless the cache is already int8); P.V in 16 bits.
     kv_scale: an int8 latent cache (written by `update_cache(..., scales=)`), its [B, S] float32 row scales;
@@ -131,6 +153,9 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
     """
     b, h, lat = q_latent.shape
     rope = pe_cache.shape[2]
+    _check_q_pe(q_latent, q_pe, rope, q_pe_rope)
+    if q_pe_rope is not None:
+        q_pe_rope = jnp.asarray(q_pe_rope, jnp.float32)
     if b == 0:  # no requests: nothing to launch
         out = jnp.zeros((0, h, lat), q_latent.dtype)
         return (out, jnp.zeros((0, h), jnp.float32)) if return_lse else out
@@ -142,9 +167,10 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
         why = _mosaic_unsupported(q_latent, q_pe, kv_cache, pe_cache, qk_int8, kv_scale, block_table, mbs)
         if why is None:
             return _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, sm_scale=sm_scale, block_table=block_table,
-                           block_sizes=mbs, interpret=interp, return_lse=return_lse)
+                           q_pe_rope=q_pe_rope, block_sizes=mbs, interpret=interp, return_lse=return_lse)
         if explicit:
             raise ValueError(f"mla_decode backend='mosaic': {why}; use backend='triton'")
+    q_pe = _q_pe_of(q_pe, rope, q_pe_rope)
     bs = block_sizes or BlockSizes()
     int8_cache, paged = kv_scale is not None, block_table is not None
     if int8_cache != (kv_cache.dtype == jnp.int8):
@@ -219,7 +245,7 @@ def _mosaic_unsupported(q_latent, q_pe, kv_cache, pe_cache, qk_int8, kv_scale, b
     return mla_decode_mgpu.unsupported(q_latent.shape[2], pe_cache.shape[2], q_latent.dtype, kv_cache.dtype)
 
 
-def _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale, block_table, block_sizes, interpret,
+def _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale, block_table, q_pe_rope, block_sizes, interpret,
             return_lse):
     """The Mosaic GPU kernel (calls `_mosaic_unsupported` passes): heads padded to its 64-head tiles, a contiguous
     cache to whole key tiles (paged ones are whole tiles already); splits merged here."""
@@ -241,7 +267,7 @@ def _mosaic(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale, block_tabl
     o, lse2 = mla_decode_mgpu.decode(
         pad_to(q_latent, 1, h_pad), pad_to(q_pe, 1, h_pad), kv_cache, pe_cache, lengths, max_len=s_len,
         scale_log2=sm_scale * LOG2E, block_sizes=block_sizes, k_splits=k_splits, split_len=split_len,
-        block_table=block_table, interpret=interpret)
+        block_table=block_table, q_pe_rope=q_pe_rope, interpret=interpret)
     return _merge_splits(o, lse2, lengths, split_len, s_len, h, return_lse, interpret)
 
 
@@ -332,10 +358,12 @@ def dequantize_rows(cache, kv_scale):
 
 
 def mla_decode_reference(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, kv_scale=None,
-                         block_table=None, return_lse: bool = False):
+                         block_table=None, q_pe_rope=None, return_lse: bool = False):
     """Plain jnp, float32: softmax(scale * (q_latent kv^T + q_pe pe^T)) kv over the first lengths[b] rows (int8 and
-    paged caches dequantised / gathered first)."""
+    paged caches dequantised / gathered first; q_pe's trailing R columns, rotated by q_pe_rope first when given)."""
     f32 = jnp.float32
+    _check_q_pe(q_latent, q_pe, pe_cache.shape[2], q_pe_rope)
+    q_pe = _q_pe_of(q_pe, pe_cache.shape[2], None if q_pe_rope is None else jnp.asarray(q_pe_rope, f32))
     kv_cache = kv_cache.astype(f32) if kv_scale is None else dequantize_rows(kv_cache, kv_scale)
     if block_table is not None:
         kv_cache, pe_cache = gather_pages(kv_cache, block_table), gather_pages(pe_cache, block_table)

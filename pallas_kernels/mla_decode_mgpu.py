@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import online_softmax_step, smem
+from pallas_kernels.common import online_softmax_step, rotate_half_split, smem
 
 HEADS = 64  # query heads per program: one wgmma M tile
 # Per-thread registers of the memory warpgroup and of each compute warpgroup (setmaxnreg; 128 x (2 x compute +
@@ -56,17 +56,22 @@ def unsupported(lat: int, rope: int, dtype, kv_dtype) -> str | None:
 
 
 def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, max_len: int, scale_log2: float,
-           block_sizes: MosaicBlockSizes, k_splits: int, split_len: int, block_table=None, interpret: bool = False):
-    """q_latent [B, Hp, L], q_pe [B, Hp, R] (Hp a multiple of 64), kv_cache [B, S, L], pe_cache [B, S, R] (S a
-    multiple of block_k) or, with block_table [B, n] int32, paged caches [pages, page_size, ...] (page_size a
-    multiple of block_k; request b's row p is row p % page_size of page block_table[b, p // page_size]);
-    lengths [B] int32, clamped here to max_len (the rows before any padding of S, or n * page_size);
-    scale_log2 = sm_scale * log2(e); split s covers rows [s * split_len, (s + 1) * split_len). Returns per split
-    (o [B, splits, Hp, L] normalised, in the caches' dtype; lse2 [B, splits, Hp] base 2, -inf where empty)."""
+           block_sizes: MosaicBlockSizes, k_splits: int, split_len: int, block_table=None, q_pe_rope=None,
+           interpret: bool = False):
+    """q_latent [B, Hp, L], q_pe [B, Hp, >= R] (Hp a multiple of 64; its trailing R columns, read in place),
+    kv_cache [B, S, L], pe_cache [B, S, R] (S a multiple of block_k) or, with block_table [B, n] int32, paged caches
+    [pages, page_size, ...] (page_size a multiple of block_k; request b's row p is row p % page_size of page
+    block_table[b, p // page_size]); lengths [B] int32, clamped here to max_len (the rows before any padding of S,
+    or n * page_size); scale_log2 = sm_scale * log2(e); split s covers rows [s * split_len, (s + 1) * split_len);
+    q_pe_rope: [B, R] float32 [cos | sin] that rotate q_pe (half-split RoPE, in float32) as it is loaded. Returns
+    per split (o [B, splits, Hp, L] normalised, in the caches' dtype; lse2 [B, splits, Hp] base 2, -inf where
+    empty)."""
     bs = block_sizes
     bk, stages = bs.block_k, bs.stages
     b, hp, lat = q_latent.shape
     rope = pe_cache.shape[2]
+    pe_cols = pl.ds(q_pe.shape[2] - rope, rope)  # q_pe's trailing R columns
+    rotate = q_pe_rope is not None
     dt = kv_cache.dtype
     half = lat // 2
     head_blocks = hp // HEADS
@@ -74,7 +79,8 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, max_len: int, scale_l
     page_size = kv_cache.shape[1]  # paged: a multiple of bk (mla_decode's _mosaic_unsupported sees to it)
 
     def body(ql_ref, qp_ref, kv_ref, pe_ref, len_ref, *refs):
-        *bt_ref, o_ref, lse_ref = refs
+        rt_ref = refs[0] if rotate else None
+        *bt_ref, o_ref, lse_ref = refs[rotate:]
         prog, wg = lax.axis_index("p"), lax.axis_index("wg")  # programs numbered (request, head block, split)
         req = lax.div(prog, jnp.int32(head_blocks * k_splits))
         hb = lax.rem(lax.div(prog, jnp.int32(k_splits)), jnp.int32(head_blocks))
@@ -146,12 +152,19 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, max_len: int, scale_l
                 def _():
                     plgpu.copy_gmem_to_smem(ql_ref.at[req, pl.ds(h0, HEADS)], ql_smem, q_bar.at[0])
                     if interpret:  # the interpreter's wgmma reads its left operand from shared memory only
-                        plgpu.copy_gmem_to_smem(qp_ref.at[req, pl.ds(h0, HEADS)], qp_smem, q_bar.at[0])
+                        plgpu.copy_gmem_to_smem(qp_ref.at[req, pl.ds(h0, HEADS), pe_cols], qp_smem, q_bar.at[0])
                     plgpu.barrier_wait(q_bar.at[0])
 
                 # Q's rope part as a register operand on the GPU: shared memory is full to the last bytes
-                qp_op = qp_smem if interpret else plgpu.load(qp_ref.at[req, pl.ds(h0, HEADS)], layout=wgmma,
+                qp_op = qp_smem if interpret else plgpu.load(qp_ref.at[req, pl.ds(h0, HEADS), pe_cols], layout=wgmma,
                                                              optimized=False)
+                if rotate:
+                    qp_rot = _rotated(qp_smem[...] if interpret else qp_op, rt_ref.at[req])
+                    if interpret:
+                        qp_smem[...] = qp_rot
+                        plgpu.commit_smem()
+                    else:
+                        qp_op = qp_rot
                 cols0 = plgpu.broadcasted_iota(jnp.int32, (HEADS, bk), 1, layout=wgmma)
 
                 def step(j, carry, masked):
@@ -241,4 +254,18 @@ def decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, max_len: int, scale_l
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
-    )(q_latent, q_pe, kv_cache, pe_cache, lengths, *([] if block_table is None else [block_table]))
+    )(q_latent, q_pe, kv_cache, pe_cache, lengths, *([q_pe_rope] if rotate else []),
+      *([] if block_table is None else [block_table]))
+
+
+def _rotated(qp, table_ref):
+    """Q's rope part [64, R] (registers in the WGMMA layout on the GPU) rotated by one request's [cos | sin] row
+    table_ref [R] float32 (`rotate_half_split`)."""
+    half = qp.shape[1] // 2
+    wgmma = plgpu.Layout.WGMMA
+
+    def column(off):  # table[off : off + half] as the columns of a [64, half] array: the same for every head
+        v = plgpu.load(table_ref.at[pl.ds(off, half)], layout=wgmma.reduce(0), optimized=False)
+        return lax.broadcast_in_dim(v, (HEADS, half), [1])
+
+    return rotate_half_split(qp, column(0), column(half))

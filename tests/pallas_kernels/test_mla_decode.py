@@ -252,6 +252,39 @@ def test_mosaic_paged_cache(page_size, splits):
         mla_decode(q, qp, kv, pe, lengths, sm_scale=0.1, block_table=table[:3], backend="mosaic", interpret=True)
 
 
+@pytest.mark.parametrize("backend,splits", [("triton", 3), ("mosaic", 2), ("mosaic", 1)])
+def test_q_pe_rotated_as_loaded(backend, splits):
+    """q_pe as the trailing R columns of a wider q (read in place) rotated by q_pe_rope ([cos | sin] per request,
+    as update_mla_cache(rope_out=True) gives it) inside the call: equal to the call on jaxlm.layers.apply_rope's
+    rotated q_pe within one bf16 rounding, and to the reference (which rotates the same way); lengths 0, 1, odd."""
+    from jaxlm.layers import apply_rope, rope_cos_sin
+    from pallas_kernels.mla_decode_mgpu import MosaicBlockSizes
+
+    rng = np.random.default_rng(splits + len(backend))
+    b, h, s = 3, 20, 100
+    q, _, kv, pe = make(rng, b, h, 128, 64, s, jnp.bfloat16)
+    q_wide = jnp.asarray(rng.standard_normal((b, h, 128 + 64)), jnp.bfloat16)  # [q_nope | q_pe]
+    positions = jnp.asarray(rng.integers(0, 5000, b), jnp.int32)
+    inv_freq = 10000.0 ** -(np.arange(32) / 32.0)
+    cos, sin = rope_cos_sin(positions, inv_freq, 1.2, jnp.bfloat16)  # [b, 64] each, halves repeated
+    table = jnp.concatenate([cos[:, :32], sin[:, :32]], axis=-1).astype(jnp.float32)
+    lengths = jnp.asarray([0, 1, 77], jnp.int32)
+    bs = MosaicBlockSizes(k_splits=splits) if backend == "mosaic" else MLADecodeBlockSizes(block_k=32, k_splits=splits)
+    out = mla_decode(q, q_wide, kv, pe, lengths, sm_scale=0.1, q_pe_rope=table, block_sizes=bs, interpret=True)
+    roped = apply_rope(q_wide[..., 128:], cos[:, None], sin[:, None])
+    plain = mla_decode(q, roped, kv, pe, lengths, sm_scale=0.1, block_sizes=bs, interpret=True)
+    ref = mla_decode_reference(q, q_wide, kv, pe, lengths, sm_scale=0.1, q_pe_rope=table)
+    ref_roped = mla_decode_reference(q, roped, kv, pe, lengths, sm_scale=0.1)
+    np.testing.assert_allclose(np.asarray(ref, np.float32), np.asarray(ref_roped, np.float32), atol=2e-2, rtol=2e-2)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(plain, np.float32), atol=2e-2, rtol=2e-2)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2, rtol=2e-2)
+    assert np.all(np.asarray(out, np.float32)[0] == 0)
+    with pytest.raises(ValueError, match="q_pe_rope must be"):
+        mla_decode(q, q_wide, kv, pe, lengths, sm_scale=0.1, q_pe_rope=table[:, :32], interpret=True)
+    with pytest.raises(ValueError, match="q_pe must be"):
+        mla_decode(q, q_wide[..., :32], kv, pe, lengths, sm_scale=0.1, interpret=True)
+
+
 def test_mosaic_lowers_for_h100_at_r1_sizes():
     pytest.importorskip("jax_cuda13_plugin", reason="Mosaic GPU lowering needs jax_cuda13_plugin (.ci/env.sh test)")
     S = jax.ShapeDtypeStruct
@@ -263,6 +296,11 @@ def test_mosaic_lowers_for_h100_at_r1_sizes():
     paged = lambda q, qp, kv, pe, n, t: fn(q, qp, kv, pe, n, block_table=t)  # noqa: E731
     text = export_for_h100(paged, S((16, 128, 512), bf), S((16, 128, 64), bf), S((300, 64, 512), bf),
                            S((300, 64, 64), bf), S((16,), jnp.int32), S((16, 18), jnp.int32))
+    assert "mosaic_gpu" in text
+    # the layer's decode step: q_pe as q's trailing columns, rotated in the kernel by the cache write's table
+    roped = lambda q, qp, kv, pe, n, t, r: fn(q, qp, kv, pe, n, block_table=t, q_pe_rope=r)  # noqa: E731
+    text = export_for_h100(roped, S((16, 128, 512), bf), S((16, 128, 192), bf), S((300, 64, 512), bf),
+                           S((300, 64, 64), bf), S((16,), jnp.int32), S((16, 1), jnp.int32), S((16, 64), jnp.float32))
     assert "mosaic_gpu" in text
 
 
