@@ -64,6 +64,7 @@ def test_mla_decode(cache, qk_int8):
     pe = jnp.asarray(rng.standard_normal((b, s, 64)), bf)
     lengths = jnp.asarray(rng.integers(0, s + 1, b), jnp.int32).at[0].set(0).at[1].set(1).at[2].set(s)
     ref = pk.mla_decode_reference(q, qp, kv, pe, lengths, sm_scale=0.135)
+    kv_ref, pe_ref = kv, pe
     kw = {}
     if "int8" in cache:
         kv, kw["kv_scale"] = quantize_rows_int8(kv)
@@ -82,6 +83,17 @@ def test_mla_decode(cache, qk_int8):
     if cache in ("bf16", "paged") and not qk_int8:  # the Mosaic GPU kernel (contiguous and paged caches)
         close(pk.mla_decode(q, qp, kv, pe, lengths, sm_scale=0.135, backend="mosaic", **kw), ref, cos=0.999,
               rel_l1=0.03)
+    if not qk_int8:  # q_pe as q's trailing columns, rotated as loaded (the layer's decode step) on either kernel
+        from jaxlm.layers import rope_cos_sin
+
+        q_wide = jnp.concatenate([jnp.asarray(rng.standard_normal((b, h, 128)), bf), qp], axis=-1)
+        cos, sin = rope_cos_sin(jnp.asarray(rng.integers(0, 100000, b), jnp.int32),
+                                10000.0 ** -(np.arange(32) / 32.0), 1.2, bf)
+        table = jnp.concatenate([cos[:, :32], sin[:, :32]], axis=-1).astype(jnp.float32)
+        ref = pk.mla_decode_reference(q, q_wide, kv_ref, pe_ref, lengths, sm_scale=0.135, q_pe_rope=table)
+        for backend in ("triton",) + (("mosaic",) if "int8" not in cache else ()):
+            close(pk.mla_decode(q, q_wide, kv, pe, lengths, sm_scale=0.135, q_pe_rope=table, backend=backend, **kw),
+                  ref, cos=0.999, rel_l1=0.03)
 
 
 def test_update_cache_int8_and_paged():
@@ -145,14 +157,14 @@ def test_q_a_kv_a_side_by_side_into_the_cache():
             jnp.asarray(rng.standard_normal(512), jnp.bfloat16), jnp.asarray(10000.0 ** -(np.arange(32) / 32),
                                                                              jnp.float32))
     qw = jnp.asarray(rng.standard_normal(1536), jnp.bfloat16)
-    opts = dict(eps=1e-6, rope_scale=1.2, dtype=jnp.bfloat16, q=parts, q_norm_weight=qw)
+    opts = dict(eps=1e-6, rope_scale=1.2, dtype=jnp.bfloat16, q=parts, q_norm_weight=qw, rope_out=True)
     want = pk.update_mla_cache_reference(kv, pe, parts, *args, **opts)
     got = pk.update_mla_cache(jnp.array(kv), jnp.array(pe), parts, *args, **opts)
     qa, _ = pk.fp8_matmuls(x, [wq, wkv], [sq, skv])
-    assert len(got) == len(want) == 3
-    # within one rounding of the reference (sums in another order); the layer's q within two (the product's rounding,
-    # then the norm's)
-    for g, w, roundings in zip(got + (got[2],), want + (rms_norm(qa, qw, 1e-6),), (1, 1, 1, 2)):
+    assert len(got) == len(want) == 4
+    # within one rounding of the reference (sums and cos in another order); the layer's q within two (the product's
+    # rounding, then the norm's)
+    for g, w, roundings in zip(got + (got[2],), want + (rms_norm(qa, qw, 1e-6),), (1, 1, 1, 1, 2)):
         step = roundings * 2.0 ** -7 * np.abs(np.asarray(w, np.float32)) + 1e-6
         assert np.all(np.abs(np.asarray(g, np.float32) - np.asarray(w, np.float32)) <= step)
 
