@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import pow2_chunks, quantize_rows_int8, resolve_interpret
+from pallas_kernels.common import pow2_chunks, quantize_rows_int8, resolve_interpret, rotate_half_split
 
 _F32 = jnp.float32
 MLA_WARPS = 4  # update_mla_cache's warps per program
@@ -294,9 +294,8 @@ def update_mla_cache_reference(kv_cache, pe_cache, ckv, slots, positions, norm_w
     lat, half = kv_cache.shape[-1], pe_cache.shape[-1] // 2
     x = product(parts, slice(parts.shape[2] - lat - 2 * half, None))  # kv_a's product: the trailing columns
     latent = rms_norm(x[:, :lat], norm_weight)
-    lo, hi = x[:, lat:lat + half].astype(_F32), x[:, lat + half:].astype(_F32)
     c, s = _cos_sin(positions, inv_freq, rope_scale, dtype)
-    k_pe = jnp.concatenate([lo * c - hi * s, hi * c + lo * s], axis=-1).astype(dtype)
+    k_pe = rotate_half_split(x[:, lat:], c, s)
     pe_cache = update_cache_reference(pe_cache, k_pe, slots, positions)
     if kv_scale is None:
         out = (update_cache_reference(kv_cache, latent, slots, positions), pe_cache)
