@@ -648,7 +648,9 @@ def _decode_steps_jit(params, cfg, xs, cache, past_lens, kv_len, mode, impl):
         return (cache, done), y
 
     # the carry's `done` (o_proj's parts on the FP8 Pallas path, else y): its shape from the step itself, traced only
-    first = jnp.zeros_like(jax.eval_shape(step, cache, xs[0], steps[0], (cos[0], sin[0]), None)[2])
+    # (on one step's shapes: there may be no steps)
+    one = lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)  # noqa: E731
+    first = jnp.zeros_like(jax.eval_shape(step, cache, one(xs), one(steps), (one(cos), one(sin)), None)[2])
     (cache, _), ys = jax.lax.scan(body, (cache, first), (xs, steps, (cos, sin)),
                                   unroll=max(1, min(DECODE_UNROLL, xs.shape[0])))
     return ys, cache

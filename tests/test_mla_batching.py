@@ -65,6 +65,20 @@ def test_decode_steps_equals_repeated_forward(layer, impl):
     np.testing.assert_allclose(np.asarray(cache_loop.pe_cache), np.asarray(cache.pe_cache), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_decode_steps_with_no_steps(layer, impl):
+    """Zero steps: an empty output and the cache as given."""
+    cfg, params = layer
+    cache = mla.init_cache(cfg, 2, 16, jnp.float32)
+    cache = mla.MLACache(*(jnp.asarray(np.random.default_rng(4).standard_normal(c.shape), c.dtype) for c in cache[:2]))
+    before = [np.asarray(c) for c in cache[:2]]
+    ys, cache = mla.decode_steps(params, cfg, np.zeros((0, 2, cfg.hidden_size), np.float32), cache, [1, 2],
+                                 attention_impl=impl)
+    assert ys.shape == (0, 2, cfg.hidden_size)
+    for got, want in zip(cache[:2], before):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_decode_steps_input_waits_for_the_previous_output(layer):
     """Each decode_steps step's input is x + 0 * (previous output's first element): equal to x for any previous
     output (NaN and inf included), and the dependency survives XLA's optimiser in the compiled loop (it must reach
