@@ -373,15 +373,18 @@ def _first_projections(params: Params, cfg: MLAConfig, x: jax.Array, impl: str, 
     return qa, ckv, ckv.dtype
 
 
-def _project_q(params: Params, cfg: MLAConfig, qa: jax.Array, positions: jax.Array, impl: str, rope=None):
+def _project_q(params: Params, cfg: MLAConfig, qa: jax.Array, positions: jax.Array, impl: str, rope=None,
+               rotate: bool = True):
     """q_a's normalised product (q_proj's without q-LoRA) -> q [T, N, P + R] as projected (q_nope is its leading P
-    columns; its rope part unrotated) and q_pe [T, N, R] (roped). rope: (cos, sin) [T, R] of the positions when the
-    caller has them already."""
+    columns; its rope part unrotated) and q_pe [T, N, R] (roped; None without `rotate`: the decode kernel rotates
+    q's rope part itself). rope: (cos, sin) [T, R] of the positions when the caller has them already."""
     n = cfg.num_heads
     if cfg.q_lora_rank is None:
         q = qa.reshape(qa.shape[0], n, -1)
     else:
         q = _linear(qa, params, "q_b_proj", "tq,qnh->tnh", impl, heads=n)
+    if not rotate:
+        return q, None
     q_pe = q[..., cfg.qk_nope_head_dim :]
     cos, sin = rope if rope is not None else _rope_of(cfg, positions, qa.dtype)  # [T, R]
     return q, apply_rope(q_pe, cos[:, None], sin[:, None])
@@ -543,7 +546,7 @@ def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes,
     qa, ckv, dtype = _first_projections(params, cfg, x, impl, after)
     # normalises q_a's product too; for the decode kernel, which rotates q's rope part itself, gives the RoPE table
     cache, qa, q_rope = _write_cache(params, cfg, cache, meta, qa, ckv, dtype, impl, rope_out=decode_kernel)
-    q, q_pe = _project_q(params, cfg, qa, meta.tok_pos, impl, rope)  # q_pe: unused (not computed) by the kernel
+    q, q_pe = _project_q(params, cfg, qa, meta.tok_pos, impl, rope, rotate=not decode_kernel)
     q_nope = q[..., : cfg.qk_nope_head_dim]  # a copy only where used (the Pallas paths take q whole)
     if mode == "naive":
         o = _attend_naive(params, cfg, q_nope, q_pe, cache, meta, sizes.kv_len, impl)
@@ -632,7 +635,8 @@ def _decode_steps_jit(params, cfg, xs, cache, past_lens, kv_len, mode, impl):
     past_lens = jnp.asarray(past_lens, jnp.int32)
 
     steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
-    # every step's RoPE tables in one pass before the loop (each step reads its rows where it applies them)
+    # every step's RoPE tables in one pass before the loop (each step reads its rows where it applies them; unused,
+    # and so dropped by XLA, where the decode kernel rotates q with the cache write's table)
     cos, sin = _rope_of(cfg, past_lens[None, :] + steps[:, None], xs.dtype)  # [steps, B, R]
 
     # step i's histories come from the loop index (a carried lengths vector was copied on the device at every step).
