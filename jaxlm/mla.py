@@ -263,33 +263,27 @@ def _fp8(x, w: Fp8Weight, impl: str, transpose_w: bool = True, activations: str 
     return fn(x, w.w, w.scale, block=w.block, transpose_w=transpose_w, activations=activations)
 
 
-def _linear(x, params, name, spec, impl, heads: int | None = None):
+def _linear(x, params, name, spec, impl, heads: int | None = None, with_done: bool = False):
     """x [T, ...] through weight `name` (+ its bias): einsum `spec` for a float weight in our layout; for an
-    Fp8Weight (HF rows [out, in]) the FP8 kernel on x flattened to [T, in], output split into `heads` if given."""
+    Fp8Weight (HF rows [out, in]) the FP8 kernel on x flattened to [T, in], output split into `heads` if given.
+    with_done: returns (y, done), done what the launch wrote (an FP8 weight on the Pallas path: its split-K parts,
+    `fp8_matmul_parts`, which y adds up; else y): a later launch that takes `done` as an operand runs after this one,
+    and y's sum is computed only by y's own consumers, not once more to be carried (decode_steps' o_proj)."""
     w = params[name]
+    done = None
     if isinstance(w, Fp8Weight):
-        y = _fp8(x.reshape(x.shape[0], -1), w, impl, activations="auto" if name in FP8_ACTIVATIONS else "bf16")
+        x2, act = x.reshape(x.shape[0], -1), "auto" if name in FP8_ACTIVATIONS else "bf16"
+        if with_done and impl == "pallas":
+            done = pallas_kernels.fp8_matmul_parts(x2, w.w, w.scale, block=w.block, activations=act)
+            y = pallas_kernels.sum_parts(done, x.dtype)
+        else:
+            y = _fp8(x2, w, impl, activations=act)
         y = y if heads is None else y.reshape(y.shape[0], heads, -1)
     else:
         y = jnp.einsum(spec, x, w)
     bias = params.get(name + "_bias")
-    return y if bias is None else y + bias
-
-
-def _out_proj(o, params, impl):
-    """o [T, N, V] -> (y [T, D], done): o_proj (+ its bias) and what its launch wrote last: with an FP8 weight on
-    the Pallas path the kernel's parts ([S, T, D] split-K partial sums at decode sizes, `fp8_matmul_parts`), which y
-    adds up, else y. A later launch that takes `done` as an operand runs after o_proj, and y's sum is computed only
-    by its own consumer (decode_steps' output write), not once more to be carried."""
-    w = params["o_proj"]
-    if isinstance(w, Fp8Weight) and impl == "pallas":
-        done = pallas_kernels.fp8_matmul_parts(o.reshape(o.shape[0], -1), w.w, w.scale, block=w.block,
-                                               activations="auto" if "o_proj" in FP8_ACTIVATIONS else "bf16")
-        y = pallas_kernels.sum_parts(done, o.dtype)
-        bias = params.get("o_proj_bias")
-        return (y if bias is None else y + bias), done
-    y = _linear(o, params, "o_proj", "tnv,nvd->td", impl)
-    return y, y
+    y = y if bias is None else y + bias
+    return (y, y if done is None else done) if with_done else y
 
 
 def _fp8_together(params, names_specs, impl) -> bool:
@@ -530,19 +524,24 @@ def _attend_naive(params, cfg, q_nope, q_pe, cache, meta, kv_len, impl):
     return _from_blocks(jnp.einsum("bnqs,bsnv->bqnv", probs, v), meta)
 
 
+def _uses_decode_kernel(mode: str, impl: str, block_q: int) -> bool:
+    """Whether a step attends through the absorbed flash-decoding kernel (which also rotates q's rope part)."""
+    return mode != "naive" and impl == "pallas" and block_q == 1
+
+
 def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes, mode: str, impl: str, rope=None,
           after=None):
     """One ragged step on padded shapes: x [sizes.num_tokens, D] -> (y [num_tokens, D], cache, done). rope: the
     tokens' (cos, sin) when the caller computed them (decode_steps, for all its steps at once); after: an array the
     step's reads of x wait for (decode_steps: the previous step's `done`; see `_first_projections`); done: what the
-    step's last launch wrote (`_out_proj`).
+    step's last launch wrote (`_linear`'s with_done: o_proj's parts).
 
     The one place that picks the kernels: with impl == "pallas" the caches are written by the in-place Pallas
     kernel, one-token steps attend through the absorbed flash-decoding kernel and multi-token steps through the
     INT8 varlen attention kernel (up-projected form); otherwise XLA scatters and the XLA absorbed/naive forms.
     """
     meta = batching.ragged_metadata(seq_lens, past_lens, sizes, cache.kv_cache.shape[1])
-    decode_kernel = mode != "naive" and impl == "pallas" and sizes.block_q == 1
+    decode_kernel = _uses_decode_kernel(mode, impl, sizes.block_q)
     qa, ckv, dtype = _first_projections(params, cfg, x, impl, after)
     # normalises q_a's product too; for the decode kernel, which rotates q's rope part itself, gives the RoPE table
     cache, qa, q_rope = _write_cache(params, cfg, cache, meta, qa, ckv, dtype, impl, rope_out=decode_kernel)
@@ -559,7 +558,7 @@ def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes,
     if "gate_proj" in params:  # gated attention: o * sigmoid(x W_g), per head and channel
         gate_x = x if after is None else _after(x, after)
         o = o * jax.nn.sigmoid(jnp.einsum("td,dnv->tnv", gate_x, params["gate_proj"]))
-    y, done = _out_proj(o, params, impl)
+    y, done = _linear(o, params, "o_proj", "tnv,nvd->td", impl, with_done=True)
     return y, cache, done
 
 
@@ -635,9 +634,10 @@ def _decode_steps_jit(params, cfg, xs, cache, past_lens, kv_len, mode, impl):
     past_lens = jnp.asarray(past_lens, jnp.int32)
 
     steps = jnp.arange(xs.shape[0], dtype=jnp.int32)
-    # every step's RoPE tables in one pass before the loop (each step reads its rows where it applies them; unused,
-    # and so dropped by XLA, where the decode kernel rotates q with the cache write's table)
-    cos, sin = _rope_of(cfg, past_lens[None, :] + steps[:, None], xs.dtype)  # [steps, B, R]
+    # where XLA rotates q: every step's RoPE tables in one pass before the loop (each step reads its rows where it
+    # applies them); the decode kernel rotates q itself with the cache write's table
+    rope = (None if _uses_decode_kernel(mode, impl, sizes.block_q)
+            else _rope_of(cfg, past_lens[None, :] + steps[:, None], xs.dtype))  # (cos, sin) [steps, B, R]
 
     # step i's histories come from the loop index (a carried lengths vector was copied on the device at every step).
     # Each step's reads of its input wait for the previous step's output, as in a real decode, where the input is
@@ -648,14 +648,16 @@ def _decode_steps_jit(params, cfg, xs, cache, past_lens, kv_len, mode, impl):
         return _step(params, cfg, x, cache, ones, past_lens + i, sizes, mode, impl, rope, after=prev)
 
     def body(carry, step_inputs):
-        y, cache, done = step(*carry[:1], *step_inputs, carry[1])
+        cache, prev = carry
+        x, i, rope = step_inputs
+        y, cache, done = step(cache, x, i, rope, prev)
         return (cache, done), y
 
     # the carry's `done` (o_proj's parts on the FP8 Pallas path, else y): its shape from the step itself, traced only
     # (on one step's shapes: there may be no steps)
     one = lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)  # noqa: E731
-    first = jnp.zeros_like(jax.eval_shape(step, cache, one(xs), one(steps), (one(cos), one(sin)), None)[2])
-    (cache, _), ys = jax.lax.scan(body, (cache, first), (xs, steps, (cos, sin)),
+    first = jnp.zeros_like(jax.eval_shape(step, cache, one(xs), one(steps), jax.tree.map(one, rope), None)[2])
+    (cache, _), ys = jax.lax.scan(body, (cache, first), (xs, steps, rope),
                                   unroll=max(1, min(DECODE_UNROLL, xs.shape[0])))
     return ys, cache
 

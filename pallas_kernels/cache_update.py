@@ -149,28 +149,27 @@ def _mla_kernel(ckv_ref, w_ref, freq_ref, slot_ref, pos_ref, *refs, eps: float, 
             for off, w, x in pieces:
                 q_out[:, pl.ds(off, w)] = _rms_norm(x, sum_sq, q_width, qw_ref[pl.ds(off, w)], eps, dtype)
 
-        ok = ok & (pl.program_id(1) == 1)
-    c, s = _cos_sin(pos, freq_ref[...], rope_scale, dtype)  # [1, R / 2] each
-    if rope_out:  # every token's, padding ones too (their q rows are computed and dropped later)
-        def write_rope():
+    def cache_program():  # token t's cache rows and its rope table: program (t, 1) with q, the only one without
+        c, s = _cos_sin(pos, freq_ref[...], rope_scale, dtype)  # [1, R / 2] each
+        if rope_out:  # every token's, padding ones too (their q rows are computed and dropped later)
             cs_out[:, pl.ds(0, half)] = c
             cs_out[:, pl.ds(half, half)] = s
 
-        pl.when(pl.program_id(1) == 1)(write_rope) if q_width else write_rope()
+        @pl.when(ok)
+        def _():
+            x = row(ckv_ref, first, lat)
+            latent = _rms_norm(x, jnp.sum(x * x, axis=-1, keepdims=True), lat, w_ref[...], eps, dtype)
+            lo, hi = row(ckv_ref, first + lat, half), row(ckv_ref, first + lat + half, half)
+            pe_ref[slot, pl.ds(pos, 1), pl.ds(0, half)] = (lo * c - hi * s).astype(dtype).astype(pe_ref.dtype)
+            pe_ref[slot, pl.ds(pos, 1), pl.ds(half, half)] = (hi * c + lo * s).astype(dtype).astype(pe_ref.dtype)
+            if quantize:
+                q, scale = quantize_rows_int8(latent)
+                kv_ref[slot, pl.ds(pos, 1), :] = q
+                scale_ref[0][slot, pl.ds(pos, 1)] = scale
+            else:
+                kv_ref[slot, pl.ds(pos, 1), :] = latent.astype(kv_ref.dtype)
 
-    @pl.when(ok)
-    def _():
-        x = row(ckv_ref, first, lat)
-        latent = _rms_norm(x, jnp.sum(x * x, axis=-1, keepdims=True), lat, w_ref[...], eps, dtype)
-        lo, hi = row(ckv_ref, first + lat, half), row(ckv_ref, first + lat + half, half)
-        pe_ref[slot, pl.ds(pos, 1), pl.ds(0, half)] = (lo * c - hi * s).astype(dtype).astype(pe_ref.dtype)
-        pe_ref[slot, pl.ds(pos, 1), pl.ds(half, half)] = (hi * c + lo * s).astype(dtype).astype(pe_ref.dtype)
-        if quantize:
-            q, scale = quantize_rows_int8(latent)
-            kv_ref[slot, pl.ds(pos, 1), :] = q
-            scale_ref[0][slot, pl.ds(pos, 1)] = scale
-        else:
-            kv_ref[slot, pl.ds(pos, 1), :] = latent.astype(kv_ref.dtype)
+    pl.when(pl.program_id(1) == 1)(cache_program) if q_width else cache_program()
 
 
 def _cos_sin(positions, inv_freq, rope_scale: float, dtype):
