@@ -75,7 +75,7 @@ def host_parts(p, x, state) -> dict:
     out = {"dispatch_ms": _host_ms(forward, state)[0], "plan_ms": seed.median_ms(plan, 5, 50)}
     for key, lens in (("step", jnp.asarray(lengths)), ("step_host_lengths", lengths)):
         def step(lens=lens):
-            y, state["cache"] = mla._step_jit(p, cfg, xp, state["cache"], lens, sizes, "absorbed", impl)
+            y, state["cache"], _ = mla._step_jit(p, cfg, xp, state["cache"], lens, sizes, "absorbed", impl)
             return y
 
         out[f"{key}_dispatch_ms"], out[f"{key}_wall_ms"] = _host_ms(step, state)
