@@ -49,9 +49,10 @@ def _take_rows(y, rows):
 # Per-request lengths kept on the device between calls, by value. A step's numpy lengths travel with its arguments,
 # and its launch waits for that host-to-device copy to be confirmed (on an H100 host ~0.3-0.5 ms per call, for 64
 # bytes); a copy made apart before the call costs as much. So a step returns the lengths its requests reach, computed
-# on the device, and a call's own lengths are copied after its launch: the next call of a decode loop, and a
-# repeat of the same call, find theirs here and copy nothing.
+# on the device, and lengths that come a second time are copied after that call's launch: the next call of a decode
+# loop, and further repeats of a call, find theirs here and copy nothing. Lengths seen once are not copied.
 _ON_DEVICE: collections.OrderedDict = collections.OrderedDict()
+_SEEN: collections.OrderedDict = collections.OrderedDict()  # keys of host lengths sent once, no copy kept
 _ON_DEVICE_MAX = 64
 
 
@@ -80,17 +81,25 @@ def on_device(lengths: np.ndarray, like):
 
 def remember(lengths: np.ndarray, like, arr: jax.Array | None = None) -> None:
     """Keep a device copy of the host values `lengths` for `on_device`: `arr` (computed on the device, placed as
-    `on_device` would place them), or, without one, a copy made now (call this after the step's launch)."""
+    `on_device` would place them), or, without one, a copy made now if these values came before (call this after
+    the step's launch)."""
     key, sharding, committed = _lengths_key(lengths, like)
     if key is None or key in _ON_DEVICE:
         return
     if arr is None:
+        if _SEEN.pop(key, None) is None:
+            _bounded(_SEEN, key, True)
+            return
         arr = jax.device_put(lengths, sharding if committed else None)
     elif arr.sharding != sharding or arr.committed != committed:
         return
-    _ON_DEVICE[key] = arr
-    while len(_ON_DEVICE) > _ON_DEVICE_MAX:
-        _ON_DEVICE.popitem(last=False)
+    _bounded(_ON_DEVICE, key, arr)
+
+
+def _bounded(memo: collections.OrderedDict, key, value) -> None:
+    memo[key] = value
+    while len(memo) > _ON_DEVICE_MAX:
+        memo.popitem(last=False)
 
 
 def bucket(n: int, minimum: int = 8) -> int:

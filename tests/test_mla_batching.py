@@ -223,12 +223,13 @@ def test_pad_rows_and_take_rows():
 
 def test_lengths_stay_on_the_device_between_steps(layer):
     """forward() and decode_steps() return the lengths their requests reach, computed on the device, and copy their
-    own after the launch; the next call of a decode loop, or a repeat of the same call, takes those instead of
-    sending its numpy lengths. Whatever the memo holds, a step's device lengths equal its host values, and the memo
+    own after the launch when they come a second time; the next call of a decode loop, or a further repeat of a call,
+    takes those instead of sending its numpy lengths. Whatever the memo holds, a step's device lengths equal its host values, and the memo
     stays bounded."""
     cfg, params = layer
     rng = np.random.default_rng(11)
     batching._ON_DEVICE.clear()
+    batching._SEEN.clear()
     cache = mla.init_cache(cfg, 4, 64, jnp.float32)
     past = np.array([3, 9, 0, 17], np.int32)
     lengths = np.stack([np.ones(4, np.int32), past])
@@ -238,7 +239,9 @@ def test_lengths_stay_on_the_device_between_steps(layer):
     key = batching._lengths_key(reached, cache.kv_cache)[0]
     kept = batching._ON_DEVICE[key]  # forward's own output, not a copy from the host
     assert batching.on_device(reached, cache.kv_cache) is kept
-    for host in (reached, lengths):  # the step's output, and the copy of the call's own lengths
+    assert batching.on_device(lengths, cache.kv_cache) is lengths  # seen once: not copied
+    _, cache = mla.forward(params, cfg, rand(rng, 4, cfg), cache, [1] * 4, past)  # the same call again
+    for host in (reached, lengths):  # the step's output, and the copy of the repeated call's own lengths
         got = batching.on_device(host, cache.kv_cache)
         assert isinstance(got, jax.Array)
         np.testing.assert_array_equal(np.asarray(got), host)
@@ -248,11 +251,13 @@ def test_lengths_stay_on_the_device_between_steps(layer):
     np.testing.assert_array_equal(np.asarray(batching.on_device(past + 4, cache.kv_cache)), past + 4)
     assert ys.shape == (3, 4, cfg.hidden_size) and np.isfinite(np.asarray(ys)).all()
 
-    for _ in range(batching._ON_DEVICE_MAX + 5):  # distinct values: each copied once, the oldest dropped
+    for _ in range(batching._ON_DEVICE_MAX + 5):  # distinct values, each sent twice: copied once, the oldest dropped
         values = rng.integers(0, 1000, (2, 4), dtype=np.int32)
-        batching.remember(values, cache.kv_cache)
+        for _ in range(2):
+            batching.remember(values, cache.kv_cache)
         np.testing.assert_array_equal(np.asarray(batching.on_device(values, cache.kv_cache)), values)
     assert len(batching._ON_DEVICE) == batching._ON_DEVICE_MAX and key not in batching._ON_DEVICE
+    assert len(batching._SEEN) <= batching._ON_DEVICE_MAX
     assert batching.on_device(reached, np.zeros(3)) is reached  # not a device array to place them with: unchanged
 
 
