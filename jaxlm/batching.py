@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import threading
 from typing import NamedTuple
 
 import jax
@@ -54,6 +55,7 @@ def _take_rows(y, rows):
 _ON_DEVICE: collections.OrderedDict = collections.OrderedDict()
 _SEEN: collections.OrderedDict = collections.OrderedDict()  # keys of host lengths sent once, no copy kept
 _ON_DEVICE_MAX = 64
+_LOCK = threading.Lock()  # serving threads may step concurrently
 
 
 def _lengths_key(lengths: np.ndarray, like):
@@ -72,11 +74,14 @@ def _lengths_key(lengths: np.ndarray, like):
 def on_device(lengths: np.ndarray, like):
     """The device copy of `lengths` (host int32) kept for `like`'s devices, or `lengths` itself when there is none."""
     key = _lengths_key(lengths, like)[0]
-    arr = None if key is None else _ON_DEVICE.get(key)
-    if arr is None or arr.is_deleted():
+    if key is None:
         return lengths
-    _ON_DEVICE.move_to_end(key)
-    return arr
+    with _LOCK:
+        arr = _ON_DEVICE.get(key)
+        if arr is None or arr.is_deleted():
+            return lengths
+        _ON_DEVICE.move_to_end(key)
+        return arr
 
 
 def remember(lengths: np.ndarray, like, arr: jax.Array | None = None) -> None:
@@ -84,16 +89,17 @@ def remember(lengths: np.ndarray, like, arr: jax.Array | None = None) -> None:
     `on_device` would place them), or, without one, a copy made now if these values came before (call this after
     the step's launch)."""
     key, sharding, committed = _lengths_key(lengths, like)
-    if key is None or key in _ON_DEVICE:
+    if key is None or (arr is not None and (arr.sharding != sharding or arr.committed != committed)):
         return
-    if arr is None:
-        if _SEEN.pop(key, None) is None:
-            _bounded(_SEEN, key, True)
+    with _LOCK:
+        if key in _ON_DEVICE:
             return
-        arr = jax.device_put(lengths, sharding if committed else None)
-    elif arr.sharding != sharding or arr.committed != committed:
-        return
-    _bounded(_ON_DEVICE, key, arr)
+        if arr is None:
+            if _SEEN.pop(key, None) is None:
+                _bounded(_SEEN, key, True)
+                return
+            arr = jax.device_put(lengths, sharding if committed else None)
+        _bounded(_ON_DEVICE, key, arr)
 
 
 def _bounded(memo: collections.OrderedDict, key, value) -> None:
