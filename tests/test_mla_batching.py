@@ -260,6 +260,14 @@ def test_lengths_stay_on_the_device_between_steps(layer):
     assert len(batching._SEEN) <= batching._ON_DEVICE_MAX
     assert batching.on_device(reached, np.zeros(3)) is reached  # not a device array to place them with: unchanged
 
+    # inside a user's jit the cache is a tracer: the lengths go in as given and nothing is kept
+    batching._ON_DEVICE.clear()
+    x = rand(rng, 4, cfg)
+    y_jit, _ = jax.jit(lambda c: mla.forward(params, cfg, x, c, [1] * 4, past))(mla.init_cache(cfg, 4, 64, jnp.float32))
+    y, _ = mla.forward(params, cfg, x, mla.init_cache(cfg, 4, 64, jnp.float32), [1] * 4, past)
+    np.testing.assert_allclose(np.asarray(y_jit), np.asarray(y), rtol=1e-5, atol=1e-6)
+    assert len(batching._ON_DEVICE) == 1  # only the eager call's output
+
 
 @pytest.mark.parametrize(
     "seq,past,slots,max_len,msg",
