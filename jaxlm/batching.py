@@ -102,6 +102,14 @@ def remember(lengths: np.ndarray, like, arr: jax.Array | None = None) -> None:
         _bounded(_ON_DEVICE, key, arr)
 
 
+def keep_step(sent: np.ndarray, reached: np.ndarray, reached_arr: jax.Array, like) -> None:
+    """After a step's launch: keep the lengths its requests reach (`reached_arr`, computed on the device, whose host
+    values are `reached`) for a decode loop's next call, and a copy of the lengths it was `sent` if they came before
+    (for a repeat of the call)."""
+    remember(reached, like, reached_arr)
+    remember(sent, like)
+
+
 def _bounded(memo: collections.OrderedDict, key, value) -> None:
     memo[key] = value
     while len(memo) > _ON_DEVICE_MAX:

@@ -614,8 +614,7 @@ def forward(params: Params, cfg: MLAConfig, x: jax.Array, cache: MLACache, seq_l
     with sharding.use(sharding.mesh_of((params, cache))):
         y, cache, reached = _step_jit(params, cfg, x, cache, batching.on_device(lengths, cache.kv_cache), sizes,
                                       mode, impl)
-    batching.remember(_advanced(lengths), cache.kv_cache, reached)  # a decode loop's next call
-    batching.remember(lengths, cache.kv_cache)  # a repeat of this one
+    batching.keep_step(lengths, _advanced(lengths), reached, cache.kv_cache)
     return batching.take_rows(y, num_tokens), cache
 
 
@@ -691,8 +690,7 @@ def decode_steps(params: Params, cfg: MLAConfig, xs: jax.Array, cache: MLACache,
     with sharding.use(sharding.mesh_of((params, cache))):
         ys, cache, reached = _decode_steps_jit(params, cfg, xs, cache, batching.on_device(past, cache.kv_cache),
                                                kv_len, mode, impl)
-    batching.remember(past + steps, cache.kv_cache, reached)
-    batching.remember(past, cache.kv_cache)
+    batching.keep_step(past, past + steps, reached, cache.kv_cache)
     return ys, cache
 
 
