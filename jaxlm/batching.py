@@ -54,7 +54,7 @@ def _take_rows(y, rows):
 # loop, and further repeats of a call, find theirs here and copy nothing. Lengths seen once are not copied.
 _ON_DEVICE: collections.OrderedDict = collections.OrderedDict()
 _SEEN: collections.OrderedDict = collections.OrderedDict()  # keys of host lengths sent once, no copy kept
-_ON_DEVICE_MAX = 64
+_MEMO_MAX = 64  # entries per memo (these and `plan`'s), least recently used dropped
 _LOCK = threading.Lock()  # serving threads may step concurrently
 
 
@@ -112,7 +112,7 @@ def keep_step(sent: np.ndarray, reached: np.ndarray, reached_arr: jax.Array, lik
 
 def _bounded(memo: collections.OrderedDict, key, value) -> None:
     memo[key] = value
-    while len(memo) > _ON_DEVICE_MAX:
+    while len(memo) > _MEMO_MAX:
         memo.popitem(last=False)
 
 

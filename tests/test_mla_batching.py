@@ -246,9 +246,9 @@ def test_plan_is_memoised_by_its_arguments():
     for _ in range(2):  # an error is not remembered: the repeat is checked again
         with pytest.raises(ValueError, match="cache positions"):
             batching.plan([3, 4], [70, 0], **opts)
-    for i in range(batching._ON_DEVICE_MAX + 3):
+    for i in range(batching._MEMO_MAX + 3):
         batching.plan([i, 1], [0, 0], num_tokens=i + 1, num_slots=2, max_len=512)
-    assert len(batching._PLANS) == batching._ON_DEVICE_MAX and batching.plan([3, 4], [5, 0], **opts) is not first
+    assert len(batching._PLANS) == batching._MEMO_MAX and batching.plan([3, 4], [5, 0], **opts) is not first
 
 
 def test_lengths_stay_on_the_device_between_steps(layer):
@@ -281,13 +281,13 @@ def test_lengths_stay_on_the_device_between_steps(layer):
     np.testing.assert_array_equal(np.asarray(batching.on_device(past + 4, cache.kv_cache)), past + 4)
     assert ys.shape == (3, 4, cfg.hidden_size) and np.isfinite(np.asarray(ys)).all()
 
-    for _ in range(batching._ON_DEVICE_MAX + 5):  # distinct values, each sent twice: copied once, the oldest dropped
+    for _ in range(batching._MEMO_MAX + 5):  # distinct values, each sent twice: copied once, the oldest dropped
         values = rng.integers(0, 1000, (2, 4), dtype=np.int32)
         for _ in range(2):
             batching.remember(values, cache.kv_cache)
         np.testing.assert_array_equal(np.asarray(batching.on_device(values, cache.kv_cache)), values)
-    assert len(batching._ON_DEVICE) == batching._ON_DEVICE_MAX and key not in batching._ON_DEVICE
-    assert len(batching._SEEN) <= batching._ON_DEVICE_MAX
+    assert len(batching._ON_DEVICE) == batching._MEMO_MAX and key not in batching._ON_DEVICE
+    assert len(batching._SEEN) <= batching._MEMO_MAX
     assert batching.on_device(reached, np.zeros(3)) is reached  # not a device array to place them with: unchanged
 
     # inside a user's jit the cache is a tracer: the lengths go in as given and nothing is kept
