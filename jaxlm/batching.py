@@ -177,15 +177,20 @@ def ragged_metadata(seq_lens: jax.Array, past_lens: jax.Array, sizes: StepSizes,
     return RaggedMeta(tok_slot, tok_pos, tok_block, blk_slot, blk_tok, blk_pos, blk_valid)
 
 
-def _as_lengths(name: str, values) -> np.ndarray:
-    arr = np.asarray(values)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D sequence of lengths, got shape {arr.shape}")
-    if arr.size and arr.dtype.kind not in "iu":
-        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
-    if arr.size and arr.min() < 0:
-        raise ValueError(f"{name} must be >= 0, got {arr.tolist()}")
-    return arr.astype(np.int32, copy=False)
+def _as_lengths(name: str, values) -> list[int]:
+    """Host lengths as a list of Python ints, checked (a few requests: plain Python beats numpy's per-call costs)."""
+    if type(values) in (list, tuple) and all(type(v) is int for v in values):
+        vals = list(values)
+    else:
+        arr = np.asarray(values)
+        if arr.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D sequence of lengths, got shape {arr.shape}")
+        if arr.size and arr.dtype.kind not in "iu":
+            raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+        vals = arr.tolist()
+    if vals and min(vals) < 0:
+        raise ValueError(f"{name} must be >= 0, got {vals}")
+    return vals
 
 
 # plan()'s results by their arguments: a serving loop repeats a handful of shapes, and the checks and sizes cost
@@ -229,33 +234,32 @@ def plan(seq_lens, past_lens, *, num_tokens: int, num_slots: int, max_len: int) 
 def _plan(seq_lens, past_lens, *, num_tokens: int, num_slots: int, max_len: int) -> tuple[np.ndarray, StepSizes]:
     seq = _as_lengths("seq_lens", seq_lens)
     past = _as_lengths("past_lens", past_lens)
-    if seq.shape != past.shape:
-        raise ValueError(f"seq_lens ({seq.size}) and past_lens ({past.size}) must have one entry per request")
-    if seq.size == 0:
+    n = len(seq)
+    if n != len(past):
+        raise ValueError(f"seq_lens ({n}) and past_lens ({len(past)}) must have one entry per request")
+    if n == 0:
         raise ValueError("empty batch: pass at least one request (zero-length requests are fine)")
-    if seq.size > num_slots:
+    if n > num_slots:
         raise ValueError(
-            f"{seq.size} requests but the cache has {num_slots} slots: build it with init_cache(cfg, num_requests>={seq.size}, ...)"
+            f"{n} requests but the cache has {num_slots} slots: build it with init_cache(cfg, num_requests>={n}, ...)"
         )
-    if int(seq.sum()) != num_tokens:
-        raise ValueError(f"x has {num_tokens} tokens but sum(seq_lens) = {int(seq.sum())}: pack the new tokens of every request in order")
-    total = seq + past
-    longest = int(total.max())
+    if sum(seq) != num_tokens:
+        raise ValueError(f"x has {num_tokens} tokens but sum(seq_lens) = {sum(seq)}: pack the new tokens of every request in order")
+    total = [s + p for s, p in zip(seq, past)]
+    longest = max(total)
     if longest > max_len:
-        i = int(np.argmax(total > max_len))
+        i = next(i for i, t in enumerate(total) if t > max_len)
         raise ValueError(
-            f"request {i} needs {int(total[i])} cache positions (past {int(past[i])} + new {int(seq[i])}) "
+            f"request {i} needs {total[i]} cache positions (past {past[i]} + new {seq[i]}) "
             f"but the cache holds {max_len}: build it with a larger max_len"
         )
-    block_q = 1 if seq.max() <= 1 else 16
+    block_q = 1 if max(seq) <= 1 else 16
     num_tokens_pad = bucket(max(num_tokens, 1))
     # Rounding each request up to whole blocks adds at most one block per request, so the block count is a
     # function of the token bucket: one compiled program per (token bucket, block size, kv bucket).
     num_blocks = num_tokens_pad if block_q == 1 else -(-num_tokens_pad // block_q) + num_slots
     sizes = StepSizes(num_tokens=num_tokens_pad, num_blocks=num_blocks, block_q=block_q,
                       kv_len=min(bucket(longest, 16), max_len),
-                      kv_tokens=0 if block_q == 1 else bucket(int(total.sum()), 16))
-    lengths = np.zeros((2, num_slots), np.int32)
-    lengths[0, : seq.size] = seq
-    lengths[1, : past.size] = past
-    return lengths, sizes
+                      kv_tokens=0 if block_q == 1 else bucket(sum(total), 16))
+    idle = [0] * (num_slots - n)
+    return np.array([seq + idle, past + idle], np.int32), sizes
