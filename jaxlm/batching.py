@@ -177,11 +177,15 @@ def ragged_metadata(seq_lens: jax.Array, past_lens: jax.Array, sizes: StepSizes,
     return RaggedMeta(tok_slot, tok_pos, tok_block, blk_slot, blk_tok, blk_pos, blk_valid)
 
 
+def _int_list(values) -> list[int] | None:
+    """values as a list of Python ints when given as a list / tuple of them (the common case), else None."""
+    return list(values) if type(values) in (list, tuple) and set(map(type, values)) <= {int} else None
+
+
 def _as_lengths(name: str, values) -> list[int]:
     """Host lengths as a list of Python ints, checked (a few requests: plain Python beats numpy's per-call costs)."""
-    if type(values) in (list, tuple) and all(type(v) is int for v in values):
-        vals = list(values)
-    else:
+    vals = _int_list(values)
+    if vals is None:
         arr = np.asarray(values)
         if arr.ndim != 1:
             raise ValueError(f"{name} must be a 1-D sequence of lengths, got shape {arr.shape}")
@@ -201,11 +205,10 @@ _PLANS: collections.OrderedDict = collections.OrderedDict()
 def _values_key(values):
     """Hashable key of host lengths given as a list / tuple of Python ints or a 1-D integer numpy array; None for
     anything else (planned without the memo)."""
-    if type(values) in (list, tuple):
-        return tuple(values) if all(type(v) is int for v in values) else None
-    if type(values) is np.ndarray and values.ndim == 1 and values.dtype.kind in "iu":
-        return values.dtype.str, values.tobytes()
-    return None
+    if type(values) is np.ndarray:
+        return (values.dtype.str, values.tobytes()) if values.ndim == 1 and values.dtype.kind in "iu" else None
+    ints = _int_list(values)
+    return None if ints is None else tuple(ints)
 
 
 def plan(seq_lens, past_lens, *, num_tokens: int, num_slots: int, max_len: int) -> tuple[np.ndarray, StepSizes]:
