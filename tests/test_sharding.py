@@ -90,6 +90,27 @@ def test_mla_mesh_errors(layer):
         mla.init_cache(cfg, 3, 64, mesh=sharding.make_mesh(tp=4, dp=2))
 
 
+
+def test_mesh_of_finds_the_mesh_and_skips_the_walk_on_one_device():
+    """mesh_of: the mesh of a tree's sharded leaves (here: 8 devices), None for leaves on one device; in a process
+    with one device per backend, None without walking the tree (a check in a one-device subprocess)."""
+    import os
+    import subprocess
+    import sys
+
+    mesh = sharding.make_mesh(tp=4, dp=2)
+    split = jax.device_put(jnp.ones((8, 4)), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("tp")))
+    assert not sharding._one_device_per_backend()
+    assert sharding.mesh_of({"a": jnp.ones(3), "b": split}) is mesh
+    assert sharding.mesh_of({"a": jnp.ones(3)}) is None
+    code = ("import jax, jax.numpy as jnp\nfrom jaxlm import sharding\n"
+            "assert len(jax.devices()) == 1 and sharding._one_device_per_backend()\n"
+            "walked = []\njax.tree.leaves = lambda *a, **k: walked.append(1) or []\n"
+            "assert sharding.mesh_of({'a': jnp.ones(3)}) is None and not walked\nprint('ok')\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen3vl_tp")
