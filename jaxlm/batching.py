@@ -177,15 +177,11 @@ def ragged_metadata(seq_lens: jax.Array, past_lens: jax.Array, sizes: StepSizes,
     return RaggedMeta(tok_slot, tok_pos, tok_block, blk_slot, blk_tok, blk_pos, blk_valid)
 
 
-def _int_list(values) -> list[int] | None:
-    """values as a list of Python ints when given as a list / tuple of them (the common case), else None."""
-    return list(values) if type(values) in (list, tuple) and set(map(type, values)) <= {int} else None
-
-
 def _as_lengths(name: str, values) -> list[int]:
     """Host lengths as a list of Python ints, checked (a few requests: plain Python beats numpy's per-call costs)."""
-    vals = _int_list(values)
-    if vals is None:
+    if type(values) in (list, tuple) and set(map(type, values)) <= {int}:
+        vals = list(values)
+    else:
         arr = np.asarray(values)
         if arr.ndim != 1:
             raise ValueError(f"{name} must be a 1-D sequence of lengths, got shape {arr.shape}")
@@ -197,18 +193,9 @@ def _as_lengths(name: str, values) -> list[int]:
     return vals
 
 
-# plan()'s results by their arguments: a serving loop repeats a handful of shapes, and the checks and sizes cost
-# ~80 us per call on an H100 machine's host (12 us on the CI host), on the critical path of every step
+# plan()'s results by the lengths and cache sizes: a serving loop repeats a handful of shapes, and the checks and
+# sizes cost ~80 us per call on an H100 machine's host (12 us on the CI host), on the critical path of every step
 _PLANS: collections.OrderedDict = collections.OrderedDict()
-
-
-def _values_key(values):
-    """Hashable key of host lengths given as a list / tuple of Python ints or a 1-D integer numpy array; None for
-    anything else (planned without the memo)."""
-    if type(values) is np.ndarray:
-        return (values.dtype.str, values.tobytes()) if values.ndim == 1 and values.dtype.kind in "iu" else None
-    ints = _int_list(values)
-    return None if ints is None else tuple(ints)
 
 
 def plan(seq_lens, past_lens, *, num_tokens: int, num_slots: int, max_len: int) -> tuple[np.ndarray, StepSizes]:
@@ -216,27 +203,24 @@ def plan(seq_lens, past_lens, *, num_tokens: int, num_slots: int, max_len: int) 
 
     Returns `lengths` [2, num_slots] int32 (seq_lens and past_lens, padded with zero-length requests so that the
     request count never changes the compiled shape; one host-to-device copy; read-only: results are memoised by
-    the arguments) and the bucketed `StepSizes`.
+    the lengths' values and the sizes) and the bucketed `StepSizes`.
     """
-    seq_key, past_key = _values_key(seq_lens), _values_key(past_lens)
-    key = None if seq_key is None or past_key is None else (seq_key, past_key, num_tokens, num_slots, max_len)
-    if key is not None:
-        with _LOCK:
-            hit = _PLANS.get(key)
-            if hit is not None:
-                _PLANS.move_to_end(key)
-                return hit
-    planned = _plan(seq_lens, past_lens, num_tokens=num_tokens, num_slots=num_slots, max_len=max_len)
+    seq, past = _as_lengths("seq_lens", seq_lens), _as_lengths("past_lens", past_lens)
+    key = (tuple(seq), tuple(past), num_tokens, num_slots, max_len)
+    with _LOCK:
+        hit = _PLANS.get(key)
+        if hit is not None:
+            _PLANS.move_to_end(key)
+            return hit
+    planned = _plan(seq, past, num_tokens=num_tokens, num_slots=num_slots, max_len=max_len)
     planned[0].flags.writeable = False
-    if key is not None:
-        with _LOCK:
-            _bounded(_PLANS, key, planned)
+    with _LOCK:
+        _bounded(_PLANS, key, planned)
     return planned
 
 
-def _plan(seq_lens, past_lens, *, num_tokens: int, num_slots: int, max_len: int) -> tuple[np.ndarray, StepSizes]:
-    seq = _as_lengths("seq_lens", seq_lens)
-    past = _as_lengths("past_lens", past_lens)
+def _plan(seq: list[int], past: list[int], *, num_tokens: int, num_slots: int,
+          max_len: int) -> tuple[np.ndarray, StepSizes]:
     n = len(seq)
     if n != len(past):
         raise ValueError(f"seq_lens ({n}) and past_lens ({len(past)}) must have one entry per request")

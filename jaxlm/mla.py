@@ -686,10 +686,10 @@ def decode_steps(params: Params, cfg: MLAConfig, xs: jax.Array, cache: MLACache,
     xs = jnp.asarray(xs)
     steps, num_req = xs.shape[:2]
     slots, max_len = _cache_shape(cache)
-    past = np.asarray(past_lens)
-    batching.plan([steps] * num_req, past, num_tokens=steps * num_req, num_slots=slots, max_len=max_len)
+    lengths, _ = batching.plan([steps] * num_req, past_lens, num_tokens=steps * num_req, num_slots=slots,
+                               max_len=max_len)
+    past = lengths[1, :num_req]  # checked, int32
     kv_len = min(batching.bucket(int(past.max()) + steps, 16), max_len)
-    past = past.astype(np.int32)
     with sharding.use(sharding.mesh_of((params, cache))):
         ys, cache, reached = _decode_steps_jit(params, cfg, xs, cache, batching.on_device(past, cache.kv_cache),
                                                kv_len, mode, impl)
