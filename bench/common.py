@@ -1,5 +1,5 @@
-"""Shared by the benchmark scripts: the commit a run measured, the copy-bandwidth ceiling, GPU kernel times from a
-jax.profiler trace."""
+"""Shared by the benchmark scripts: the commit a run measured, the copy-bandwidth ceiling, GPU kernel times and a
+call's host / GPU timeline from a jax.profiler trace."""
 
 from __future__ import annotations
 
@@ -50,6 +50,54 @@ def traced_case(name: str, fn, *args, calls: int = 10) -> dict:
     return {"case": name, "wall_ms": wall, **prof}
 
 
+def _trace_events(run, calls: int, out_dir: str | None = None, annotate: str | None = None):
+    """Trace `calls` calls of `run()` (each inside a TraceAnnotation named `annotate`, if given); (events, process
+    names by pid) of the perfetto JSON that jax.profiler writes."""
+    out = out_dir or tempfile.mkdtemp(prefix="jaxlm_trace_")
+    jax.profiler.start_trace(out)
+    for _ in range(calls):
+        if annotate:
+            with jax.profiler.TraceAnnotation(annotate):
+                run()
+        else:
+            run()
+    jax.profiler.stop_trace()
+    trace = max(Path(out).rglob("*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    events = json.loads(gzip.open(trace).read())["traceEvents"]
+    pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    return events, pids
+
+
+CALL = "jaxlm_call"
+
+
+def call_timeline(run, calls: int = 5, min_us: float = 3.0, out_dir: str | None = None) -> dict:
+    """Where one synchronous call's wall time goes, host and GPU: `calls` traced calls of `run()` (which must block
+    until its device work is done; warm it up first), each from its start: {"call_us" (the call returns),
+    "first_kernel_us" (the GPU's first kernel starts), "last_kernel_end_us" (its last kernel ends) as medians over
+    the calls, and "host": [(start us, duration us, name), ...] of the last call's host events of at least `min_us`
+    (Python functions, jit dispatch, XLA's thunks, CUDA graph launches), in order}. On a machine without a GPU the
+    kernel times are None. Tracing inflates host times; compare calls traced alike."""
+    events, pids = _trace_events(run, calls, out_dir, annotate=CALL)
+    spans = sorted((e for e in events if e.get("ph") == "X" and e.get("name") == CALL), key=lambda e: e["ts"])
+    gpu = sorted((e for e in events if e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), "")),
+                 key=lambda e: e["ts"])
+    rows = []
+    for c in spans:
+        t0, t1 = c["ts"], c["ts"] + c["dur"]
+        mine = [e for e in gpu if t0 <= e["ts"] <= t1]
+        rows.append((c["dur"], mine[0]["ts"] - t0 if mine else None,
+                     max(e["ts"] + e["dur"] for e in mine) - t0 if mine else None))
+    med = lambda xs: None if any(x is None for x in xs) else sorted(xs)[len(xs) // 2]  # noqa: E731
+    last = spans[-1]
+    host = sorted((e for e in events if e.get("ph") == "X" and e.get("dur", 0) >= min_us and e is not last
+                   and "/device:GPU" not in pids.get(e.get("pid"), "")
+                   and last["ts"] <= e["ts"] <= last["ts"] + last["dur"]), key=lambda e: e["ts"])
+    return {"call_us": med([r[0] for r in rows]), "first_kernel_us": med([r[1] for r in rows]),
+            "last_kernel_end_us": med([r[2] for r in rows]),
+            "host": [(round(e["ts"] - last["ts"], 1), round(e["dur"], 1), e["name"][:100]) for e in host]}
+
+
 def gpu_kernel_times(run, calls: int, out_dir: str | None = None) -> dict:
     """Trace `calls` calls of `run()` (which must block until its device work is done) with jax.profiler and read the
     GPU events back: {"busy_ms": GPU kernel time per call, "span_ms": first kernel start to last kernel end per call,
@@ -57,14 +105,7 @@ def gpu_kernel_times(run, calls: int, out_dir: str | None = None) -> dict:
     calls - 1 gaps, the host's waits between calls, left out), "gaps_us": the largest idle gaps, each with the kernel
     that follows it, "gap_sizes_us": {"<hi": (gaps per call, their us per call)} by size, "top": [(ms per call,
     kernel name), ...] largest first}. Warm `run` up first."""
-    out = out_dir or tempfile.mkdtemp(prefix="jaxlm_trace_")
-    jax.profiler.start_trace(out)
-    for _ in range(calls):
-        run()
-    jax.profiler.stop_trace()
-    trace = max(Path(out).rglob("*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
-    events = json.loads(gzip.open(trace).read())["traceEvents"]
-    pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    events, pids = _trace_events(run, calls, out_dir)
     gpu = [e for e in events if e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), "")]
     if not gpu:
         return {"busy_ms": None, "span_ms": None, "kernels": 0, "idle_in_call_ms": None, "gaps_us": [],

@@ -6,7 +6,9 @@ XLA passes around it). Writes bench/results/profile_kernels.json (or --out) and 
 
 Cases: sage_attention (Triton and Mosaic backends) at S = 1k (B = 16) and 16k (B = 1), 16 heads, D = 128, causal;
 mla_decode (Triton, Mosaic, the XLA reference) on the seed's decode case (16 requests, histories 50-400) and on
-B = 64, L = 4096 (the seed case also timed as 8 calls inside one jitted program); the MLA layer's seed prefill at R1 sizes in bf16 and on FP8 weights.
+B = 64, L = 4096 (the seed case also timed as 8 calls inside one jitted program); the MLA layer's seed prefill at R1
+sizes in bf16 and on FP8 weights, with the host / GPU timeline of a call (`bench.common.call_timeline`: when the GPU
+starts and ends, the host's events).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from bench.common import commit, traced_case
+from bench.common import call_timeline, commit, traced_case
 from bench.kernels import fresh_copies, timed_in_graph
 from jaxlm import mla, seed
 from jaxlm.seed import DECODE_PAST
@@ -74,11 +76,20 @@ def mla_decode_cases(scale=0.1352338) -> list[dict]:
 
 
 def layer_cases() -> list[dict]:
+    """The seed prefill per call: GPU kernels, and where the call's wall time goes besides them (`call_timeline`)."""
     cfg = mla.MLAConfig.r1()
     params = mla.init_params(cfg, jax.random.key(0), jnp.bfloat16)
     rows = []
     for name, p in (("bf16", params), ("fp8", mla.quantize_fp8(params, cfg))):
-        rows.append(case(f"MLA layer seed prefill, {name} weights", seed.prefill_call(p, cfg)[0]))
+        call = seed.prefill_call(p, cfg)[0]
+        row = case(f"MLA layer seed prefill, {name} weights", call)
+        tl = call_timeline(lambda: call().block_until_ready(), CALLS)
+        print(f"  timeline (traced, us from the call's start): first kernel {tl['first_kernel_us']}, last kernel ends "
+              f"{tl['last_kernel_end_us']}, returns {tl['call_us']}; host events of >= 20 us in the last call:")
+        for t, dur, what in tl["host"]:
+            if dur >= 20:
+                print(f"    {t:8.1f} {dur:8.1f}  {what[:90]}")
+        rows.append({**row, "timeline": tl})
     return rows
 
 
