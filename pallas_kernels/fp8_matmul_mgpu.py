@@ -165,7 +165,8 @@ def weight_only(x, weights, *, k_splits: int, stages: int, rows: int = WEIGHT_RO
     if rows not in (WEIGHT_ROWS, 2 * WEIGHT_ROWS) or any(w.shape[1] % rows for w, _ in weights):
         raise ValueError(f"fp8_matmul (mosaic, weight-only): rows must be 64 or 128 and divide every weight's rows, "
                          f"got {rows} for {[w.shape[1] for w, _ in weights]}")
-    halves = rows // WEIGHT_ROWS
+    halves = rows // WEIGHT_ROWS  # halves == 1 below takes the buffers whole (no slice, no extra axis, no add of 0):
+    # 64-row programs then lower to the same Mosaic kernel as before 128 was an option (bench/mosaic_mlir.py)
     tiles = [w.shape[1] // rows for w, _ in weights]
     firsts = [sum(tiles[:i]) for i in range(len(tiles))]  # each weight's first program row tile
     k_steps = k // BLOCK

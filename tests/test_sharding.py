@@ -90,7 +90,6 @@ def test_mla_mesh_errors(layer):
         mla.init_cache(cfg, 3, 64, mesh=sharding.make_mesh(tp=4, dp=2))
 
 
-
 def test_mesh_of_finds_the_mesh_and_skips_the_walk_on_one_device():
     """mesh_of: the mesh of a tree's sharded leaves (here: 8 devices), None for leaves on one device; in a process
     with one device per backend, None without walking the tree (a check in a one-device subprocess)."""
@@ -110,6 +109,7 @@ def test_mesh_of_finds_the_mesh_and_skips_the_walk_on_one_device():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
