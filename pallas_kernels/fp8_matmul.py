@@ -261,14 +261,13 @@ def _mosaic_weight_only_parts(x, weights, *, block_sizes, interpret, after=()):
     x3 = x if x.ndim == 3 else x[:, None]  # [M, 1 or G, K]
     m, _, k = x3.shape
     k_steps = k // fp8_matmul_mgpu.BLOCK
-    rows = block_sizes.weight_rows
-    rows = rows if all(w.shape[-2] % rows == 0 for w, _ in weights) else fp8_matmul_mgpu.WEIGHT_ROWS
-    programs = sum(w.shape[-2] for w, _ in weights) // rows * (weights[0][0].shape[0] if weights[0][0].ndim == 3 else 1)
+    programs = sum(w.shape[-2] for w, _ in weights) // fp8_matmul_mgpu.WEIGHT_ROWS * (
+        weights[0][0].shape[0] if weights[0][0].ndim == 3 else 1)
     fit = min(2 * H100_SMS // programs, k_steps // 4)
     splits = min(block_sizes.k_splits or 1 << max(fit, 1).bit_length() - 1, k_steps)
     grouped = [(w if w.ndim == 3 else w[None], _scale_rows(s if s.ndim == 3 else s[None])) for w, s in weights]
     out = fp8_matmul_mgpu.weight_only(pad_to(x3, 0, cdiv(m, 8) * 8), grouped, k_splits=splits,
-                                      stages=block_sizes.stages, rows=rows, after=after, interpret=interpret)
+                                      stages=block_sizes.stages, after=after, interpret=interpret)
     return (out if splits > 1 else out[None])[:, :m]
 
 

@@ -12,11 +12,10 @@ Both operands are K-major, as FP8 wgmma requires: x [M, K] and w in HF row layou
 
 `weight_only`, the memory-bound decode path (16-bit activations, a few tokens): the product is computed transposed,
 y^T = W x^T, so that the weight is the MMA's left operand and the tokens its narrow right one (wgmma's N may be
-8..256: no padding of the tokens to 64). Each program streams [64, 128] e4m3 tiles of its 64 weight rows (or
-[128, 128] tiles of 128 rows, two MMAs per x tile: `MosaicBlockSizes.weight_rows`) by TMA through `stages` buffers,
-widens each tile in registers to x's dtype (exact: e4m3 fits bf16 / f16), multiplies it with the [128, tokens] x
-tile into a fresh float32 accumulator and adds that times the tile's block scale to the running sum (the
-block-scale promotion of the Triton kernel). The K loop is split across programs (split-K); each
+8..256: no padding of the tokens to 64). Each program streams [64, 128] e4m3 tiles of its 64 weight rows by TMA
+through `stages` buffers, widens each tile in registers to x's dtype (exact: e4m3 fits bf16 / f16), multiplies it
+with the [128, tokens] x tile into a fresh float32 accumulator and adds that times the tile's block scale to the
+running sum (the block-scale promotion of the Triton kernel). The K loop is split across programs (split-K); each
 program transposes its [64, tokens] result in registers and TMA-stores it token-major: float32 partial sums
 [splits, tokens, N], added in XLA by elementwise adds that fuse into the consumer (a norm, RoPE, the output
 write), or, unsplit (q_b, W_UV at R1's decode sizes), y [tokens, N] in x's dtype itself.
@@ -46,10 +45,6 @@ class MosaicBlockSizes:
     block_m: int = 128  # FP8-activation path: token rows per program, 64 per compute warpgroup (64 or 128)
     stages: int = 4  # K steps in flight (from bench/fp8_tune.py: best for both paths at R1's sizes)
     k_splits: int | None = None  # weight-only path: K splits; None: enough programs to fill an H100 a few times
-    # weight-only path: weight rows per program, 64 or 128 (128: one x tile per two 64-row MMAs, half the x tiles'
-    # traffic; taken only where every weight's rows are a multiple of 128, else 64). Not yet timed on the GPU:
-    # bench/proto_wo_rows.py compares the two.
-    weight_rows: int = 64
 
 
 WEIGHT_ROWS = 64  # one warpgroup MMA's M: weight rows per program (weight-only), token rows per warpgroup (FP8 x FP8)
@@ -149,7 +144,7 @@ def matmul(xq, xs_t, w, ws, *, out_dtype, block_sizes: MosaicBlockSizes = Mosaic
     )(xq, xs_t, w, ws)
 
 
-def weight_only(x, weights, *, k_splits: int, stages: int, rows: int = WEIGHT_ROWS, after=(), interpret=False):
+def weight_only(x, weights, *, k_splits: int, stages: int, after=(), interpret=False):
     """x [Mp, Gx, K] bf16 / f16 with Mp a multiple of 8 (<= 128: `stages` x tiles fit shared memory), K of 128, Gx
     1 (x shared by every group) or G; weights ((w [G, N_i, K] e4m3 with N_i a multiple of 64, ws [G, ceil(N_i /
     128), >= K / 128] float32, columns padded to a multiple of 4 for TMA), ...): every weight that multiplies x, G
@@ -158,16 +153,10 @@ def weight_only(x, weights, *, k_splits: int, stages: int, rows: int = WEIGHT_RO
     x[:, g] @ [dequant(w_1[g]); dequant(w_2[g]); ...]^T; with one split the product itself, [Mp, G, sum N_i] in x's
     dtype. Each program's [64, Mp] tile is transposed in registers and stored through shared memory by TMA, so no
     transposing pass follows. `after`: arrays the launch waits for and does not read (operands only, so that the
-    GPU runs it after their producers: a decode step's first launch after the previous step's output).
-    rows: weight rows per program, 64 or 128 (every N_i a multiple of it): 128 runs two 64-row MMAs per x tile."""
+    GPU runs it after their producers: a decode step's first launch after the previous step's output)."""
     mp, gx, k = x.shape
     groups = weights[0][0].shape[0]
-    if rows not in (WEIGHT_ROWS, 2 * WEIGHT_ROWS) or any(w.shape[1] % rows for w, _ in weights):
-        raise ValueError(f"fp8_matmul (mosaic, weight-only): rows must be 64 or 128 and divide every weight's rows, "
-                         f"got {rows} for {[w.shape[1] for w, _ in weights]}")
-    halves = rows // WEIGHT_ROWS  # halves == 1 below takes the buffers whole (no slice, no extra axis, no add of 0):
-    # 64-row programs then lower to the same Mosaic kernel as before 128 was an option (bench/mosaic_mlir.py)
-    tiles = [w.shape[1] // rows for w, _ in weights]
+    tiles = [w.shape[1] // WEIGHT_ROWS for w, _ in weights]
     firsts = [sum(tiles[:i]) for i in range(len(tiles))]  # each weight's first program row tile
     k_steps = k // BLOCK
     per = -(-k_steps // k_splits)  # K steps per split; the last split may have fewer (or none)
@@ -191,66 +180,55 @@ def weight_only(x, weights, *, k_splits: int, stages: int, rows: int = WEIGHT_RO
             k0 = pl.multiple_of((j0 + j) * BLOCK, BLOCK)
             plgpu.copy_gmem_to_smem(x_ref.at[:, xg, pl.ds(k0, BLOCK)], x_smem.at[slot], bar.at[slot])
             for w_ref, is_mine, t in zip(w_refs, mine, local):
-                sel = pl.ds(pl.multiple_of(t * rows, rows), rows)
-                pl.when(is_mine)(lambda w_ref=w_ref, sel=sel: plgpu.copy_gmem_to_smem(
-                    w_ref.at[g, sel, pl.ds(k0, BLOCK)], w_smem.at[slot], bar.at[slot]))
+                rows = pl.ds(pl.multiple_of(t * WEIGHT_ROWS, WEIGHT_ROWS), WEIGHT_ROWS)
+                pl.when(is_mine)(lambda w_ref=w_ref, rows=rows: plgpu.copy_gmem_to_smem(
+                    w_ref.at[g, rows, pl.ds(k0, BLOCK)], w_smem.at[slot], bar.at[slot]))
 
         for s_ref, is_mine, t in zip(s_refs, mine, local):  # the tile's row of block scales (64 | 128 rows)
             pl.when(is_mine)(lambda s_ref=s_ref, t=t: plgpu.copy_gmem_to_smem(
-                s_ref.at[g, lax.div(t, jnp.int32(BLOCK // rows))], ws_smem, ws_bar.at[0]))
+                s_ref.at[g, lax.div(t, jnp.int32(BLOCK // WEIGHT_ROWS))], ws_smem, ws_bar.at[0]))
         for s in range(stages):
             pl.when(s < steps)(lambda s=s: fetch(s, s))
         plgpu.barrier_wait(ws_bar.at[0])
 
-        def widened(slot, h):  # the slot's h-th [64, 128] weight tile in x's dtype
-            tile = w_smem.at[slot] if halves == 1 else w_smem.at[slot, pl.ds(h * WEIGHT_ROWS, WEIGHT_ROWS)]
-            a = plgpu.layout_cast(plgpu.load(tile, layout=plgpu.Layout.WGMMA_UPCAST_2X), wgmma)
-            a = a.astype(jnp.float16).astype(x.dtype) if x.dtype != jnp.float16 else a.astype(x.dtype)
-            if interpret:  # the interpreter's wgmma takes its left operand from shared memory only
-                a_smem[0].at[h][...] = a
-                plgpu.commit_smem()
-                a = a_smem[0].at[h]
-            return a
-
-        def step(j, accs):
+        def step(j, acc):
             slot = lax.rem(j, jnp.int32(stages))
             plgpu.barrier_wait(bar.at[slot])
             scale = ws_smem[j0 + j]
+            a = plgpu.layout_cast(plgpu.load(w_smem.at[slot], layout=plgpu.Layout.WGMMA_UPCAST_2X), wgmma)
+            a = a.astype(jnp.float16).astype(x.dtype) if x.dtype != jnp.float16 else a.astype(x.dtype)
+            if interpret:  # the interpreter's wgmma takes its left operand from shared memory only
+                a_smem[0][...] = a
+                plgpu.commit_smem()
+                a = a_smem[0]
 
-            a = [widened(slot, h) for h in range(halves)]
+            def mma(acc_ref):
+                plgpu.wgmma(acc_ref, a, x_smem.at[slot].transpose((1, 0)))
+                return acc_ref[...]
 
-            def mma(*acc_refs):  # one MMA per 64-row half, against the same x tile
-                for a_h, acc_ref in zip(a, acc_refs):
-                    plgpu.wgmma(acc_ref, a_h, x_smem.at[slot].transpose((1, 0)))
-                return tuple(r[...] for r in acc_refs)
-
-            parts = pl.run_scoped(mma, *[plgpu.ACC((WEIGHT_ROWS, mp), jnp.float32)] * halves)
+            part = pl.run_scoped(mma, plgpu.ACC((WEIGHT_ROWS, mp), jnp.float32))
             pl.when(j + stages < steps)(lambda: fetch(j + stages, slot))  # the slot's operands are consumed
-            return tuple(acc + part * scale for acc, part in zip(accs, parts))
+            return acc + part * scale
 
-        zeros = plgpu.layout_cast(jnp.zeros((WEIGHT_ROWS, mp), jnp.float32), wgmma)
-        accs = lax.fori_loop(0, steps, step, (zeros,) * halves)
-        for h, acc in enumerate(accs):
-            col0 = ni * rows + h * WEIGHT_ROWS if h else ni * rows
-            cols = pl.ds(pl.multiple_of(col0, WEIGHT_ROWS), WEIGHT_ROWS)
-            # y^T tile [64, Mp] -> y [Mp, 64]: a register transpose into an untiled buffer, then one TMA store
-            y_h = y_smem if halves == 1 else y_smem.at[h]
-            y_h.T[...] = plgpu.layout_cast(acc.astype(y_dtype), plgpu.Layout.WGMMA_TRANSPOSED)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(y_h, o_ref.at[:, g, cols] if whole else o_ref.at[si, :, g, cols])
+        acc = lax.fori_loop(0, steps, step, plgpu.layout_cast(jnp.zeros((WEIGHT_ROWS, mp), jnp.float32), wgmma))
+        cols = pl.ds(pl.multiple_of(ni * WEIGHT_ROWS, WEIGHT_ROWS), WEIGHT_ROWS)
+        # y^T tile [64, Mp] -> y [Mp, 64]: a register transpose into an untiled buffer, then one TMA store
+        y_smem.T[...] = plgpu.layout_cast(acc.astype(y_dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(y_smem, o_ref.at[:, g, cols] if whole else o_ref.at[si, :, g, cols])
         plgpu.wait_smem_to_gmem(0)
 
     w_dtype = weights[0][0].dtype
-    n_out = sum(tiles) * rows
+    rows = sum(tiles) * WEIGHT_ROWS
     return plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct(((mp,) if whole else (k_splits, mp)) + (groups, n_out), y_dtype),
-        scratch_types=[smem((stages, mp, BLOCK), x.dtype), smem((stages, rows, BLOCK), w_dtype),
+        out_type=jax.ShapeDtypeStruct(((mp,) if whole else (k_splits, mp)) + (groups, rows), y_dtype),
+        scratch_types=[smem((stages, mp, BLOCK), x.dtype), smem((stages, WEIGHT_ROWS, BLOCK), w_dtype),
                        plgpu.SMEM((weights[0][1].shape[2],), jnp.float32),
                        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                        plgpu.Barrier(num_arrivals=1, num_barriers=1),  # the scale row landed
-                       plgpu.SMEM((mp, WEIGHT_ROWS) if halves == 1 else (halves, mp, WEIGHT_ROWS), y_dtype),
-                       *([smem((halves, WEIGHT_ROWS, BLOCK), x.dtype)] if interpret else [])],
+                       plgpu.SMEM((mp, WEIGHT_ROWS), y_dtype),
+                       *([smem((WEIGHT_ROWS, BLOCK), x.dtype)] if interpret else [])],
         grid=(sum(tiles), k_splits, groups),
         grid_names=("n", "s", "g"),
         interpret=plgpu.InterpretGPUParams() if interpret else False,

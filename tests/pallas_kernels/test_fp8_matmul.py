@@ -188,27 +188,6 @@ def test_mosaic_weight_only_matches_reference(m, n, k, splits):
     assert rel(out, ref) <= 1e-2, rel(out, ref)
 
 
-@pytest.mark.parametrize("m,n,splits", [(16, 256, 2), (13, 384, None), (1, 128, 1)])
-def test_mosaic_weight_only_rows_per_program(m, n, splits):
-    """The weight-only kernel with 128 weight rows per program (two 64-row MMAs per x tile) gives the 64-row
-    programs' products bit for bit (same MMAs, same promotion order), in the Mosaic GPU interpreter, with block
-    scales that differ between row blocks; weights whose rows are not a multiple of 128 run 64-row programs."""
-    from pallas_kernels.fp8_matmul_mgpu import MosaicBlockSizes
-
-    rng = np.random.default_rng(m + n)
-    w, s = quantize(rng.standard_normal((n, 512)).astype(np.float32) * 3)
-    s = s * jnp.asarray(rng.uniform(0.5, 2.0, s.shape), jnp.float32)
-    x = jnp.asarray(rng.standard_normal((m, 512)), jnp.bfloat16)
-    run = lambda rows: fp8_matmul(x, w, s, backend="mosaic", interpret=True,  # noqa: E731
-                                  block_sizes=MosaicBlockSizes(stages=2, k_splits=splits, weight_rows=rows))
-    np.testing.assert_array_equal(np.asarray(run(128), np.float32), np.asarray(run(64), np.float32))
-    assert rel(run(128), fp8_matmul_reference(x, w, s)) <= 1e-2
-    w2, s2 = quantize(rng.standard_normal((192, 512)).astype(np.float32))
-    ys = fp8_matmuls(x, [w, w2], [s, s2], backend="mosaic", interpret=True,
-                     block_sizes=MosaicBlockSizes(stages=2, weight_rows=128))  # 192 rows: 64-row programs for both
-    assert rel(ys[1], fp8_matmul_reference(x, w2, s2)) <= 1e-2 and rel(ys[0], fp8_matmul_reference(x, w, s)) <= 1e-2
-
-
 @pytest.mark.parametrize("shared_x,splits", [(False, 2), (True, 2), (False, 1)],
                          ids=["x-per-group", "x-shared", "one-split"])
 def test_mosaic_weight_only_grouped(shared_x, splits):
