@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: the commit a run measured, the copy-bandwidth ceiling, GPU kernel times and a
+"""Shared by the benchmark scripts: the commit a run measured, the copy and read bandwidth ceilings, GPU kernel times and a
 call's host / GPU timeline from a jax.profiler trace."""
 
 from __future__ import annotations
@@ -33,6 +33,16 @@ def copy_bandwidth() -> float:
     f = jax.jit(lambda a: a * 1)
     f(x).block_until_ready()
     return 2 * x.nbytes / (median_ms(lambda: f(x).block_until_ready(), 3, 20) / 1e3)
+
+
+def read_bandwidth() -> float:
+    """Read rate in bytes/s: XLA's max-reduction over a 2 GiB int32 buffer (nothing written back), the ceiling of a
+    read-only stream such as a decode step's weights and cache. On an H100 80GB HBM3 ~2.88 TB/s where the copy's
+    rate is 2.66 (twenty-third session), so the decode floors use this one."""
+    x = jnp.arange(1 << 29, dtype=jnp.int32)
+    f = jax.jit(jnp.max)
+    f(x).block_until_ready()
+    return x.nbytes / (median_ms(lambda: f(x).block_until_ready(), 3, 20) / 1e3)
 
 
 def traced_case(name: str, fn, *args, calls: int = 10) -> dict:
