@@ -11,7 +11,8 @@ Params (our layout, written by `convert`; rope rows already in half-split order)
   optional: q_a_proj_bias [Q], kv_a_proj_with_mqa_bias [L+R], o_proj_bias [D], gate_proj [D, N, V] (gated attention)
 FP8 params (`load_layer(..., keep_fp8=True)`, `quantize_fp8`): q_a_proj, q_b_proj / q_proj, kv_a_proj_with_mqa,
 o_proj as `Fp8Weight` (e4m3 [out, in] + float32 scales per 128x128 block, as DeepSeek ships them), W_UK [N, P, L] and
-W_UV [N, V, L] as the per-head row blocks of kv_b_proj; every projection then runs through `fp8_matmul`.
+W_UV [N, V, L] as the per-head row blocks of kv_b_proj; every projection then runs through `fp8_matmul`
+(`jaxlm.mla_projections`; the config is `jaxlm.mla_config.MLAConfig`, both re-exported here).
 Cache: `MLACache(kv_cache [slots, S, L], pe_cache [slots, S, R])`, request i in slot i; with
 `init_cache(..., int8_latent=True)` the latent is stored as int8 rows with one float32 scale per row (`kv_scale`
 [slots, S]) and the RoPE part stays 16-bit: 644 instead of 1152 bytes per token at R1 sizes.
@@ -19,10 +20,9 @@ Cache: `MLACache(kv_cache [slots, S, L], pe_cache [slots, S, R])`, request i in 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,131 +32,17 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels
 from jaxlm import batching, sharding
 from jaxlm.sharding import DP, MLA_CACHE, MLA_CACHE_SCALE, TP
+from jaxlm.layers import apply_rope, rope_cos_sin
+from jaxlm.mla_config import MLAConfig
+from jaxlm.mla_projections import (FP8_ACTIVATIONS, Params, absorb_uk, dequantize_fp8, expand_uv, fp8_together,
+                                   k_nope_of, linear, linears_of_x, quantize_fp8, up_project)
 from pallas_kernels.common import resolve_attention_impl
-from pallas_kernels.fp8_matmul import Fp8Weight
 from pallas_kernels.mla_decode import dequantize_rows
-from jaxlm.layers import apply_rope, rope_cos_sin, rope_frequencies, yarn_get_mscale
 
-Params = dict[str, jax.Array]
+__all__ = ["CACHE_ALIGN", "DECODE_UNROLL", "FP8_ACTIVATIONS", "MLACache", "MLAConfig", "MODES", "Params", "decode_steps",
+           "dequantize_fp8", "forward", "init_cache", "init_params", "load_layer", "quantize_fp8"]
 MODES = ("absorbed", "naive")
 CACHE_ALIGN = 64  # cache positions are allocated in multiples of this, so kernels read whole blocks
-
-
-@dataclasses.dataclass(frozen=True)
-class MLAConfig:
-    hidden_size: int
-    num_heads: int
-    q_lora_rank: int | None
-    kv_lora_rank: int
-    qk_nope_head_dim: int
-    qk_rope_head_dim: int
-    v_head_dim: int
-    rope_theta: float = 10000.0
-    rope_type: str = "default"
-    rope_factor: float | None = None
-    original_max_position_embeddings: int | None = None
-    max_position_embeddings: int = 4096
-    beta_fast: float | None = None
-    beta_slow: float | None = None
-    mscale: float | None = None
-    mscale_all_dim: float | None = None
-    attention_factor: float | None = None
-    rope_truncate: bool = True
-    attention_bias: bool = False
-    rope_interleave: bool = True  # checkpoint rope rows are interleaved pairs (permuted at conversion)
-    norm_eps: float = 1e-6  # HF builds q_a/kv_a layernorms with the default eps, not rms_norm_eps
-    model_type: str = "deepseek_v3"
-
-    @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    @property
-    def softmax_scale(self) -> float:
-        """qk_head_dim**-0.5, times mscale(factor, mscale_all_dim)**2 for scaled RoPE (HF `yarn_apply_mscale`)."""
-        scale = self.qk_head_dim**-0.5
-        if self.rope_type != "default" and self.mscale_all_dim:
-            m = yarn_get_mscale(self._factor, self.mscale_all_dim)
-            scale *= m * m
-        return scale
-
-    @property
-    def _factor(self) -> float:
-        if self.rope_factor is not None:
-            return self.rope_factor
-        return self.max_position_embeddings / self.original_max_position_embeddings
-
-    def rope(self) -> tuple[np.ndarray, float]:
-        return rope_frequencies(
-            self.qk_rope_head_dim, self.rope_theta, self.rope_type, factor=self.rope_factor,
-            original_max_position_embeddings=self.original_max_position_embeddings,
-            max_position_embeddings=self.max_position_embeddings, beta_fast=self.beta_fast,
-            beta_slow=self.beta_slow, mscale=self.mscale, mscale_all_dim=self.mscale_all_dim,
-            attention_factor=self.attention_factor, truncate=self.rope_truncate,
-        )
-
-    def cache_bytes_per_token(self, dtype=jnp.bfloat16, int8_latent: bool = False) -> int:
-        rope = self.qk_rope_head_dim * jnp.dtype(dtype).itemsize
-        return rope + (self.kv_lora_rank + 4 if int8_latent else self.kv_lora_rank * jnp.dtype(dtype).itemsize)
-
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "MLAConfig":
-        """From an HF `config.json` dict (`deepseek_v3` or `deepseek_v2`; `rope_scaling` or `rope_parameters`)."""
-        model_type = hf.get("model_type")
-        if model_type not in ("deepseek_v3", "deepseek_v2"):
-            raise ValueError(f"unknown model_type {model_type!r} for the MLA layer: expected 'deepseek_v3' (V3/R1) or "
-                             f"'deepseek_v2' (V2/V2-Lite)")
-        missing = [k for k in ("hidden_size", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
-                               "qk_rope_head_dim", "v_head_dim") if hf.get(k) is None]
-        if missing:
-            raise ValueError(f"config.json lacks the MLA field(s) {missing}")
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        if rope_type not in ("default", "yarn"):
-            raise ValueError(f"unsupported rope type {rope_type!r} in config.json: jaxlm implements 'default' and "
-                             f"'yarn'")
-        yarn = rope_type == "yarn"
-        if yarn and rope.get("original_max_position_embeddings") is None:
-            raise ValueError("yarn rope needs 'original_max_position_embeddings' in config.json")
-        return cls(
-            hidden_size=hf["hidden_size"],
-            num_heads=hf["num_attention_heads"],
-            q_lora_rank=hf.get("q_lora_rank"),
-            kv_lora_rank=hf["kv_lora_rank"],
-            qk_nope_head_dim=hf["qk_nope_head_dim"],
-            qk_rope_head_dim=hf["qk_rope_head_dim"],
-            v_head_dim=hf["v_head_dim"],
-            rope_theta=float(theta),
-            rope_type=rope_type,
-            rope_factor=rope.get("factor") if yarn else None,
-            original_max_position_embeddings=rope.get("original_max_position_embeddings") if yarn else None,
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            beta_fast=rope.get("beta_fast") if yarn else None,
-            beta_slow=rope.get("beta_slow") if yarn else None,
-            mscale=rope.get("mscale") if yarn else None,
-            mscale_all_dim=rope.get("mscale_all_dim") if yarn else None,
-            attention_factor=rope.get("attention_factor") if yarn else None,
-            rope_truncate=rope.get("truncate", True),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            rope_interleave=bool(hf.get("rope_interleave", True)) if model_type == "deepseek_v3" else True,
-            model_type=model_type,
-        )
-
-    @classmethod
-    def r1(cls) -> "MLAConfig":
-        """DeepSeek-R1 / V3 attention sizes with R1's YaRN settings."""
-        return cls(hidden_size=7168, num_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-                   qk_rope_head_dim=64, v_head_dim=128, rope_type="yarn", rope_factor=40.0,
-                   original_max_position_embeddings=4096, max_position_embeddings=163840, beta_fast=32,
-                   beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
-
-    @classmethod
-    def tiny(cls, q_lora: bool = True) -> "MLAConfig":
-        return cls(hidden_size=64, num_heads=4, q_lora_rank=32 if q_lora else None, kv_lora_rank=32,
-                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, rope_type="yarn", rope_factor=8.0,
-                   original_max_position_embeddings=64, max_position_embeddings=512, mscale=0.7,
-                   mscale_all_dim=0.7)
 
 
 class MLACache(NamedTuple):
@@ -213,138 +99,6 @@ def init_params(cfg: MLAConfig, key: jax.Array, dtype=jnp.bfloat16, *, gate: boo
     return params
 
 
-# Projections whose activations are also quantised to FP8 at prefill sizes (>= 128 tokens; below that every FP8
-# weight is multiplied with bf16 activations). Each FP8-activation stage costs about 5e-4 of output cosine against
-# the dequantised bf16 layer (measured on Gaussian inputs: all four projections 0.9980, o_proj alone 0.9994, none
-# 0.9998), so only o_proj, the largest GEMM (69% of the projection FLOPs at R1 sizes), runs FP8 x FP8; W_UK / W_UV
-# stay bf16 x FP8-weight as in DeepSeek's reference, which dequantises wkv_b for the absorbed path.
-FP8_ACTIVATIONS = ("o_proj",)
-
-
-def quantize_fp8(params: Params, cfg: MLAConfig, block: int = 128) -> Params:
-    """Float params (our layout) -> the FP8 layout that `load_layer(..., keep_fp8=True)` reads from a checkpoint:
-    each projection as an Fp8Weight in HF row order [out, in] (per head for W_UK [N, P, L] / W_UV [N, V, L]), one
-    float32 scale per `block` x `block` block; norms, biases and the gate stay as they are. For benchmarks and for
-    running a bf16 layer in FP8."""
-    from pallas_kernels.fp8_matmul import quantize
-
-    n = cfg.num_heads
-    rows = {  # our layout -> HF rows [out, in]
-        "q_proj": lambda w: w.reshape(w.shape[0], -1).T, "q_a_proj": lambda w: w.T,
-        "q_b_proj": lambda w: w.reshape(w.shape[0], -1).T, "kv_a_proj_with_mqa": lambda w: w.T,
-        "w_uk": lambda w: w, "w_uv": lambda w: w.transpose(0, 2, 1),
-        "o_proj": lambda w: w.reshape(n * cfg.v_head_dim, -1).T,
-    }
-    out = dict(params)
-    for name, to_rows in rows.items():
-        if name in params and not isinstance(params[name], Fp8Weight):
-            out[name] = Fp8Weight(*quantize(to_rows(params[name]), block), block=block)
-    return out
-
-
-def dequantize_fp8(params: Params, cfg: MLAConfig, dtype=jnp.bfloat16) -> Params:
-    """FP8 params -> float params in our layout holding exactly the dequantised values (what `load_layer` without
-    keep_fp8 gives for the same checkpoint)."""
-    from pallas_kernels.fp8_matmul import dequantize
-
-    n, p, r, v = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-    layout = {  # HF rows [out, in] -> our layout
-        "q_proj": lambda w: w.T.reshape(w.shape[1], n, p + r), "q_a_proj": lambda w: w.T,
-        "q_b_proj": lambda w: w.T.reshape(w.shape[1], n, p + r), "kv_a_proj_with_mqa": lambda w: w.T,
-        "w_uk": lambda w: w, "w_uv": lambda w: w.transpose(0, 2, 1), "o_proj": lambda w: w.T.reshape(n, v, -1),
-    }
-    return {k: (layout[k](dequantize(w.w, w.scale, w.block)).astype(dtype) if isinstance(w, Fp8Weight) else w)
-            for k, w in params.items()}
-
-
-def _fp8(x, w: Fp8Weight, impl: str, transpose_w: bool = True, activations: str = "auto"):
-    """The block-scaled FP8 matmul: the Pallas kernel, or with impl == "xla" its jnp reference (dequantises)."""
-    fn = pallas_kernels.fp8_matmul if impl == "pallas" else pallas_kernels.fp8_matmul_reference
-    return fn(x, w.w, w.scale, block=w.block, transpose_w=transpose_w, activations=activations)
-
-
-def _linear(x, params, name, spec, impl, heads: int | None = None, with_done: bool = False):
-    """x [T, ...] through weight `name` (+ its bias): einsum `spec` for a float weight in our layout; for an
-    Fp8Weight (HF rows [out, in]) the FP8 kernel on x flattened to [T, in], output split into `heads` if given.
-    with_done: returns (y, done), done what the launch wrote (an FP8 weight on the Pallas path: its split-K parts,
-    `fp8_matmul_parts`, which y adds up; else y): a later launch that takes `done` as an operand runs after this one,
-    and y's sum is computed only by y's own consumers, not once more to be carried (decode_steps' o_proj)."""
-    w = params[name]
-    done = None
-    if isinstance(w, Fp8Weight):
-        x2, act = x.reshape(x.shape[0], -1), "auto" if name in FP8_ACTIVATIONS else "bf16"
-        if with_done and impl == "pallas":
-            done = pallas_kernels.fp8_matmul_parts(x2, w.w, w.scale, block=w.block, activations=act)
-            y = pallas_kernels.sum_parts(done, x.dtype)
-        else:
-            y = _fp8(x2, w, impl, activations=act)
-        y = y if heads is None else y.reshape(y.shape[0], heads, -1)
-    else:
-        y = jnp.einsum(spec, x, w)
-    bias = params.get(name + "_bias")
-    y = y if bias is None else y + bias
-    return (y, y if done is None else done) if with_done else y
-
-
-def _fp8_together(params, names_specs, impl) -> bool:
-    """Whether weights that share x ((name, einsum spec), ...) can go to the FP8 kernels as one call: the Pallas
-    path, every weight FP8 with one block size, bf16 activations for all."""
-    ws = [params[name] for name, _ in names_specs]
-    return (impl == "pallas" and all(isinstance(w, Fp8Weight) and w.block == ws[0].block for w in ws)
-            and not any(name in FP8_ACTIVATIONS for name, _ in names_specs))
-
-
-def _linears_of_x(x, params, names_specs, impl):
-    """x [T, D] through several weights that all take it ((name, einsum spec), ...): with FP8 weights on the Pallas
-    path one fp8_matmuls call (a single weight-only launch at decode sizes), else `_linear` each. XLA's dot merger
-    would run those GEMMs as one on the weights concatenated anew at every call (a copy of both: 19 us at the seed
-    prefill on an H100, more than the launch it saves), so each GEMM after the first gets x through an optimization
-    barrier."""
-    ws = [params[name] for name, _ in names_specs]
-    if _fp8_together(params, names_specs, impl):
-        ys = pallas_kernels.fp8_matmuls(x, [w.w for w in ws], [w.scale for w in ws], block=ws[0].block,
-                                        activations="bf16")
-        return [y if params.get(name + "_bias") is None else y + params[name + "_bias"]
-                for y, (name, _) in zip(ys, names_specs)]
-    return [_linear(x if i == 0 else jax.lax.optimization_barrier(x), params, name, spec, impl)
-            for i, (name, spec) in enumerate(names_specs)]
-
-
-def _absorb_uk(q, params, impl):
-    """q_nope [T, N, P] (or the leading P columns of a wider q) -> q_latent [T, N, L] = q_nope . W_UK per head."""
-    w = params["w_uk"]
-    if isinstance(w, Fp8Weight):  # rows [N, P, L]: contract the P rows (the FP8 kernel reads q's window in place)
-        return _fp8(q, w, impl, transpose_w=False, activations="bf16")
-    return jnp.einsum("tnp,npl->tnl", q[..., : w.shape[1]], w)
-
-
-def _expand_uv(o_lat, params, impl):
-    """o_latent [T, N, L] -> [T, N, V] through W_UV per head."""
-    w = params["w_uv"]
-    if isinstance(w, Fp8Weight):  # rows [N, V, L]
-        return _fp8(o_lat, w, impl, activations="bf16")
-    return jnp.einsum("tnl,nlv->tnv", o_lat, w)
-
-
-def _from_latent(kv, w, spec: str, impl):
-    """Latent rows [..., L] -> per head [..., N, X] through W_UK [N, P, L] or W_UV [N, L, V] (`spec`, the einsum of
-    a float weight in our layout); an Fp8Weight (HF rows [N, X, L]) through the FP8 kernel on the rows flattened."""
-    if isinstance(w, Fp8Weight):
-        y = _fp8(kv.reshape(-1, kv.shape[-1]), w, impl, activations="bf16")
-        return y.reshape(*kv.shape[:-1], *y.shape[1:])
-    return jnp.einsum(spec, kv, w)
-
-
-_UK, _UV = "...l,npl->...np", "...l,nlv->...nv"  # W_UK / W_UV einsums of a latent row (float weights)
-
-
-def _up_project(kv, params, impl):
-    """Cached latent [..., L] -> per-head K_nope [..., N, P] and V [..., N, V] (the naive / prefill form).
-    The two GEMMs share their input; XLA's dot merger would run them as one GEMM whose output halves it then copies
-    out (0.07 ms at the seed prefill on an H100): V's input goes through an optimization barrier, so each GEMM
-    writes its own buffer."""
-    return (_from_latent(kv, params["w_uk"], _UK, impl),
-            _from_latent(jax.lax.optimization_barrier(kv), params["w_uv"], _UV, impl))
 
 
 def _first_projections(params: Params, cfg: MLAConfig, x: jax.Array, impl: str, after=None):
@@ -356,14 +110,14 @@ def _first_projections(params: Params, cfg: MLAConfig, x: jax.Array, impl: str, 
     first = ("q_proj", "td,dnh->tnh") if cfg.q_lora_rank is None else ("q_a_proj", "td,dq->tq")
     names_specs = [first, ("kv_a_proj_with_mqa", "td,de->te")]
     ws = [params[name] for name, _ in names_specs]
-    if (cfg.q_lora_rank is not None and _fp8_together(params, names_specs, impl)
+    if (cfg.q_lora_rank is not None and fp8_together(params, names_specs, impl)
             and not any(name + "_bias" in params for name, _ in names_specs)):  # a bias: added to the sum
         parts = pallas_kernels.fp8_matmuls_side_by_side(x, [w.w for w in ws], [w.scale for w in ws],
                                                         block=ws[0].block, after=after)
         if parts is not None:
             return parts, parts, x.dtype
     x = x if after is None else _after(x, after)
-    qa, ckv = _linears_of_x(x, params, names_specs, impl)  # one FP8 launch where the Mosaic kernel takes both
+    qa, ckv = linears_of_x(x, params, names_specs, impl)  # one FP8 launch where the Mosaic kernel takes both
     return qa, ckv, ckv.dtype
 
 
@@ -376,7 +130,7 @@ def _project_q(params: Params, cfg: MLAConfig, qa: jax.Array, positions: jax.Arr
     if cfg.q_lora_rank is None:
         q = qa.reshape(qa.shape[0], n, -1)
     else:
-        q = _linear(qa, params, "q_b_proj", "tq,qnh->tnh", impl, heads=n)
+        q = linear(qa, params, "q_b_proj", "tq,qnh->tnh", impl, heads=n)
     if not rotate:
         return q, None
     q_pe = q[..., cfg.qk_nope_head_dim :]
@@ -439,7 +193,7 @@ def _from_blocks(o: jax.Array, meta: batching.RaggedMeta) -> jax.Array:
 
 def _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, kv_len, impl):
     """MQA over [latent | pe] with W_UK folded into q and W_UV applied after: returns [T, N, V]."""
-    q_lat = _absorb_uk(q_nope, params, impl)
+    q_lat = absorb_uk(q_nope, params, impl)
     pe = cache.pe_cache[meta.blk_slot, :kv_len]  # [NB, S, R]
     kv = cache.latent((meta.blk_slot, slice(None, kv_len)), pe.dtype)  # [NB, S, L]
     f32 = jnp.float32
@@ -447,7 +201,7 @@ def _attend_absorbed(params, cfg, q_nope, q_pe, cache, meta, kv_len, impl):
               + jnp.einsum("bqnr,bsr->bnqs", _to_blocks(q_pe, meta).astype(pe.dtype), pe).astype(f32))
     probs = _softmax(scores * cfg.softmax_scale, meta, kv_len).astype(kv.dtype)
     o_lat = jnp.einsum("bnqs,bsl->bqnl", probs, kv).astype(q_nope.dtype)
-    return _expand_uv(_from_blocks(o_lat, meta), params, impl)
+    return expand_uv(_from_blocks(o_lat, meta), params, impl)
 
 
 def _attend_decode_kernel(params, cfg, q, q_rope, cache, meta):
@@ -458,7 +212,7 @@ def _attend_decode_kernel(params, cfg, q, q_rope, cache, meta):
     dp, each device attends the tokens of its slots and the others' rows (zeros) are summed in. Returns [T, N, V]."""
     max_len = cache.kv_cache.shape[1]
     dtype = cache.pe_cache.dtype
-    q_lat = _absorb_uk(q, params, "pallas").astype(dtype)  # q_nope: q's leading columns
+    q_lat = absorb_uk(q, params, "pallas").astype(dtype)  # q_nope: q's leading columns
     lengths = jnp.where(meta.tok_pos < max_len, meta.tok_pos + 1, 0)
     scales = () if cache.kv_scale is None else (cache.kv_scale,)
 
@@ -474,7 +228,7 @@ def _attend_decode_kernel(params, cfg, q, q_rope, cache, meta):
     specs = (heads, heads, P(), MLA_CACHE, MLA_CACHE, P(), P()) + (MLA_CACHE_SCALE,) * len(scales)
     decode = sharding.per_device(local, specs, heads)
     o_lat = decode(q_lat, q.astype(dtype), q_rope, cache.kv_cache, cache.pe_cache, meta.tok_slot, lengths, *scales)
-    return _expand_uv(o_lat.astype(q.dtype), params, "pallas")
+    return expand_uv(o_lat.astype(q.dtype), params, "pallas")
 
 
 def _attend_prefill_kernel(params, cfg, q, q_pe, cache, seq_lens, past_lens, kv_tokens):
@@ -488,7 +242,7 @@ def _attend_prefill_kernel(params, cfg, q, q_pe, cache, seq_lens, past_lens, kv_
     k_slot, k_pos = pallas_kernels.sage_attention_segments(cu_k, kv_tokens)
     kv = cache.latent((k_slot, k_pos), q.dtype)  # [Tk, L]; rows past cu_k[-1] are never read
     pe = cache.pe_cache[k_slot, k_pos].astype(q.dtype)  # [Tk, R]
-    k_nope, v = _up_project(kv, params, "pallas")
+    k_nope, v = up_project(kv, params, "pallas")
     # Q = [q_nope | q_pe] and K = [k_nope | pe] go in as parts, pe as one head that every head shares, q_nope as the
     # leading columns of q (k_nope's width): no sliced, concatenated or broadcast copies
     k = (k_nope, pe[:, None, :])
@@ -499,7 +253,7 @@ def _attend_prefill_kernel(params, cfg, q, q_pe, cache, seq_lens, past_lens, kv_
         # of a pass over the [Tk, N, P] keys (12 us less per FP8 seed prefill on an H100); any shift per request and
         # head would serve (sage_attention undoes it)
         (lat_mean, pe_mean), _ = pallas_kernels.sage_attention_request_means((kv[:, None], k[1]), cu_k)
-        k_mean = (_from_latent(lat_mean[:, 0].astype(kv.dtype), w_uk, _UK, "pallas"), pe_mean)
+        k_mean = (k_nope_of(lat_mean[:, 0].astype(kv.dtype), w_uk, "pallas"), pe_mean)
         return pallas_kernels.sage_attention(q, k, v, cu_q, cu_k, k_mean=k_mean, causal=True,
                                              sm_scale=cfg.softmax_scale)
 
@@ -516,7 +270,7 @@ def _attend_naive(params, cfg, q_nope, q_pe, cache, meta, kv_len, impl):
     """Reference: up-project the cached latent to per-head K_nope and V, then ordinary attention: [T, N, V]."""
     kv = cache.latent((meta.blk_slot, slice(None, kv_len)), q_nope.dtype)
     pe = cache.pe_cache[meta.blk_slot, :kv_len].astype(q_nope.dtype)
-    k_nope, v = _up_project(kv, params, impl)
+    k_nope, v = up_project(kv, params, impl)
     f32 = jnp.float32
     scores = (jnp.einsum("bqnp,bsnp->bnqs", _to_blocks(q_nope, meta), k_nope).astype(f32)
               + jnp.einsum("bqnr,bsr->bnqs", _to_blocks(q_pe, meta), pe).astype(f32))
@@ -534,7 +288,7 @@ def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes,
     """One ragged step on padded shapes: x [sizes.num_tokens, D] -> (y [num_tokens, D], cache, done). rope: the
     tokens' (cos, sin) when the caller computed them (decode_steps, for all its steps at once); after: an array the
     step's reads of x wait for (decode_steps: the previous step's `done`; see `_first_projections`); done: what the
-    step's last launch wrote (`_linear`'s with_done: o_proj's parts).
+    step's last launch wrote (`mla_projections.linear`'s with_done: o_proj's parts).
 
     The one place that picks the kernels: with impl == "pallas" the caches are written by the in-place Pallas
     kernel, one-token steps attend through the absorbed flash-decoding kernel and multi-token steps through the
@@ -558,7 +312,7 @@ def _step(params, cfg, x, cache, seq_lens, past_lens, sizes: batching.StepSizes,
     if "gate_proj" in params:  # gated attention: o * sigmoid(x W_g), per head and channel
         gate_x = x if after is None else _after(x, after)
         o = o * jax.nn.sigmoid(jnp.einsum("td,dnv->tnv", gate_x, params["gate_proj"]))
-    y, done = _linear(o, params, "o_proj", "tnv,nvd->td", impl, with_done=True)
+    y, done = linear(o, params, "o_proj", "tnv,nvd->td", impl, with_done=True)
     return y, cache, done
 
 
