@@ -1,5 +1,5 @@
-"""Shared by the benchmark scripts: the commit a run measured, the copy and read bandwidth ceilings, GPU kernel times and a
-call's host / GPU timeline from a jax.profiler trace."""
+"""Shared by the benchmark scripts: the commit a run measured, the copy and read bandwidth ceilings, GPU kernel times
+and a call's host / GPU timeline from a jax.profiler trace."""
 
 from __future__ import annotations
 

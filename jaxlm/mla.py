@@ -39,8 +39,8 @@ from jaxlm.mla_projections import (FP8_ACTIVATIONS, Params, absorb_uk, dequantiz
 from pallas_kernels.common import resolve_attention_impl
 from pallas_kernels.mla_decode import dequantize_rows
 
-__all__ = ["CACHE_ALIGN", "DECODE_UNROLL", "FP8_ACTIVATIONS", "MLACache", "MLAConfig", "MODES", "Params", "decode_steps",
-           "dequantize_fp8", "forward", "init_cache", "init_params", "load_layer", "quantize_fp8"]
+__all__ = ["CACHE_ALIGN", "DECODE_UNROLL", "FP8_ACTIVATIONS", "MLACache", "MLAConfig", "MODES", "Params",
+           "decode_steps", "dequantize_fp8", "forward", "init_cache", "init_params", "load_layer", "quantize_fp8"]
 MODES = ("absorbed", "naive")
 CACHE_ALIGN = 64  # cache positions are allocated in multiples of this, so kernels read whole blocks
 
