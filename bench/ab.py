@@ -17,11 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
-import sys
-import time
 
 
 def child(cases: list[str], weights: str, tiny: bool) -> dict:
@@ -31,6 +26,7 @@ def child(cases: list[str], weights: str, tiny: bool) -> dict:
 
     from bench.common import gpu_kernel_times
     from jaxlm import mla, seed
+    from jaxlm.seed import median_ms
 
     cfg = mla.MLAConfig.tiny() if tiny else mla.MLAConfig.r1()
     params = mla.init_params(cfg, jax.random.key(0), jnp.float32 if tiny else jnp.bfloat16)
@@ -39,15 +35,11 @@ def child(cases: list[str], weights: str, tiny: bool) -> dict:
     out = {}
     if "prefill" in cases:
         call = seed.prefill_call(params, cfg, dtype=params["kv_a_layernorm"].dtype)[0]
-        for _ in range(10):
-            y = call().block_until_ready()
-        times = []
-        for _ in range(60):
-            t0 = time.perf_counter()
-            call().block_until_ready()
-            times.append(time.perf_counter() - t0)
-        busy = gpu_kernel_times(lambda: call().block_until_ready(), 5)["busy_ms"]
-        out.update(prefill_ms=1e3 * statistics.median(times), prefill_busy_ms=busy,
+        run = lambda: call().block_until_ready()  # noqa: E731
+        wall = median_ms(run, 10, 60)
+        busy = gpu_kernel_times(run, 5)["busy_ms"]
+        y = run()
+        out.update(prefill_ms=wall, prefill_busy_ms=busy,
                    prefill_sum=float(jnp.abs(y.astype(jnp.float32)).sum()))
     if "decode" in cases or "loop" in cases:
         r = seed.decode(params, cfg, dtype=params["kv_a_layernorm"].dtype, steps=8 if tiny else seed.DECODE_STEPS,
@@ -74,20 +66,17 @@ def main():
         return
     if not args.base:
         ap.error("--base is required")
+    from bench.common import run_in_tree  # here, not at the top: the children import the other tree's bench, if any
     rows = []
     for r in range(args.rounds):
         for side, tree in (("base", args.base), ("new", args.new)):
-            env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
-            if side == "new":
-                env.update(kv.split("=", 1) for kv in args.env)
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", "--cases", args.cases,
-                   "--weights", args.weights] + (["--tiny"] if args.tiny else [])
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("AB ")), None)
-            if line is None:
-                print(f"round {r} {side}: failed (rc {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
+            argv = ["--child", "--cases", args.cases, "--weights", args.weights] + (["--tiny"] if args.tiny else [])
+            env = dict(kv.split("=", 1) for kv in args.env) if side == "new" else {}
+            got, err = run_in_tree(__file__, tree, argv, "AB", env)
+            if got is None:
+                print(f"round {r} {side}: failed {err}", flush=True)
                 continue
-            rows.append({"round": r, "side": side, **json.loads(line[3:])})
+            rows.append({"round": r, "side": side, **got})
             print(json.dumps(rows[-1]), flush=True)
     keys = [k for k in ("prefill_ms", "prefill_busy_ms", "decode_ms", "loop_ms", "prefill_sum", "decode_sum")
             if any(k in row for row in rows)]

@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,16 @@ def commit() -> str:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         return "unknown"
+
+
+def run_in_tree(script: str, tree: str, argv: list[str], tag: str, env: dict | None = None) -> tuple[dict | None, str]:
+    """Run `script` (with `argv`) in a child process whose PYTHONPATH is `tree`, so that it imports that tree's code;
+    return (the JSON of its stdout line that starts with `tag` + " ", or None; the end of its stderr). The A/B scripts
+    (`bench/ab.py`, `bench/mosaic_mlir.py`) run both trees this way."""
+    proc = subprocess.run([sys.executable, os.path.abspath(script), *argv], capture_output=True, text=True,
+                          env={**os.environ, **(env or {}), "PYTHONPATH": os.path.abspath(tree)})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith(tag + " ")), None)
+    return (None if line is None else json.loads(line[len(tag) + 1:])), f"(rc {proc.returncode})\n{proc.stderr[-3000:]}"
 
 
 def copy_bandwidth() -> float:

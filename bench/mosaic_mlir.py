@@ -5,7 +5,7 @@ it (printed without source locations, which move with every edit) and the two se
 MLIR means the same compiled kernels: a refactor of a kernel's code, or a new option whose default must not change
 what runs, is then proven on the CPU, before any device time.
 
-    .venv/bin/python bench/mosaic_mlir.py --base DIR [--new .] [--dump OUT_DIR]
+    PYTHONPATH=. .venv/bin/python bench/mosaic_mlir.py --base DIR [--new .] [--dump OUT_DIR]
 
 DIR: a tree holding pallas_kernels (`git archive <rev> pallas_kernels | tar -x -C DIR`). Exit status 1 when a case
 differs. Relies on jax 0.11.2's `jax.experimental.mosaic.gpu.core._run_serde_pass` (a private function: the pinned
@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -98,16 +97,14 @@ def main():
         return
     if not args.base:
         ap.error("--base is required")
+    from bench.common import run_in_tree  # here, not at the top: the children import the other tree's bench, if any
     res = {}
     for side, tree in (("base", args.base), ("new", args.new)):
-        env = {**os.environ, "PYTHONPATH": os.path.abspath(tree), "JAX_PLATFORMS": "cpu"}
-        cmd = [sys.executable, os.path.abspath(__file__), "--child"]
-        cmd += ["--dump", os.path.join(args.dump, side)] if args.dump else []
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("MLIR ")), None)
-        if line is None:
-            sys.exit(f"{side} tree ({tree}) failed to lower:\n{proc.stderr[-3000:]}")
-        res[side] = json.loads(line[5:])
+        argv = ["--child"] + (["--dump", os.path.join(args.dump, side)] if args.dump else [])
+        got, err = run_in_tree(__file__, tree, argv, "MLIR", {"JAX_PLATFORMS": "cpu"})
+        if got is None:
+            sys.exit(f"{side} tree ({tree}) failed to lower {err}")
+        res[side] = got
     differ = 0
     for name in res["new"]:
         a, b = res["base"].get(name), res["new"][name]

@@ -1,7 +1,7 @@
 """The MLA layer's projections: each weight as a float einsum in our layout, or as an `Fp8Weight` (e4m3 HF rows
 [out, in] with float32 scales per 128 x 128 block) through the FP8 kernels (`pallas_kernels.fp8_matmul` on the Pallas
 path, its jnp reference with impl "xla"), and the conversions between the two parameter forms (`quantize_fp8`,
-`dequantize_fp8`). Shapes: T tokens, D model, N heads, P nope, V value, L kv_lora (the axis legend of `jaxlm.mla`).
+`dequantize_fp8`). Shapes: T tokens, D model, N heads, P nope, V value, L kv_lora.
 """
 
 from __future__ import annotations
