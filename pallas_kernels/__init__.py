@@ -4,7 +4,8 @@ from pallas_kernels.cache_update import (update_cache, update_cache_reference, u
                                          update_mla_cache_reference)
 from pallas_kernels.common import on_gpu
 from pallas_kernels.fp8_matmul import (Fp8Weight, fp8_matmul, fp8_matmul_parts, fp8_matmul_reference, fp8_matmuls,
-                                       fp8_matmuls_side_by_side, sum_parts)
+                                       fp8_matmuls_side_by_side)
+from pallas_kernels.fp8_matmul_mgpu import sum_parts
 from pallas_kernels.mla_decode import BlockSizes as MLADecodeBlockSizes
 from pallas_kernels.mla_decode import mla_decode, mla_decode_reference
 from pallas_kernels.sage_attention import BlockSizes as SageBlockSizes

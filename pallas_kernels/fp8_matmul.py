@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -223,12 +221,6 @@ def _mosaic_applies(x, w, block, transpose_w, activations) -> bool:
             and _use_fp8_activations(activations, x.shape[0]))
 
 
-def _scale_rows(w_scale):
-    """Block scales as the Mosaic kernels copy them to shared memory, one row per program: float32, the columns
-    padded to a multiple of 4 (TMA moves multiples of 16 bytes; a no-op at R1's sizes)."""
-    return pad_to(w_scale.astype(jnp.float32), w_scale.ndim - 1, cdiv(w_scale.shape[-1], 4) * 4)
-
-
 def _mosaic(x, w, w_scale, *, block, transpose_w, activations, block_sizes, interpret):
     """The Mosaic GPU FP8 x FP8 kernel (calls inside `_mosaic_applies`): activations quantised here (one Pallas
     pass), shapes padded to its tiles (checked by the caller)."""
@@ -236,7 +228,8 @@ def _mosaic(x, w, w_scale, *, block, transpose_w, activations, block_sizes, inte
     m_pad = cdiv(m, block_sizes.block_m) * block_sizes.block_m
     k_pad, n_pad = cdiv(x.shape[1], block) * block, cdiv(n, block) * block
     xq, xs_t = quantize_activations_t(pad_to(pad_to(x, 0, m_pad), 1, k_pad), block, interpret=interpret)
-    y = fp8_matmul_mgpu.matmul(xq, xs_t, pad_to(pad_to(w, 0, n_pad), 1, k_pad), _scale_rows(w_scale),
+    y = fp8_matmul_mgpu.matmul(xq, xs_t, pad_to(pad_to(w, 0, n_pad), 1, k_pad),
+                               fp8_matmul_mgpu.scale_rows(w_scale),
                                out_dtype=x.dtype, block_sizes=block_sizes, interpret=interpret)
     return y[:m, :n]
 
@@ -251,41 +244,6 @@ def _mosaic_weight_only_applies(x, w, block, transpose_w, activations) -> bool:
             and x.dtype in (jnp.bfloat16, jnp.float16) and n % fp8_matmul_mgpu.WEIGHT_ROWS == 0 and k % block == 0)
 
 
-def _mosaic_weight_only_parts(x, weights, *, block_sizes, interpret, after=()):
-    """The Mosaic weight-only kernel for x [M, K] or [M, G, K] and one or more weights ((w, scale), ...) inside
-    `_mosaic_weight_only_applies`, in one launch: tokens padded to a multiple of 8; K split into the largest power
-    of two that keeps the programs within two per SM and >= 4 K steps each (the best or near it at R1's four
-    projections, `bench/fp8_tune.py --grid mosaic`). Returns the products side by side as the kernel leaves them:
-    [S, M, G, sum N_i], float32 token-major partial sums of S > 1 splits, or (one split: the kernel writes the
-    product itself) [1, M, G, sum N_i] in x's dtype. `after`: arrays the launch waits for (see `weight_only`)."""
-    x3 = x if x.ndim == 3 else x[:, None]  # [M, 1 or G, K]
-    m, _, k = x3.shape
-    k_steps = k // fp8_matmul_mgpu.BLOCK
-    programs = sum(w.shape[-2] for w, _ in weights) // fp8_matmul_mgpu.WEIGHT_ROWS * (
-        weights[0][0].shape[0] if weights[0][0].ndim == 3 else 1)
-    fit = min(2 * H100_SMS // programs, k_steps // 4)
-    splits = min(block_sizes.k_splits or 1 << max(fit, 1).bit_length() - 1, k_steps)
-    grouped = [(w if w.ndim == 3 else w[None], _scale_rows(s if s.ndim == 3 else s[None])) for w, s in weights]
-    out = fp8_matmul_mgpu.weight_only(pad_to(x3, 0, cdiv(m, 8) * 8), grouped, k_splits=splits,
-                                      stages=block_sizes.stages, after=after, interpret=interpret)
-    return (out if splits > 1 else out[None])[:, :m]
-
-
-def sum_parts(parts, dtype):
-    """The product of parts [S, ...] as the FP8 kernels leave them (`fp8_matmul_parts`): their sum over the first
-    axis (elementwise adds, which XLA fuses into the consumer) in `dtype`; parts[0] itself when S = 1."""
-    return functools.reduce(operator.add, list(parts)).astype(dtype) if parts.shape[0] > 1 else parts[0]
-
-
-def _mosaic_weight_only(x, weights, *, block_sizes, interpret):
-    """`_mosaic_weight_only_parts` with the partial sums added by elementwise adds, which XLA fuses into whatever
-    reads the product. Returns each weight's product [M, N_i] ([M, G, N_i] for grouped weights)."""
-    y = sum_parts(_mosaic_weight_only_parts(x, weights, block_sizes=block_sizes, interpret=interpret), x.dtype)
-    ends = list(itertools.accumulate(w.shape[-2] for w, _ in weights))
-    grouped = weights[0][0].ndim == 3
-    return [y[..., e - w.shape[-2]:e] if grouped else y[:, 0, e - w.shape[-2]:e] for (w, _), e in zip(weights, ends)]
-
-
 def _mosaic_dequant_applies(x, w, block, transpose_w, activations) -> bool:
     """The Mosaic dequantising kernel's scope: 16-bit x [M, K] with bf16 activations from DEQUANTIZE_MIN_M tokens @
     w [N, K]^T or [G, N, K]^T (HF rows; a grouped w is read as one [G N, K] weight, so N a multiple of 128),
@@ -296,32 +254,12 @@ def _mosaic_dequant_applies(x, w, block, transpose_w, activations) -> bool:
             and k % block == 0 and (w.ndim == 2 or n % block == 0))
 
 
-def _dequant_tile_m(m: int) -> int:
-    """Tokens per tile of the dequantising kernel: the largest of 256 / 192 / 128 that divides M (no padding copy of
-    x), else 256."""
-    return next((b for b in (256, 192, 128) if m % b == 0), 256)
-
-
 def _mosaic_dequant_fills(x, w) -> bool:
     """The default route's test: M within DEQUANT_KERNEL_MAX_M and tiles for every SM (q_b and W_UK / W_UV at the
     seed prefill; not q_a / kv_a, whose few long-K tiles XLA's GEMM runs faster)."""
     m, rows = x.shape[0], w.shape[-2] * (w.shape[0] if w.ndim == 3 else 1)
-    return m <= DEQUANT_KERNEL_MAX_M and cdiv(m, _dequant_tile_m(m)) * cdiv(rows, fp8_matmul_mgpu.BLOCK) >= H100_SMS
-
-
-def _mosaic_dequant(x, w, w_scale, *, block_sizes, interpret):
-    """The Mosaic dequantising kernel for a call inside `_mosaic_dequant_applies`: a grouped weight as one 2-D
-    weight, rows padded to 128 (R1's kv_a: 576) and tokens to the tile. Block sizes: MosaicBlockSizes' block_m
-    (tokens per tile) and stages when given, else `_dequant_tile_m` and 2 stages (shared memory's limit at 256)."""
-    m, k = x.shape
-    grouped = w.ndim == 3
-    w2, s2 = (w.reshape(-1, k), w_scale.reshape(-1, w_scale.shape[-1])) if grouped else (w, w_scale)
-    n = w2.shape[0]
-    bm, stages = (block_sizes.block_m, block_sizes.stages) if block_sizes else (_dequant_tile_m(m), 2)
-    n_pad, m_pad = cdiv(n, fp8_matmul_mgpu.BLOCK) * fp8_matmul_mgpu.BLOCK, cdiv(m, bm) * bm
-    y = fp8_matmul_mgpu.dequant_matmul(pad_to(x, 0, m_pad), pad_to(w2, 0, n_pad), _scale_rows(s2), block_m=bm,
-                                       stages=stages, interpret=interpret)[:m, :n]
-    return y.reshape(m, w.shape[0], -1) if grouped else y
+    tiles = cdiv(m, fp8_matmul_mgpu.dequant_tile_m(m)) * cdiv(rows, fp8_matmul_mgpu.BLOCK)
+    return m <= DEQUANT_KERNEL_MAX_M and tiles >= H100_SMS
 
 
 def _route(x, w, block, transpose_w, activations, block_sizes, backend, interp) -> str:
@@ -409,10 +347,9 @@ def fp8_matmul(x, w, w_scale, *, block: int = 128, transpose_w: bool = True, act
         return _mosaic(x, w, w_scale, block=block, transpose_w=transpose_w, activations=activations,
                        block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp)
     if route == "mosaic_dequant":
-        return _mosaic_dequant(x, w, w_scale, block_sizes=block_sizes, interpret=interp)
+        return fp8_matmul_mgpu.dequant_product(x, w, w_scale, block_sizes=block_sizes, interpret=interp)
     if route == "mosaic_weight_only":
-        return _mosaic_weight_only(x, [(w, w_scale)], block_sizes=block_sizes or MosaicBlockSizes(),
-                                   interpret=interp)[0]
+        return fp8_matmul_mgpu.weight_only_products(x, [(w, w_scale)], block_sizes=block_sizes, interpret=interp)[0]
     bs = block_sizes or BlockSizes()
     grouped = w.ndim == 3
     w3 = w if grouped else w[None]
@@ -479,8 +416,8 @@ def fp8_matmul_parts(x, w, w_scale, *, block: int = 128, activations: str = "aut
         raise ValueError(f"fp8_matmul_parts: x [M, K] and w [N, K], got x {x.shape}, w {w.shape}")
     _, _, k = _check_shapes(x, w, w_scale, block, True)
     if x.shape[0] and _route(x[:, :k], w, block, True, activations, block_sizes, None, interp) == "mosaic_weight_only":
-        return _mosaic_weight_only_parts(x[:, :k], [(w, w_scale)], block_sizes=block_sizes or MosaicBlockSizes(),
-                                         interpret=interp)[:, :, 0]
+        return fp8_matmul_mgpu.weight_only_parts(x[:, :k], [(w, w_scale)], block_sizes=block_sizes,
+                                                 interpret=interp)[:, :, 0]
     return fp8_matmul(x, w, w_scale, block=block, activations=activations, block_sizes=block_sizes,
                       interpret=interpret)[None]
 
@@ -514,8 +451,8 @@ def fp8_matmuls(x, weights, scales, *, block: int = 128, activations: str = "aut
     weights, scales = _shared_x_weights("fp8_matmuls", x, weights, scales, block)
     interp = resolve_interpret(interpret)
     if _one_weight_only_launch(x, weights, block, activations, block_sizes, backend, interp):
-        return tuple(_mosaic_weight_only(x, list(zip(weights, scales)),
-                                         block_sizes=block_sizes or MosaicBlockSizes(), interpret=interp))
+        return tuple(fp8_matmul_mgpu.weight_only_products(x, list(zip(weights, scales)), block_sizes=block_sizes,
+                                                          interpret=interp))
     # one call each; XLA's dot merger would run dequantised-path GEMMs as one, on the widened weights concatenated
     # anew at every call (a copy of them all), so each call after the first gets x through an optimization barrier
     return tuple(fp8_matmul(x if i == 0 else jax.lax.optimization_barrier(x), w, sc, block=block,
@@ -538,5 +475,5 @@ def fp8_matmuls_side_by_side(x, weights, scales, *, block: int = 128, block_size
     if any(w.ndim != 2 for w in weights) or not _one_weight_only_launch(x, weights, block, "bf16", block_sizes,
                                                                          None, interp):
         return None
-    return _mosaic_weight_only_parts(x, list(zip(weights, scales)), block_sizes=block_sizes or MosaicBlockSizes(),
-                                     interpret=interp, after=() if after is None else (after,))[:, :, 0]
+    return fp8_matmul_mgpu.weight_only_parts(x, list(zip(weights, scales)), block_sizes=block_sizes, interpret=interp,
+                                             after=() if after is None else (after,))[:, :, 0]

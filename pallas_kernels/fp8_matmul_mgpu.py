@@ -23,11 +23,19 @@ write), or, unsplit (q_b, W_UV at R1's decode sizes), y [tokens, N] in x's dtype
 `dequant_matmul`, the dequantised prefill path (16-bit activations, many tokens): the same transposed product with
 the weight widened in registers, scaled by its block scale before the MMA (the XLA path's dequantised weight, bit
 for bit) and accumulated in one float32 tile; persistent programs over [128 weight rows, block_m tokens] tiles.
+
+The last section is what fp8_matmul's Mosaic routes do around these kernels: the block scales' rows padded for TMA
+(`scale_rows`), tokens and weight rows padded to the tiles, the weight-only launch's K split count
+(`weight_only_parts`), and the partial sums added (`sum_parts`, `weight_only_products`); fp8_matmul.py decides
+which route a call takes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import H100_SMS, cdiv, smem
+from pallas_kernels.common import H100_SMS, cdiv, pad_to, smem
 
 BLOCK = 128  # DeepSeek's scale block: one weight scale per 128 x 128, one activation scale per token per 128 K
 
@@ -367,3 +375,69 @@ def dequant_matmul(x, w, ws, *, block_m: int = 256, stages: int = 2, programs: i
         thread_name="wg",
         interpret=plgpu.InterpretGPUParams() if interpret else False,
     )(x, w, ws)
+
+
+# ----------------------------------------------------------- the calls fp8_matmul's Mosaic routes make: padding,
+# scale rows, the split count, the partial sums
+def scale_rows(w_scale):
+    """Block scales as the Mosaic kernels copy them to shared memory, one row per program: float32, the columns
+    padded to a multiple of 4 (TMA moves multiples of 16 bytes; a no-op at R1's sizes)."""
+    return pad_to(w_scale.astype(jnp.float32), w_scale.ndim - 1, cdiv(w_scale.shape[-1], 4) * 4)
+
+
+def weight_only_parts(x, weights, *, block_sizes: MosaicBlockSizes | None, interpret, after=()):
+    """The weight-only kernel for x [M, K] or [M, G, K] and one or more weights ((w, scale), ...) inside
+    `fp8_matmul._mosaic_weight_only_applies`, in one launch: tokens padded to a multiple of 8; K split into the
+    largest power of two that keeps the programs within two per SM and >= 4 K steps each (the best or near it at
+    R1's four projections, `bench/fp8_tune.py --grid mosaic`) unless block_sizes name the splits. Returns the
+    products side by side as the kernel leaves them: [S, M, G, sum N_i], float32 token-major partial sums of S > 1
+    splits, or (one split: the kernel writes the product itself) [1, M, G, sum N_i] in x's dtype. `after`: arrays
+    the launch waits for (see `weight_only`)."""
+    block_sizes = block_sizes or MosaicBlockSizes()
+    x3 = x if x.ndim == 3 else x[:, None]  # [M, 1 or G, K]
+    m, _, k = x3.shape
+    k_steps = k // BLOCK
+    programs = sum(w.shape[-2] for w, _ in weights) // WEIGHT_ROWS * (
+        weights[0][0].shape[0] if weights[0][0].ndim == 3 else 1)
+    fit = min(2 * H100_SMS // programs, k_steps // 4)
+    splits = min(block_sizes.k_splits or 1 << max(fit, 1).bit_length() - 1, k_steps)
+    grouped = [(w if w.ndim == 3 else w[None], scale_rows(s if s.ndim == 3 else s[None])) for w, s in weights]
+    out = weight_only(pad_to(x3, 0, cdiv(m, 8) * 8), grouped, k_splits=splits, stages=block_sizes.stages,
+                      after=after, interpret=interpret)
+    return (out if splits > 1 else out[None])[:, :m]
+
+
+def sum_parts(parts, dtype):
+    """The product of parts [S, ...] as the FP8 kernels leave them (`fp8_matmul_parts`): their sum over the first
+    axis (elementwise adds, which XLA fuses into the consumer) in `dtype`; parts[0] itself when S = 1."""
+    return functools.reduce(operator.add, list(parts)).astype(dtype) if parts.shape[0] > 1 else parts[0]
+
+
+def weight_only_products(x, weights, *, block_sizes: MosaicBlockSizes | None, interpret):
+    """`weight_only_parts` with the partial sums added by elementwise adds, which XLA fuses into whatever reads
+    the product. Returns each weight's product [M, N_i] ([M, G, N_i] for grouped weights)."""
+    y = sum_parts(weight_only_parts(x, weights, block_sizes=block_sizes, interpret=interpret), x.dtype)
+    ends = list(itertools.accumulate(w.shape[-2] for w, _ in weights))
+    grouped = weights[0][0].ndim == 3
+    return [y[..., e - w.shape[-2]:e] if grouped else y[:, 0, e - w.shape[-2]:e] for (w, _), e in zip(weights, ends)]
+
+
+def dequant_tile_m(m: int) -> int:
+    """Tokens per tile of the dequantising kernel: the largest of 256 / 192 / 128 that divides M (no padding copy of
+    x), else 256."""
+    return next((b for b in (256, 192, 128) if m % b == 0), 256)
+
+
+def dequant_product(x, w, w_scale, *, block_sizes, interpret):
+    """The dequantising kernel for a call inside `fp8_matmul._mosaic_dequant_applies`: a grouped weight as one 2-D
+    weight, rows padded to 128 (R1's kv_a: 576) and tokens to the tile. Block sizes: MosaicBlockSizes' block_m
+    (tokens per tile) and stages when given, else `dequant_tile_m` and 2 stages (shared memory's limit at 256)."""
+    m, k = x.shape
+    grouped = w.ndim == 3
+    w2, s2 = (w.reshape(-1, k), w_scale.reshape(-1, w_scale.shape[-1])) if grouped else (w, w_scale)
+    n = w2.shape[0]
+    bm, stages = (block_sizes.block_m, block_sizes.stages) if block_sizes else (dequant_tile_m(m), 2)
+    n_pad, m_pad = cdiv(n, BLOCK) * BLOCK, cdiv(m, bm) * bm
+    y = dequant_matmul(pad_to(x, 0, m_pad), pad_to(w2, 0, n_pad), scale_rows(s2), block_m=bm, stages=stages,
+                       interpret=interpret)[:m, :n]
+    return y.reshape(m, w.shape[0], -1) if grouped else y

@@ -216,13 +216,13 @@ def test_mosaic_dequant_matches_reference(m, n, k, g, programs):
     read as one, one K step, and persistent programs that take several tiles each (4 tiles on 3 programs; 3 tiles
     of 3 K steps on 2 programs: the 2 buffers carried from one tile into the next)."""
     from pallas_kernels import fp8_matmul_mgpu
-    from pallas_kernels.fp8_matmul import _scale_rows
 
     rng = np.random.default_rng(m + n + k + g)
     w, s = quantize(rng.standard_normal((g, n, k) if g else (n, k)).astype(np.float32) * 3)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     if programs:  # the kernel itself, fewer programs than tiles
-        out = fp8_matmul_mgpu.dequant_matmul(x, w, _scale_rows(s), block_m=128, programs=programs, interpret=True)
+        out = fp8_matmul_mgpu.dequant_matmul(x, w, fp8_matmul_mgpu.scale_rows(s), block_m=128, programs=programs,
+                                             interpret=True)
     else:
         out = fp8_matmul(x, w, s, backend="mosaic", activations="bf16", interpret=True)
     xla = fp8_matmul(x, w, s, activations="bf16", interpret=True)  # the interpreter's default: XLA's dequantised path
