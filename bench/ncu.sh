@@ -17,12 +17,14 @@ launches=${2:-60}
 pattern=${3:-.}
 ncu=${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}
 log=$(mktemp)
-XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5} \
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5} \
   "$ncu" --clock-control none --target-processes all --launch-count "$launches" \
   --section SpeedOfLight --section Occupancy --section WarpStateStats \
   --metrics dram__bytes_read.sum,l1tex__m_xbar2l1tex_read_bytes.sum \
   python "$script" > "$log" 2>&1 || { tail -20 "$log"; exit 1; }
 grep -v -i "warn" "$log" \
-  | grep -E "CC [0-9.]+$|Duration|DRAM Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Warp Cycles Per Issued|dram__bytes_read|xbar2l1tex" \
+  | grep -E -e "CC [0-9.]+$|Duration|DRAM Throughput|L2 Cache Throughput|L1/TEX Cache Throughput" \
+            -e "Compute \(SM\) Throughput|Achieved Occupancy|Warp Cycles Per Issued|dram__bytes_read|xbar2l1tex" \
   | awk -v pat="$pattern" '/CC [0-9.]+$/ {keep = ($0 ~ pat)} keep'
 rm -f "$log"
