@@ -30,19 +30,19 @@ def cases():
     import pallas_kernels as pk  # functions looked up at call time: an older tree may lack one (that case errors)
 
     bf, f8, f32, i32 = jnp.bfloat16, jnp.float8_e4m3fn, jnp.float32, jnp.int32
-    wo = lambda *a: pk.fp8_matmul(*a, backend="mosaic", interpret=False)  # noqa: E731
+    mosaic = lambda *a: pk.fp8_matmul(*a, backend="mosaic", interpret=False)  # noqa: E731  (route by size)
     deq = lambda *a: pk.fp8_matmul(*a, activations="bf16", backend="mosaic", interpret=False)  # noqa: E731
     side = lambda x, w1, s1, w2, s2: pk.fp8_matmuls_side_by_side(x, [w1, w2], [s1, s2], interpret=False)  # noqa: E731
     dec = lambda *a: pk.mla_decode(*a, sm_scale=0.1352, interpret=False)  # noqa: E731
     sage = lambda q, k, v, cq, ck: pk.sage_attention(q, k, v, cq, ck, backend="mosaic", interpret=False)  # noqa: E731
     parts = lambda t, h: (S((t, h, 128), bf), S((t, h, 64), bf))  # noqa: E731
     return [
-        ("fp8 weight-only o_proj, 16 tokens", wo, (S((16, 16384), bf), S((7168, 16384), f8), S((56, 128), f32))),
-        ("fp8 weight-only q_b, 16 tokens", wo, (S((16, 1536), bf), S((24576, 1536), f8), S((192, 12), f32))),
-        ("fp8 weight-only W_UV per head", wo, (S((16, 128, 512), bf), S((128, 128, 512), f8), S((128, 1, 4), f32))),
+        ("fp8 weight-only o_proj, 16 tokens", mosaic, (S((16, 16384), bf), S((7168, 16384), f8), S((56, 128), f32))),
+        ("fp8 weight-only q_b, 16 tokens", mosaic, (S((16, 1536), bf), S((24576, 1536), f8), S((192, 12), f32))),
+        ("fp8 weight-only W_UV per head", mosaic, (S((16, 128, 512), bf), S((128, 128, 512), f8), S((128, 1, 4), f32))),
         ("fp8 weight-only q_a + kv_a side by side", side, (S((16, 7168), bf), S((1536, 7168), f8), S((12, 56), f32),
                                                            S((576, 7168), f8), S((5, 56), f32))),
-        ("fp8 x fp8 o_proj, 768 tokens", wo, (S((768, 16384), bf), S((7168, 16384), f8), S((56, 128), f32))),
+        ("fp8 x fp8 o_proj, 768 tokens", mosaic, (S((768, 16384), bf), S((7168, 16384), f8), S((56, 128), f32))),
         ("fp8 dequantising q_b, 768 tokens", deq, (S((768, 1536), bf), S((24576, 1536), f8), S((192, 12), f32))),
         ("fp8 dequantising W_UK, 1536 keys", deq, (S((1536, 512), bf), S((128, 128, 512), f8), S((128, 1, 4), f32))),
         ("mla_decode, 16 x 512", dec, (S((16, 128, 512), bf), S((16, 128, 64), bf), S((16, 512, 512), bf),
