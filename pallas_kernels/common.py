@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -128,17 +129,35 @@ def quantize_parts_int8(parts, eps: float = 1e-8):
             amax / 127.0)
 
 
-def online_softmax_step(s, m, l, acc, masked: bool, scale=1.0):
-    """One online-softmax step in base 2, as the Mosaic GPU kernels run it: logits s * scale (s [R, C], -inf where
-    masked; scale a positive float or per-row [R] vector, applied inside the exponent's multiply-add), the running
-    max m [R] (of the scaled logits), sum l [R] and output acc [R, D]. Returns (p, m_new, l_new, acc rescaled, the
-    rescale). masked=False promises every row of s a finite score (no -inf guard)."""
-    m_new = jnp.maximum(m, s.max(axis=1) * scale)
+def online_softmax_step(s, m, l, acc, masked: bool, scale=1.0, shift: float = 0.0):
+    """One online-softmax step in base 2, as the Mosaic GPU kernels run it: logits (s - shift) * scale (s [R, C],
+    -inf where masked; scale a positive float or per-row [R] vector, applied inside the exponent's multiply-add, which
+    also takes the constant `shift` out: see `int_scores`), the running max m [R] (of the scaled logits), sum l [R]
+    and output acc [R, D]. Returns (p, m_new, l_new, acc rescaled, the rescale). masked=False promises every row of s
+    a finite score (no -inf guard)."""
+    m_new = jnp.maximum(m, (s.max(axis=1) - shift) * scale if shift else s.max(axis=1) * scale)
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
     scale_s = lax.broadcast_in_dim(scale, s.shape, [0]) if jnp.ndim(scale) else scale
-    p = jnp.exp2(s * scale_s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+    bias = m_safe + shift * scale if shift else m_safe  # per row: the shift's product rounds once per row, not per score
+    p = jnp.exp2(s * scale_s - lax.broadcast_in_dim(bias, s.shape, [0]))
     corr = jnp.exp2(m - m_safe)
     return p, m_new, l * corr + p.sum(axis=1), acc * lax.broadcast_in_dim(corr, acc.shape, [0]), corr
+
+
+# float32 spacing is 1 on [2^23, 2^24): ROUNDER + n is exact for integers |n| < 2^22, so adding it to a float rounds
+# that float to an integer held in the low mantissa bits, and adding its bits to an int32 gives the float ROUNDER + n
+ROUNDER = 1.5 * 2.0**23
+ROUNDER_BITS = int(np.float32(ROUNDER).view(np.int32))
+
+
+def int_scores(s_int, max_abs: int):
+    """int32 scores (|s| <= max_abs) as float32 for `online_softmax_step(..., shift=)`: with max_abs < 2^22, their
+    bits plus ROUNDER's read as floats are ROUNDER + s exactly, so one full-rate integer add stands in for the
+    quarter-rate int -> float conversion and the exponent's multiply-add takes the shift out. Returns (s as floats,
+    the shift to pass); beyond 2^22 the plain conversion and shift 0."""
+    if max_abs >= 2**22:
+        return s_int.astype(jnp.float32), 0.0
+    return lax.bitcast_convert_type(s_int + ROUNDER_BITS, jnp.float32), ROUNDER
 
 
 def rotate_half_split(x, c, s):

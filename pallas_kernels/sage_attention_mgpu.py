@@ -39,14 +39,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import (as_parts, cdiv, concat_parts, leading_columns, next_pow2, online_softmax_step,
-                                   pad_to, pow2_chunks, segment_of, segments, smem)
+from pallas_kernels.common import (ROUNDER, ROUNDER_BITS, as_parts, cdiv, concat_parts, int_scores, leading_columns,
+                                   next_pow2, online_softmax_step, pad_to, pow2_chunks, segment_of, segments, smem)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +87,6 @@ def _quantize_tile(parts, eps):
 
 def _full(a):
     return pl.BlockSpec(a.shape, lambda i, j: (0,) * len(a.shape))
-
-
-ROUNDER = 1.5 * 2.0**23  # float32 x + ROUNDER rounds x (|x| < 2^22) to an integer held in the low mantissa bits
-ROUNDER_BITS = int(np.float32(ROUNDER).view(np.int32))  # its bits as int32, subtracted to leave the integer
 
 
 KEY_ALIGN = 8  # TMA rows of a tiled shared-memory buffer start at a multiple of its 8-row tiling
@@ -359,7 +354,7 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
                     # this request (the first tile's first rows belong to the request before)
                     ks = ks_smem[slot, jnp.where(j == 0, lead, 0)]
                     plgpu.barrier_arrive(k_free.at[slot])
-                    s = s_int.astype(jnp.float32)  # base-2 logits / (qs * ks)
+                    s, shift = int_scores(s_int, 127 * 127 * d)  # base-2 logits / (qs * ks), plus shift
                     if masked:
                         # built here, not before the loops: two [bq, bk] int32 index tiles held across them would
                         # take 64 registers a thread each
@@ -369,7 +364,7 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
                             ok = ok & (cols - plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=wgmma)
                                        <= row_base + diag)
                         s = jnp.where(ok, s, -jnp.inf)
-                    p, m_new, l, acc, _ = online_softmax_step(s, m, l, acc, masked, scale=qs * ks)
+                    p, m_new, l, acc, _ = online_softmax_step(s, m, l, acc, masked, scale=qs * ks, shift=shift)
                     if interpret:  # the interpreter's wgmma reads its left operand from shared memory only
                         p_smem.at[wg][...] = p.astype(vdt)
                         plgpu.commit_smem()

@@ -327,3 +327,32 @@ def test_auto_backend_picks_by_request_length():
         resolve_backend("sage_attention", "cudnn")
     with pytest.raises(ValueError, match=r"\('triton', 'mosaic'\)"):
         resolve_backend("mla_decode", "auto")
+
+
+def test_int_scores_take_the_shift_out_in_the_exponent():
+    """The Mosaic kernel's int32 scores go to floats by an integer add of ROUNDER's bits (common.int_scores), the
+    softmax step taking the shift out: the same p, max, sum and output as the plain conversion at the largest scores
+    a 256-wide int8 product reaches, with masked (-inf) entries and a row that is all masked; past 2^22 the plain
+    conversion is kept. The shift's product with the row's scale rounds once per row, moving that row's exponents
+    by at most ~1.5 units of the int32 score (relative error in p <= ~1.1 x scale; the int8 rounding of Q and K moves
+    a score by hundreds of units), so the bound is 2 x the largest scale: logits of up to +-40 in base 2 here."""
+    from pallas_kernels.common import int_scores, online_softmax_step
+
+    rng = np.random.default_rng(7)
+    top = 127 * 127 * 256
+    s_int = jnp.asarray(rng.integers(-top, top + 1, (64, 128)), jnp.int32)
+    s_int = s_int.at[0, :3].set(jnp.asarray([top, -top, 0], jnp.int32))
+    s, shift = int_scores(s_int, top)
+    assert shift > 0 and np.array_equal(np.asarray(s, np.float64) - shift, np.asarray(s_int, np.float64))
+    mask = jnp.asarray(rng.random((64, 128)) < 0.8).at[5].set(False)
+    scale = jnp.asarray(rng.uniform(1e-6, 1e-5, 64), jnp.float32)  # per row: Q's scale times the tile's
+    m = jnp.asarray(rng.uniform(-5, 5, 64), jnp.float32).at[5].set(-jnp.inf)
+    l = jnp.asarray(rng.uniform(0.5, 2, 64), jnp.float32).at[5].set(0.0)
+    acc = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32).at[5].set(0.0)
+    plain = online_softmax_step(jnp.where(mask, s_int.astype(jnp.float32), -jnp.inf), m, l, acc, True, scale=scale)
+    shifted = online_softmax_step(jnp.where(mask, s, -jnp.inf), m, l, acc, True, scale=scale, shift=shift)
+    for a, b in zip(plain, shifted):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-30)
+    assert np.all(np.asarray(shifted[0])[5] == 0) and np.all(np.asarray(shifted[0])[~np.asarray(mask)] == 0)
+    wide, none = int_scores(s_int, 2**22)
+    assert none == 0.0 and np.array_equal(np.asarray(wide), np.asarray(s_int, np.float32))
