@@ -60,14 +60,22 @@ MOSAIC_MAX_DQK = 256
 # e0a4e85 table in bench/RESULTS.md: 64-key steps ahead up to 512-token requests, even at 1024, behind at 4096; the
 # MLA seed prefill's GPU time 721 vs 734 us in the twelfth session)
 MOSAIC_SHORT_KEYS = 1024
+# ... and with 64-key steps at head dims past 128 (MLA's 192), 4 K / V tiles in flight instead of 2: the MLA seed
+# prefill's attention 157.8 -> 151.5 us, 4 x 256 queries on 512 cached keys at 128 heads 375.7 -> 343.1 (H100, the
+# twenty-second session's table in bench/RESULTS.md; D 64 and 128 gained nothing); 128-key tiles at D 192 do not fit
+# shared memory with more than 2
+MOSAIC_WIDE_STAGES = 4
 
 
-def default_block_sizes(backend: str, tk: int, requests: int) -> BlockSizes | MosaicBlockSizes:
+def default_block_sizes(backend: str, tk: int, requests: int, dqk: int = 128) -> BlockSizes | MosaicBlockSizes:
     """The block sizes a call that names none runs: the Triton kernel's BlockSizes(); the Mosaic kernel's
-    MosaicBlockSizes() with 64-key steps for requests of fewer than MOSAIC_SHORT_KEYS keys on average."""
+    MosaicBlockSizes() with 64-key steps for requests of fewer than MOSAIC_SHORT_KEYS keys on average (and
+    MOSAIC_WIDE_STAGES tiles in flight when the head dim dqk is past 128)."""
     if backend != "mosaic":
         return BlockSizes()
-    return MosaicBlockSizes(block_k=64) if tk < MOSAIC_SHORT_KEYS * max(requests, 1) else MosaicBlockSizes()
+    if tk >= MOSAIC_SHORT_KEYS * max(requests, 1):
+        return MosaicBlockSizes()
+    return MosaicBlockSizes(block_k=64, stages=MOSAIC_WIDE_STAGES if dqk > 128 else 2)
 
 
 def auto_backend(tq: int, tk: int, requests: int, dqk: int, dv: int, v_dtype) -> str:
@@ -197,7 +205,7 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     backend = resolve_backend("sage_attention", backend, block_sizes, MosaicBlockSizes, interp)
     if backend == "auto":
         backend = auto_backend(tq, tk, nb, dqk, v.shape[2], v.dtype)
-    bs = block_sizes or default_block_sizes(backend, tk, nb)
+    bs = block_sizes or default_block_sizes(backend, tk, nb, dqk)
     sm_scale = dqk**-0.5 if sm_scale is None else sm_scale
     if tq == 0 or nb == 0:  # no query rows, or no requests (every row padding): zeros, nothing to launch
         o = jnp.zeros((tq, hq, v.shape[2]), qp[0].dtype)

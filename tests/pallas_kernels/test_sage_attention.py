@@ -217,9 +217,11 @@ def test_mosaic_non_causal_longer_keys_and_errors(wgs):
 def test_default_block_sizes_follow_the_mean_request_length():
     """A call naming no block sizes: the Mosaic kernel steps 64 keys at a time below MOSAIC_SHORT_KEYS keys per
     request on average (the MLA seed prefill: 1536 keys over 4 requests), 128 from there on; Triton's defaults."""
-    from pallas_kernels.sage_attention import MOSAIC_SHORT_KEYS, BlockSizes, default_block_sizes
+    from pallas_kernels.sage_attention import MOSAIC_SHORT_KEYS, MOSAIC_WIDE_STAGES, BlockSizes, default_block_sizes
 
     assert default_block_sizes("mosaic", 1536, 4) == MosaicBlockSizes(block_k=64)
+    assert default_block_sizes("mosaic", 1536, 4, 192) == MosaicBlockSizes(block_k=64, stages=MOSAIC_WIDE_STAGES)
+    assert default_block_sizes("mosaic", MOSAIC_SHORT_KEYS * 4, 4, 192) == MosaicBlockSizes()  # 2 stages fit
     assert default_block_sizes("mosaic", MOSAIC_SHORT_KEYS * 4, 4) == MosaicBlockSizes()
     assert default_block_sizes("mosaic", 16384, 1).block_k == 128
     assert default_block_sizes("triton", 1536, 4) == BlockSizes()
