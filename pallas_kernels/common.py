@@ -138,7 +138,7 @@ def online_softmax_step(s, m, l, acc, masked: bool, scale=1.0, shift: float = 0.
     m_new = jnp.maximum(m, (s.max(axis=1) - shift) * scale if shift else s.max(axis=1) * scale)
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
     scale_s = lax.broadcast_in_dim(scale, s.shape, [0]) if jnp.ndim(scale) else scale
-    bias = m_safe + shift * scale if shift else m_safe  # per row: the shift's product rounds once per row, not per score
+    bias = m_safe + shift * scale if shift else m_safe  # per row: the shift's product rounds once a row, not a score
     p = jnp.exp2(s * scale_s - lax.broadcast_in_dim(bias, s.shape, [0]))
     corr = jnp.exp2(m - m_safe)
     return p, m_new, l * corr + p.sum(axis=1), acc * lax.broadcast_in_dim(corr, acc.shape, [0]), corr

@@ -20,7 +20,8 @@ first row rounded down to 8, and the few leading rows that belong to the request
 (one Triton pass) smooths and quantises K per such tile in place; V is read as given. Each compute warpgroup
 TMA-loads its 16-bit query rows from wherever they start into untiled, swizzled 64-column buffers (any row offset,
 no bank conflicts) and quantises them to int8 per row itself (instead of a Q pass: 0.02-0.03 ms less per call at
-S = 1k-4k on an H100; its rounding uses float adds, the conversion instructions being quarter-rate). Q and K may
+S = 1k-4k on an H100; its rounding uses float adds, the conversion instructions being quarter-rate; for the same
+reason the int32 scores become floats by an integer add, `common.int_scores`). Q and K may
 come as parts along the head dim (MLA's [nope | pe]): each 64-column chunk of Q and each of K's chunks is read
 from the part that holds it, with no concatenated copy. Each warpgroup writes its query rows of the request
 straight into the packed output (`store_rows`: TMA stores of a power-of-two ladder of rows from an untiled buffer,
