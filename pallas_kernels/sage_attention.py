@@ -210,9 +210,11 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     if tq == 0 or nb == 0:  # no query rows, or no requests (every row padding): zeros, nothing to launch
         o = jnp.zeros((tq, hq, v.shape[2]), qp[0].dtype)
         return (o, jnp.full((tq, hq), -jnp.inf, jnp.float32)) if return_lse else o
-    means = None
+    means, own_means = None, False
     if smooth_k and tk:
-        if k_mean is None:
+        if k_mean is None and backend == "mosaic" and nb * hk >= sage_attention_mgpu.SMOOTHED_MIN_PROGRAMS:
+            own_means = True  # K's pass computes them (one program per request and head)
+        elif k_mean is None:
             means, seg_k = request_means(kp, cu_k)
         else:
             means, seg_k = [m.astype(jnp.float32) for m in as_parts(k_mean)], segments(cu_k, tk)[0]
@@ -231,10 +233,10 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     blk_idx = jnp.where(blk < cu_qb[-1], blk - cu_qb[blk_req], nqb + blk - cu_qb[-1])
     dv = v.shape[2]
     if backend == "mosaic":  # K: one pass (smoothing, quantisation per key tile); Q quantised in the kernel
-        o, lse2 = sage_attention_mgpu.attention(qp, kp, v, means,
-                                                cu_q, cu_k, blk_req, blk_idx, cu_qb, q_mult=sm_scale * LOG2E,
-                                                group=hq // hk, causal=causal, block_sizes=bs, eps=EPS,
-                                                interpret=interp)
+        o, lse2, means = sage_attention_mgpu.attention(qp, kp, v, means, cu_q, cu_k, blk_req, blk_idx, cu_qb,
+                                                       q_mult=sm_scale * LOG2E, group=hq // hk, causal=causal,
+                                                       block_sizes=bs, eps=EPS, interpret=interp,
+                                                       own_means=own_means)
     qp = leading_columns(qp, widths)  # below: XLA-side uses (the slices fuse into them)
     if backend != "mosaic":
         kp = [broadcast_heads(x, hk) for x in kp]  # a shared part: one copy per head here

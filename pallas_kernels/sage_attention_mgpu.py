@@ -45,8 +45,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import (ROUNDER, ROUNDER_BITS, as_parts, cdiv, concat_parts, int_scores, leading_columns,
-                                   next_pow2, online_softmax_step, pad_to, pow2_chunks, segment_of, segments, smem)
+from pallas_kernels.common import (H100_SMS, ROUNDER, ROUNDER_BITS, as_parts, cdiv, concat_parts, int_scores,
+                                   leading_columns, next_pow2, online_softmax_step, pad_to, pow2_chunks, segment_of,
+                                   segments, smem)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +110,27 @@ def key_tile_plan(cu, total: int, block: int):
     return lead, req, t - cu_t[req], n
 
 
+def _load_tile(x_refs, head, chunks, r0, ok, block):
+    """One key tile's rows r0 .. r0 + block of every chunk of K's parts, float32, zeros where not `ok`."""
+    return [pltriton.load(x_refs[part].at[pl.ds(r0, block), head[part], pl.ds(c0, w)], mask=ok[:, None],
+                          other=0).astype(jnp.float32) for part, c0, w, _ in chunks]
+
+
+def _store_tile(parts, y_ref, s_ref, h, chunks, pad_chunks, r0, ok, block, eps):
+    """Quantises one smoothed key tile with its one scale and writes its `ok` rows (each row by its own request's
+    tile only, so tiles sharing rows at request boundaries do not clash); padding columns zero."""
+    parts, scale = _quantize_tile(parts, eps)
+    pltriton.store(s_ref.at[h, pl.ds(r0, block)], scale, mask=ok)
+    for (_, _, w, out), x in zip(chunks, parts):
+        pltriton.store(y_ref.at[pl.ds(r0, block), h, pl.ds(out, w)], x.astype(y_ref.dtype), mask=ok[:, None])
+    for c0, w in pad_chunks:
+        pltriton.store(y_ref.at[pl.ds(r0, block), h, pl.ds(c0, w)], jnp.zeros((block, w), y_ref.dtype),
+                       mask=ok[:, None])
+
+
 def _key_tiles_kernel(tile_req_ref, tile_idx_ref, cu_ref, *refs, block, chunks, pad_chunks, n_parts, shift, eps):
     """One K tile of one head, in place: the request's rows of it loaded (chunk by chunk from K's parts), smoothed,
-    quantised with the tile's one scale, written (each row by its own request's tile only, so tiles sharing rows at
-    request boundaries do not clash); padding columns zero."""
+    quantised with the tile's one scale, written."""
     x_refs, refs = refs[:n_parts], refs[n_parts:]
     mean_refs, (y_ref, s_ref) = (refs[:n_parts], refs[n_parts:]) if shift else (None, refs)
     h = pl.program_id(1)
@@ -122,20 +140,40 @@ def _key_tiles_kernel(tile_req_ref, tile_idx_ref, cu_ref, *refs, block, chunks, 
     r0 = start - lax.rem(start, jnp.int32(KEY_ALIGN)) + ti * block
     rows = r0 + jnp.arange(block)
     ok = (rows >= start) & (rows < end)
-    parts = []
-    for part, c0, w, _ in chunks:
-        x = pltriton.load(x_refs[part].at[pl.ds(r0, block), head[part], pl.ds(c0, w)], mask=ok[:, None],
-                          other=0).astype(jnp.float32)
-        if shift:
-            x = jnp.where(ok[:, None], x - mean_refs[part][req, head[part], pl.ds(c0, w)][None, :], 0.0)
-        parts.append(x)
-    parts, scale = _quantize_tile(parts, eps)
-    pltriton.store(s_ref.at[h, pl.ds(r0, block)], scale, mask=ok)
-    for (_, _, w, out), x in zip(chunks, parts):
-        pltriton.store(y_ref.at[pl.ds(r0, block), h, pl.ds(out, w)], x.astype(y_ref.dtype), mask=ok[:, None])
-    for c0, w in pad_chunks:
-        pltriton.store(y_ref.at[pl.ds(r0, block), h, pl.ds(c0, w)], jnp.zeros((block, w), y_ref.dtype),
-                       mask=ok[:, None])
+    parts = _load_tile(x_refs, head, chunks, r0, ok, block)
+    if shift:
+        parts = [jnp.where(ok[:, None], x - mean_refs[part][req, head[part], pl.ds(c0, w)][None, :], 0.0)
+                 for (part, c0, w, _), x in zip(chunks, parts)]
+    _store_tile(parts, y_ref, s_ref, h, chunks, pad_chunks, r0, ok, block, eps)
+
+
+def _key_tiles_means_kernel(cu_ref, *refs, block, chunks, pad_chunks, n_parts, eps):
+    """All of one request's K tiles of one head: a first pass sums its rows for the mean (written out), a second
+    smooths and quantises each tile as `_key_tiles_kernel` does (its reads mostly hit the L2 the first pass filled)."""
+    x_refs, (y_ref, s_ref), mean_refs = refs[:n_parts], refs[n_parts:n_parts + 2], refs[n_parts + 2:]
+    req, h = pl.program_id(0), pl.program_id(1)
+    head = [jnp.int32(0) if x.shape[1] == 1 else h for x in x_refs]
+    start, end = cu_ref[req], cu_ref[req + 1]
+    base = start - lax.rem(start, jnp.int32(KEY_ALIGN))
+    n_tiles = lax.div(jnp.maximum(end - base, 0) + (block - 1), jnp.int32(block))
+
+    def tile(t):
+        r0 = base + t * block
+        rows = r0 + jnp.arange(block)
+        ok = (rows >= start) & (rows < end)
+        return r0, ok, _load_tile(x_refs, head, chunks, r0, ok, block)
+
+    sums = lax.fori_loop(0, n_tiles, lambda t, acc: [a + x.sum(axis=0) for a, x in zip(acc, tile(t)[2])],
+                         [jnp.zeros((w,), jnp.float32) for _, _, w, _ in chunks])
+    means = [x / jnp.maximum(end - start, 1).astype(jnp.float32) for x in sums]
+    for (part, c0, w, _), m in zip(chunks, means):
+        pltriton.store(mean_refs[part].at[req, head[part], pl.ds(c0, w)], m)
+
+    @pl.loop(0, n_tiles)
+    def _(t):
+        r0, ok, parts = tile(t)
+        parts = [jnp.where(ok[:, None], x - m[None, :], 0.0) for x, m in zip(parts, means)]
+        _store_tile(parts, y_ref, s_ref, h, chunks, pad_chunks, r0, ok, block, eps)
 
 
 def key_tiles_warps(block: int) -> int:
@@ -182,6 +220,42 @@ def key_tiles(k, cu, block: int, *, width: int, shift=None, eps: float = 1e-8, i
     return y, scale
 
 
+# `key_tiles_smoothed` (one program per request and head) where requests x heads give every SM a program; fewer,
+# longer requests keep the one-hot mean and a program per tile
+SMOOTHED_MIN_PROGRAMS = H100_SMS
+
+
+def key_tiles_smoothed(k, cu, block: int, *, width: int, eps: float = 1e-8, interpret: bool = False):
+    """`key_tiles` smoothed by K's own per-request means, computed in the same launch: one program per (request,
+    head) sums its request's rows, then smooths and quantises its tiles (no one-hot product reading K from memory a
+    second time). Returns (y, scale) as key_tiles does, and the means [B, H or 1, D_i] float32 per part of k."""
+    ks = as_parts(k)
+    t_rows, heads = ks[0].shape[0], max(x.shape[1] for x in ks)
+    widths = [x.shape[2] for x in ks]
+    d, nb = sum(widths), cu.shape[0] - 1
+    if interpret:  # the interpreter clamps, Triton masks
+        ks = tuple(jnp.pad(x, ((0, block), (0, 0), (0, 0))) for x in ks)
+    offsets = [sum(widths[:i]) for i in range(len(ks))]
+    chunks = tuple((i, c0, w, offsets[i] + c0) for i, x in enumerate(ks) for c0, w in pow2_chunks(x.shape[2]))
+    out_shape = [jax.ShapeDtypeStruct((t_rows + block, heads, width), jnp.int8),
+                 jax.ShapeDtypeStruct((heads, t_rows + block), jnp.float32)]
+    out_shape += [jax.ShapeDtypeStruct((nb, x.shape[1], w), jnp.float32) for x, w in zip(ks, widths)]
+    kernel = functools.partial(_key_tiles_means_kernel, block=block, chunks=chunks,
+                               pad_chunks=tuple((d + o, w) for o, w in pow2_chunks(width - d)), n_parts=len(ks),
+                               eps=eps)
+    y, scale, *means = pl.pallas_call(
+        kernel,
+        grid=(nb, heads),
+        in_specs=[_full(a) for a in (cu, *ks)],
+        out_specs=[_full(o) for o in out_shape],
+        out_shape=out_shape,
+        compiler_params=pltriton.CompilerParams(num_warps=key_tiles_warps(block), num_stages=1),
+        interpret=interpret,
+        name="key_tiles_smoothed",
+    )(cu, *ks)
+    return y, scale, means
+
+
 def key_tiles_reference(k, cu, block: int, *, width: int, shift=None, eps: float = 1e-8):
     """key_tiles in plain jnp, on the request rows [T, H, width] / [H, T] (the headroom rows are left out); parts of
     k / shift are concatenated."""
@@ -216,15 +290,17 @@ def store_rows(src, dst_at, n, max_rows: int):
 
 
 def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: float, group: int, causal: bool,
-              block_sizes: MosaicBlockSizes = MosaicBlockSizes(), eps: float = 1e-8, interpret: bool = False):
+              block_sizes: MosaicBlockSizes = MosaicBlockSizes(), eps: float = 1e-8, interpret: bool = False,
+              own_means: bool = False):
     """q [Tq, Hq, D] / k [Tk, Hk, D] / v [Tk, Hk, Dv] packed, v 16-bit (q of another dtype is rounded to v's before
     its int8 quantisation); q and k may each be a tuple of parts along D (read where they are: each 64-column chunk
     of Q from its part, when no chunk straddles two; k's parts set the widths, a wider q part gives its leading
-    columns); k_mean [B, Hk, D] (or its parts: K's per-request mean, subtracted before quantising) or None;
-    cu_q / cu_k [B+1]; the query blocks of `block_sizes.program_rows` rows (blk_req, blk_idx [NQB], cu_qb [B+1]) as
-    sage_attention plans them; q_mult: sm_scale * log2(e), folded into Q's scales; eps: the floor of the absmax
-    that Q's row scales and K's tile scales divide by 127. Returns (o [Tq, Hq, Dv'] in v's dtype, Dv' = Dv padded
-    to a power of two >= 16; lse2 [Tq, Hq] base-2)."""
+    columns); k_mean [B, Hk, D] (or its parts: K's per-request mean, subtracted before quantising) or None
+    (own_means: K's pass computes the means itself, `key_tiles_smoothed`); cu_q / cu_k [B+1]; the query blocks
+    of `block_sizes.program_rows` rows (blk_req, blk_idx [NQB], cu_qb [B+1]) as sage_attention plans them;
+    q_mult: sm_scale * log2(e), folded into Q's scales; eps: the floor of the absmax that Q's row scales and K's tile
+    scales divide by 127. Returns (o [Tq, Hq, Dv'] in v's dtype, Dv' = Dv padded
+    to a power of two >= 16; lse2 [Tq, Hq] base-2; the means K was smoothed by, per part, or None)."""
     bs = block_sizes
     bq, bk, stages, wgs = bs.block_q, bs.block_k, bs.stages, bs.compute_wgs
     rows_per_blk = bs.program_rows
@@ -243,7 +319,10 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
     chunks = tuple((o, min(64, d - o)) for o in range(0, d, 64))
     n_chunks = len(chunks)
     # K: one Triton pass (smoothed and quantised per key tile in place); Q is quantised in the kernel, V read as is
-    k_i8, ks_t = key_tiles(k, cu_k, bk, width=d, shift=k_mean, eps=eps, interpret=interpret)
+    if own_means:
+        k_i8, ks_t, k_mean = key_tiles_smoothed(k, cu_k, bk, width=d, eps=eps, interpret=interpret)
+    else:
+        k_i8, ks_t = key_tiles(k, cu_k, bk, width=d, shift=k_mean, eps=eps, interpret=interpret)
     # each Q chunk TMA-read from the part that holds it: (part, column in it); one padded whole when a chunk would
     # straddle two parts or D needs zero columns
     starts = [sum(widths[:i]) for i in range(len(widths))]
@@ -465,4 +544,4 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
     seg, off = segments(cu_q, tq)
     tile = jnp.minimum(cu_qb[seg] + off // rows_per_blk, nqb - 1)
     in_request = (jnp.arange(tq) < cu_q[-1])[:, None]
-    return o, jnp.where(in_request, lse_tiles[tile, :, off % rows_per_blk], -jnp.inf)
+    return o, jnp.where(in_request, lse_tiles[tile, :, off % rows_per_blk], -jnp.inf), k_mean

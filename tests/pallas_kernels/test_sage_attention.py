@@ -233,7 +233,9 @@ def test_mosaic_lowers_for_h100(d, dv):
     S = jax.ShapeDtypeStruct
     bf = jnp.bfloat16
     fn = functools.partial(sage_attention, backend="mosaic", interpret=False)
-    for cu in (5, 2):  # 4 requests (368 keys each: 64-key steps by default) and one (1472 keys: 128-key steps)
+    # 4 requests (368 keys each: 64-key steps by default), one (1472 keys: 128-key steps), and 17 x 8 heads, enough
+    # programs for the K pass that computes the means itself
+    for cu in (5, 2, 18):
         text = export_for_h100(fn, S((704, 16, d), bf), S((1472, 8, d), bf), S((1472, 8, dv), bf),
                                S((cu,), jnp.int32), S((cu,), jnp.int32))
         assert "mosaic_gpu" in text
@@ -303,6 +305,57 @@ def test_key_tiles_match_reference(block, d, width, shift, split, shared):
     r = 5  # 65 rows from row 308 (lead 4): its first tile holds rows 304.., of which 308.. are its own
     first = np.asarray(scale)[0, 308:min(304 + block, t)]
     assert len(np.unique(first)) == 1 and first[0] != np.asarray(scale)[0, 307]
+
+
+@pytest.mark.parametrize("block,d,width,split,shared", [(64, 40, 64, None, False), (128, 192, 192, 128, False),
+                                                       (128, 192, 192, 128, True)])
+def test_key_tiles_smoothed_computes_the_means(block, d, width, split, shared):
+    """key_tiles_smoothed (one program per request and head: K's means, then its tiles) returns K's per-request
+    means (zero for empty requests) and the tiles key_tiles makes with those means, exactly; parts and a shared
+    one-head part as in the key_tiles test; K offset per channel (where smoothing matters)."""
+    from pallas_kernels.sage_attention import request_means
+    from pallas_kernels.sage_attention_mgpu import key_tiles_reference, key_tiles_smoothed
+
+    rng = np.random.default_rng(block + d + 1)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(LENS)]), jnp.int32)
+    t = sum(LENS)
+    k = jnp.asarray(rng.standard_normal((t, 3, d)) * 4 + 8 * rng.standard_normal(d), jnp.bfloat16)
+    if shared:
+        k = k.at[:, :, split:].set(jnp.broadcast_to(k[:, :1, split:], k[:, :, split:].shape))
+    parts = (k[..., :split], k[:, :1, split:] if shared else k[..., split:]) if split else k
+    y, scale, means = key_tiles_smoothed(parts, cu, block, width=width, interpret=True)
+    want, _ = request_means(parts if split else (k,), cu)
+    assert len(means) == len(want)
+    for m, w in zip(means, want):
+        assert m.shape == w.shape
+        np.testing.assert_allclose(np.asarray(m), np.asarray(w), rtol=1e-5, atol=1e-5)
+    mean = jnp.concatenate([jnp.broadcast_to(m, (m.shape[0], 3, m.shape[2])) for m in means], axis=2)
+    y_ref, scale_ref = key_tiles_reference(k, cu, block, width=width, shift=mean)
+    np.testing.assert_array_equal(np.asarray(y[:t], np.float32), np.asarray(y_ref, np.float32))
+    np.testing.assert_allclose(np.asarray(scale[:, :t]), np.asarray(scale_ref), rtol=1e-6)
+
+
+@pytest.mark.parametrize("lq,lk,hq,hk,d,dv", [MOSAIC_CASES[1], MOSAIC_CASES[3]])
+def test_mosaic_means_in_the_key_pass(monkeypatch, lq, lk, hq, hk, d, dv):
+    """Where requests x heads give every SM a program, the Mosaic path's K pass computes K's means itself
+    (key_tiles_smoothed; forced here): the reference's bounds, and the LSE corrected by those means, on K with a
+    large per-channel offset (where smoothing matters)."""
+    from pallas_kernels import sage_attention_mgpu
+
+    monkeypatch.setattr(sage_attention_mgpu, "SMOOTHED_MIN_PROGRAMS", 0)
+    calls, smoothed = [], sage_attention_mgpu.key_tiles_smoothed
+    monkeypatch.setattr(sage_attention_mgpu, "key_tiles_smoothed",
+                        lambda *a, **kw: calls.append(1) or smoothed(*a, **kw))
+    rng = np.random.default_rng(sum(lq) + hq + 2)
+    q, k, v, cq, ck = make(rng, lq, lk, hq, hk, d, dv, jnp.bfloat16, k_offset=8.0)
+    out, lse = sage_attention(q, k, v, cq, ck, return_lse=True, backend="mosaic", block_sizes=MOSAIC, interpret=True)
+    ref, ref_lse = sage_attention_reference(q, k, v, cq, ck, return_lse=True)
+    assert calls  # the K pass that computes the means ran
+    cos, rel_l1 = metrics(out, ref)
+    assert cos >= 0.999 and rel_l1 <= 0.02, (cos, rel_l1)
+    finite = np.isfinite(np.asarray(ref_lse))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], atol=0.1)
 
 
 def test_auto_backend_picks_by_request_length():
