@@ -52,6 +52,25 @@ def test_sage_attention(backend, bs, d, dv, causal):
             close(parts, ref)
 
 
+def test_sage_attention_means_in_the_key_pass():
+    """Requests x heads enough for K's pass to compute the means itself (key_tiles_smoothed): 40 requests of odd
+    lengths, some empty, 4 KV heads, K with a per-channel offset."""
+    from pallas_kernels import sage_attention_mgpu
+
+    rng = np.random.default_rng(5)
+    lens = rng.integers(0, 700, 40)
+    lens[[3, 17]] = 0
+    assert 40 * 4 >= sage_attention_mgpu.SMOOTHED_MIN_PROGRAMS
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    q = jnp.asarray(rng.standard_normal((cu[-1], 8, 128)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((cu[-1], 4, 128)) + 3 * rng.standard_normal(128), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((cu[-1], 4, 128)), jnp.bfloat16)
+    out, lse = pk.sage_attention(q, k, v, cu, cu, return_lse=True, backend="mosaic")
+    ref, ref_lse = pk.sage_attention_reference(q, k, v, cu, cu, return_lse=True)
+    close(out, ref)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=0.1)
+
+
 @pytest.mark.parametrize("cache", ["bf16", "int8", "paged", "paged-int8"])
 @pytest.mark.parametrize("qk_int8", [False, True])
 def test_mla_decode(cache, qk_int8):

@@ -233,10 +233,11 @@ def test_mosaic_lowers_for_h100(d, dv):
     S = jax.ShapeDtypeStruct
     bf = jnp.bfloat16
     fn = functools.partial(sage_attention, backend="mosaic", interpret=False)
-    # 4 requests (368 keys each: 64-key steps by default), one (1472 keys: 128-key steps), and 17 x 8 heads, enough
-    # programs for the K pass that computes the means itself
-    for cu in (5, 2, 18):
-        text = export_for_h100(fn, S((704, 16, d), bf), S((1472, 8, d), bf), S((1472, 8, dv), bf),
+    # 4 requests (368 keys each: 64-key steps by default), one (1472 keys: 128-key steps), 17 x 8 heads (enough
+    # programs for the K pass that computes the means itself), and an odd number of keys (TMA's 16-byte row rule on
+    # the K scales)
+    for cu, tk in ((5, 1472), (2, 1472), (18, 1472), (5, 1473)):
+        text = export_for_h100(fn, S((704, 16, d), bf), S((tk, 8, d), bf), S((tk, 8, dv), bf),
                                S((cu,), jnp.int32), S((cu,), jnp.int32))
         assert "mosaic_gpu" in text
     if d == 192:  # MLA's parts, each 64-column chunk TMA-read from its own part
@@ -292,7 +293,8 @@ def test_key_tiles_match_reference(block, d, width, shift, split, shared):
     cut = (lambda x: (x[..., :split], one(x[..., split:]))) if split else (lambda x: x)  # noqa: E731
     y, scale = key_tiles(cut(k), cu, block, width=width, shift=None if mean is None else cut(mean), interpret=True)
     y_ref, scale_ref = key_tiles_reference(k, cu, block, width=width, shift=mean)
-    assert y.shape == (t + block, 3, width) and scale.shape == (3, t + block)
+    rows = -(-(t + block) // 8) * 8  # headroom past the requests, whole 8-row tiles for TMA
+    assert y.shape == (rows, 3, width) and scale.shape == (3, rows)
     np.testing.assert_array_equal(np.asarray(y[:t], np.float32), np.asarray(y_ref, np.float32))
     np.testing.assert_allclose(np.asarray(scale[:, :t]), np.asarray(scale_ref), rtol=1e-6)
     lead, _, _, _ = key_tile_plan(cu, t, block)
@@ -336,13 +338,15 @@ def test_key_tiles_smoothed_computes_the_means(block, d, width, split, shared):
 
 
 @pytest.mark.parametrize("lq,lk,hq,hk,d,dv", [MOSAIC_CASES[1], MOSAIC_CASES[3]])
-def test_mosaic_means_in_the_key_pass(monkeypatch, lq, lk, hq, hk, d, dv):
+def test_mosaic_means_in_the_key_pass(monkeypatch, request, lq, lk, hq, hk, d, dv):
     """Where requests x heads give every SM a program, the Mosaic path's K pass computes K's means itself
     (key_tiles_smoothed; forced here): the reference's bounds, and the LSE corrected by those means, on K with a
     large per-channel offset (where smoothing matters)."""
     from pallas_kernels import sage_attention_mgpu
 
     monkeypatch.setattr(sage_attention_mgpu, "SMOOTHED_MIN_PROGRAMS", 0)
+    jax.clear_caches()  # other tests compiled these shapes on the other path (the rule is read when tracing)
+    request.addfinalizer(jax.clear_caches)
     calls, smoothed = [], sage_attention_mgpu.key_tiles_smoothed
     monkeypatch.setattr(sage_attention_mgpu, "key_tiles_smoothed",
                         lambda *a, **kw: calls.append(1) or smoothed(*a, **kw))
