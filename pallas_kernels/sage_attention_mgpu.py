@@ -162,6 +162,7 @@ def _key_tiles_means_kernel(cu_ref, *refs, block, sum_rows, chunks, pad_chunks, 
     head = [jnp.int32(0) if x.shape[1] == 1 else h for x in x_refs]
     start, end = cu_ref[req], cu_ref[req + 1]
     base = start - lax.rem(start, jnp.int32(KEY_ALIGN))
+
     def steps(rows):
         return lax.div(jnp.maximum(end - base, 0) + (rows - 1), jnp.int32(rows))
 
@@ -197,7 +198,7 @@ def key_tiles(k, cu, block: int, *, width: int, shift=None, eps: float = 1e-8, i
     shared by every head) smoothed (minus `shift` [B, H, D], its per-request mean, or its parts [B, H or 1, D_i],
     when given) and quantised to int8 per tile of `key_tile_plan` and
     head (the tile's absmax, as SageAttention quantises K per block), rows staying where they are. Returns
-    (y [T + block, H, width] int8, scale [H, T + block rounded up to 8] float32: each row holds its tile's scale;
+    (y [R, H, width] int8, scale [H, R] float32, R = T + block rounded up to 8: each row holds its tile's scale;
     the rows past T are headroom that no row of a request occupies)."""
     ks = as_parts(k)
     shifts = () if shift is None else as_parts(shift)
