@@ -128,11 +128,23 @@ def _store_tile(parts, y_ref, s_ref, h, chunks, pad_chunks, r0, ok, block, eps):
                        mask=ok[:, None])
 
 
-def _key_pass_shapes(t_rows: int, heads: int, width: int, block: int):
-    """The K pass's outputs: int8 rows [R, H, width] and their tiles' scales [H, R], R = T + block rounded up to a
-    multiple of 8 (TMA wants the row counts of its sources in whole 8-row tiles: an odd T failed to lower)."""
+def _key_pass(k, width: int, block: int, headroom: int, interpret: bool):
+    """What both K passes set up: K's parts (a one-head part is every head's; `headroom` zero rows appended for the
+    interpreter, which clamps where Triton masks), the heads, the chunks (part, first column, width, output column)
+    and the output's zero padding chunks (column, width), and the outputs' shapes: int8 rows [R, H, width] and their
+    tiles' scales [H, R], R = T + block rounded up to a multiple of 8 (TMA wants the row counts of its sources in
+    whole 8-row tiles: an odd T failed to lower)."""
+    ks = as_parts(k)
+    t_rows, heads = ks[0].shape[0], max(x.shape[1] for x in ks)
+    widths = [x.shape[2] for x in ks]
+    d = sum(widths)
+    chunks = tuple((i, c0, w, sum(widths[:i]) + c0) for i, x in enumerate(ks) for c0, w in pow2_chunks(x.shape[2]))
+    pad_chunks = tuple((d + o, w) for o, w in pow2_chunks(width - d))
     rows = cdiv(t_rows + block, 8) * 8
-    return [jax.ShapeDtypeStruct((rows, heads, width), jnp.int8), jax.ShapeDtypeStruct((heads, rows), jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct((rows, heads, width), jnp.int8), jax.ShapeDtypeStruct((heads, rows), jnp.float32)]
+    if interpret:
+        ks = tuple(jnp.pad(x, ((0, headroom), (0, 0), (0, 0))) for x in ks)
+    return ks, heads, chunks, pad_chunks, out_shape
 
 
 def _key_tiles_kernel(tile_req_ref, tile_idx_ref, cu_ref, *refs, block, chunks, pad_chunks, n_parts, shift, eps):
@@ -168,7 +180,8 @@ def _key_tiles_means_kernel(cu_ref, *refs, block, sum_rows, chunks, pad_chunks, 
 
     def tile(t, rows=block):
         r0 = base + t * rows
-        ok = (r0 + jnp.arange(rows) >= start) & (r0 + jnp.arange(rows) < end)
+        row = r0 + jnp.arange(rows)
+        ok = (row >= start) & (row < end)
         return r0, ok, _load_tile(x_refs, head, chunks, r0, ok, rows)
 
     # the sum in steps of sum_rows rows (more loads in flight than one tile's)
@@ -200,21 +213,12 @@ def key_tiles(k, cu, block: int, *, width: int, shift=None, eps: float = 1e-8, i
     head (the tile's absmax, as SageAttention quantises K per block), rows staying where they are. Returns
     (y [R, H, width] int8, scale [H, R] float32, R = T + block rounded up to 8: each row holds its tile's scale;
     the rows past T are headroom that no row of a request occupies)."""
-    ks = as_parts(k)
     shifts = () if shift is None else as_parts(shift)
-    t_rows, heads = ks[0].shape[0], max(x.shape[1] for x in ks)
-    widths = [x.shape[2] for x in ks]
-    d = sum(widths)
-    _, tile_req, tile_idx, n = key_tile_plan(cu, t_rows, block)
-    if interpret:  # the interpreter clamps, Triton masks
-        ks = tuple(jnp.pad(x, ((0, block), (0, 0), (0, 0))) for x in ks)
+    _, tile_req, tile_idx, n = key_tile_plan(cu, as_parts(k)[0].shape[0], block)
+    ks, heads, chunks, pad_chunks, out_shape = _key_pass(k, width, block, block, interpret)
     ins = [tile_req, tile_idx, cu, *ks, *(x.astype(jnp.float32) for x in shifts)]
-    out_shape = _key_pass_shapes(t_rows, heads, width, block)
-    offsets = [sum(widths[:i]) for i in range(len(ks))]
-    chunks = tuple((i, c0, w, offsets[i] + c0) for i, x in enumerate(ks) for c0, w in pow2_chunks(x.shape[2]))
-    kernel = functools.partial(_key_tiles_kernel, block=block, chunks=chunks,
-                               pad_chunks=tuple((d + o, w) for o, w in pow2_chunks(width - d)), n_parts=len(ks),
-                               shift=bool(shifts), eps=eps)
+    kernel = functools.partial(_key_tiles_kernel, block=block, chunks=chunks, pad_chunks=pad_chunks,
+                               n_parts=len(ks), shift=bool(shifts), eps=eps)
     y, scale = pl.pallas_call(
         kernel,
         grid=(n, heads),
@@ -241,19 +245,11 @@ def key_tiles_smoothed(k, cu, block: int, *, width: int, eps: float = 1e-8, inte
     """`key_tiles` smoothed by K's own per-request means, computed in the same launch: one program per (request,
     head) sums its request's rows, then smooths and quantises its tiles (no one-hot product reading K from memory a
     second time). Returns (y, scale) as key_tiles does, and the means [B, H or 1, D_i] float32 per part of k."""
-    ks = as_parts(k)
-    t_rows, heads = ks[0].shape[0], max(x.shape[1] for x in ks)
-    widths = [x.shape[2] for x in ks]
-    d, nb = sum(widths), cu.shape[0] - 1
-    if interpret:  # the interpreter clamps, Triton masks
-        ks = tuple(jnp.pad(x, ((0, max(block, SMOOTHED_SUM_ROWS)), (0, 0), (0, 0))) for x in ks)
-    offsets = [sum(widths[:i]) for i in range(len(ks))]
-    chunks = tuple((i, c0, w, offsets[i] + c0) for i, x in enumerate(ks) for c0, w in pow2_chunks(x.shape[2]))
-    out_shape = _key_pass_shapes(t_rows, heads, width, block)
-    out_shape += [jax.ShapeDtypeStruct((nb, x.shape[1], w), jnp.float32) for x, w in zip(ks, widths)]
+    nb = cu.shape[0] - 1
+    ks, heads, chunks, pad_chunks, out_shape = _key_pass(k, width, block, max(block, SMOOTHED_SUM_ROWS), interpret)
+    out_shape += [jax.ShapeDtypeStruct((nb, x.shape[1], x.shape[2]), jnp.float32) for x in ks]
     kernel = functools.partial(_key_tiles_means_kernel, block=block, sum_rows=SMOOTHED_SUM_ROWS, chunks=chunks,
-                               pad_chunks=tuple((d + o, w) for o, w in pow2_chunks(width - d)), n_parts=len(ks),
-                               eps=eps)
+                               pad_chunks=pad_chunks, n_parts=len(ks), eps=eps)
     y, scale, *means = pl.pallas_call(
         kernel,
         grid=(nb, heads),
@@ -345,10 +341,11 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
     # 16-bit rows; the interpreter's TMA needs headroom past the last row
     q_parts = tuple(jnp.pad(x.astype(vdt), ((0, rows_per_blk), (0, 0), (0, 0))) if interpret else x.astype(vdt)
                     for x in q_parts)
-    if dv != v.shape[2] or interpret:  # a V width the MMA cannot take; the interpreter's TMA needs the headroom
-        v = jnp.pad(v, ((0, bk), (0, 0), (0, dv - v.shape[2])))
-    elif v.shape[0] % 8:  # TMA reads V into 8-row tiles: a row count that is not a multiple of 8 is padded (a copy)
-        v = jnp.pad(v, ((0, -v.shape[0] % 8), (0, 0), (0, 0)))
+    # V padded (a copy) to a width the MMA takes, to whole 8-row tiles for TMA, and with headroom for the
+    # interpreter's TMA; read as given at the real sizes
+    v_rows = cdiv(v.shape[0] + (bk if interpret else 0), 8) * 8
+    if (v_rows, dv) != (v.shape[0], v.shape[2]):
+        v = jnp.pad(v, ((0, v_rows - v.shape[0]), (0, 0), (0, dv - v.shape[2])))
     wgmma = plgpu.Layout.WGMMA
 
     def body(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, *refs):
