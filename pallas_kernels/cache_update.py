@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import pow2_chunks, quantize_rows_int8, resolve_interpret, rotate_half_split
+from pallas_kernels.common import (pow2_chunks, quantize_parts_int8, quantize_rows_int8, resolve_interpret,
+                                   rotate_half_split)
 
 _F32 = jnp.float32
 MLA_WARPS = 4  # update_mla_cache's warps per program
@@ -44,12 +45,13 @@ def _kernel(rows_ref, slot_ref, pos_ref, *refs, quantize: bool):
 
     @pl.when(ok)
     def _():
+        chunks = pow2_chunks(rows_ref.shape[1])  # Triton's loads and stores are power-of-two wide: 72 = 64 + 8
+        xs = [rows_ref[:, pl.ds(c0, w)] for c0, w in chunks]
         if quantize:
-            q, s = quantize_rows_int8(rows_ref[...])  # [1, D] int8, [1] float32
-            cache_ref[slot, pl.ds(pos, 1), :] = q
+            xs, s = quantize_parts_int8(xs)  # [1, w] int8 each, [1] float32: one scale over the whole row
             refs[-1][slot, pl.ds(pos, 1)] = s
-        else:
-            cache_ref[slot, pl.ds(pos, 1), :] = rows_ref[...].astype(cache_ref.dtype)
+        for (c0, w), x in zip(chunks, xs):
+            cache_ref[slot, pl.ds(pos, 1), pl.ds(c0, w)] = x.astype(cache_ref.dtype)
 
 
 def _whole(x):
@@ -95,9 +97,10 @@ def update_cache(cache, rows, slots, positions, *, scales=None, block_table=None
     returns (cache, scales). block_table: [requests, pages per request] int32 for a paged cache [pages, page_size, D]
     (scales [pages, page_size]); slots then index the table's rows.
     """
+    if rows.ndim != 2 or cache.ndim != 3 or cache.shape[2] != rows.shape[1]:
+        raise ValueError(f"update_cache needs cache [B, S, D] and rows [T, D] (heads folded into D), got cache "
+                         f"{cache.shape} and rows {rows.shape}")
     t, d = rows.shape
-    if cache.ndim != 3 or cache.shape[2] != d:
-        raise ValueError(f"update_cache needs cache [B, S, {d}] for rows [T, {d}], got {cache.shape}")
     quantize = scales is not None
     if quantize and (cache.dtype != jnp.int8 or scales.shape != cache.shape[:2]):
         raise ValueError(f"update_cache with scales needs an int8 cache and scales of shape {cache.shape[:2]}, got "
@@ -236,6 +239,10 @@ def update_mla_cache(kv_cache, pe_cache, ckv, slots, positions, norm_weight, inv
 
     Returns (kv_cache, pe_cache[, kv_scale][, q][, rope table])."""
     parts, q_parts = _mla_parts(ckv, kv_cache, pe_cache, norm_weight, inv_freq, kv_scale, q, q_norm_weight)
+    lat, half = kv_cache.shape[-1], pe_cache.shape[-1] // 2
+    if not resolve_interpret(interpret) and (lat & (lat - 1) or half & (half - 1)):
+        raise ValueError(f"update_mla_cache on GPU needs power-of-two latent and half-rope widths (Triton's loads, as "
+                         f"mla_decode needs), got {lat} and {half}; the MLA layer's attention_impl='xla' takes others")
     dtype = jnp.dtype(dtype or ckv.dtype)
     t = parts.shape[1]
     caches = (kv_cache, pe_cache) + (() if kv_scale is None else (kv_scale,))

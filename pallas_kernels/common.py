@@ -12,6 +12,8 @@ from jax import lax
 
 # Streaming multiprocessors of the H100 the kernels' split heuristics fill (k_splits, grid sizes).
 H100_SMS = 132
+# Shared memory one H100 program (thread block) may take, bytes: 227 KiB (Mosaic GPU's max_smem_bytes for sm_90a).
+H100_SMEM_BYTES = 232448
 
 
 def on_gpu() -> bool:

@@ -67,15 +67,19 @@ MOSAIC_SHORT_KEYS = 1024
 MOSAIC_WIDE_STAGES = 4
 
 
-def default_block_sizes(backend: str, tk: int, requests: int, dqk: int = 128) -> BlockSizes | MosaicBlockSizes:
+def default_block_sizes(backend: str, tk: int, requests: int, dqk: int = 128,
+                        dv: int = 128) -> BlockSizes | MosaicBlockSizes:
     """The block sizes a call that names none runs: the Triton kernel's BlockSizes(); the Mosaic kernel's
     MosaicBlockSizes() with 64-key steps for requests of fewer than MOSAIC_SHORT_KEYS keys on average (and
-    MOSAIC_WIDE_STAGES tiles in flight when the head dim dqk is past 128)."""
+    MOSAIC_WIDE_STAGES tiles in flight when the head dim dqk is past 128), or 64-key steps in 2 stages where those
+    would not fit shared memory at head dims dqk / dv (256 / 128 does not fit 128-key steps)."""
     if backend != "mosaic":
         return BlockSizes()
     if tk >= MOSAIC_SHORT_KEYS * max(requests, 1):
-        return MosaicBlockSizes()
-    return MosaicBlockSizes(block_k=64, stages=MOSAIC_WIDE_STAGES if dqk > 128 else 2)
+        want = MosaicBlockSizes()
+    else:
+        want = MosaicBlockSizes(block_k=64, stages=MOSAIC_WIDE_STAGES if dqk > 128 else 2)
+    return sage_attention_mgpu.SMALLEST if sage_attention_mgpu.too_big(dqk, dv, want) else want
 
 
 def auto_backend(tq: int, tk: int, requests: int, dqk: int, dv: int, v_dtype) -> str:
@@ -205,7 +209,7 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     backend = resolve_backend("sage_attention", backend, block_sizes, MosaicBlockSizes, interp)
     if backend == "auto":
         backend = auto_backend(tq, tk, nb, dqk, v.shape[2], v.dtype)
-    bs = block_sizes or default_block_sizes(backend, tk, nb, dqk)
+    bs = block_sizes or default_block_sizes(backend, tk, nb, dqk, v.shape[2])
     sm_scale = dqk**-0.5 if sm_scale is None else sm_scale
     if tq == 0 or nb == 0:  # no query rows, or no requests (every row padding): zeros, nothing to launch
         o = jnp.zeros((tq, hq, v.shape[2]), qp[0].dtype)

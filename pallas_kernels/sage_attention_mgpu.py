@@ -45,9 +45,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import (H100_SMS, ROUNDER, ROUNDER_BITS, as_parts, cdiv, concat_parts, int_scores,
-                                   leading_columns, next_pow2, online_softmax_step, pad_to, pow2_chunks, segment_of,
-                                   segments, smem)
+from pallas_kernels.common import (H100_SMEM_BYTES, H100_SMS, ROUNDER, ROUNDER_BITS, as_parts, cdiv, concat_parts,
+                                   int_scores, leading_columns, next_pow2, online_softmax_step, pad_to, pow2_chunks,
+                                   segment_of, segments, smem)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +63,28 @@ class MosaicBlockSizes:
 
 
 def padded_dims(dqk: int, dv: int) -> tuple[int, int]:
-    """The head dims the kernel runs: int8 wgmma contracts 32 at a time and V's tile wants a power-of-two width, so
-    zero columns pad both (no-ops at the real sizes 192 = 128 + 64, 128, 64)."""
-    return cdiv(dqk, 32) * 32, max(16, next_pow2(dv))
+    """The head dims the kernel runs: int8 wgmma contracts 32 at a time, K's int8 rows are TMA-read in 64-column
+    chunks (a K wider than 64 must be whole chunks: 96 failed to lower) and V's tile wants a power-of-two width, so
+    zero columns pad them (no-ops at the real sizes 192 = 128 + 64, 128, 64)."""
+    d = cdiv(dqk, 32) * 32
+    return (d if d <= 64 else cdiv(dqk, 64) * 64), max(16, next_pow2(dv))
+
+
+# shared memory besides the buffers' own bytes (barriers, alignment): Mosaic GPU took 2.7-3.2 KiB more at the sizes
+# lowered for an H100 (head dims 64-256, 2-12 stages; `test_shared_memory_estimate_bounds_mosaics`)
+SMEM_OVERHEAD = 4096
+
+
+def smem_bytes(dqk: int, dv: int, bs: MosaicBlockSizes) -> int:
+    """Shared memory a compiled program takes at these head dims and block sizes (16-bit Q and V): Q's rows and
+    their int8 codes per compute warpgroup, `stages` K (int8), K-scale and V tiles, the output rows and LSEs."""
+    d, dvp = padded_dims(dqk, dv)
+    rows = bs.compute_wgs * bs.block_q
+    return rows * d * 3 + bs.stages * bs.block_k * (d + 2 * dvp + 4) + rows * (2 * dvp + 4) + SMEM_OVERHEAD
+
+
+# the smallest block sizes the kernel runs: what decides whether head dims fit at all
+SMALLEST = MosaicBlockSizes(block_k=64, stages=2)
 
 
 def unsupported(dqk: int, dv: int, v_dtype) -> str | None:
@@ -74,7 +93,19 @@ def unsupported(dqk: int, dv: int, v_dtype) -> str | None:
         return f"V must be bfloat16 or float16 for the 16-bit P.V MMA, got {jnp.dtype(v_dtype)}"
     if padded_dims(dqk, dv)[1] > 256:
         return f"the V head dim must be at most 256, got {dv}"
+    if smem_bytes(dqk, dv, SMALLEST) > H100_SMEM_BYTES:
+        return (f"head dims {dqk} / {dv} need {smem_bytes(dqk, dv, SMALLEST)} bytes of shared memory even with "
+                f"{SMALLEST.block_k}-key steps and {SMALLEST.stages} stages (an H100 program has {H100_SMEM_BYTES})")
     return None
+
+
+def too_big(dqk: int, dv: int, bs: MosaicBlockSizes) -> str | None:
+    """Why these block sizes do not fit shared memory at these head dims (None when they do)."""
+    need = smem_bytes(dqk, dv, bs)
+    if need <= H100_SMEM_BYTES:
+        return None
+    return (f"{bs} at head dims {dqk} / {dv} need {need} bytes of shared memory, an H100 program has "
+            f"{H100_SMEM_BYTES}: take fewer stages or keys per step")
 
 
 def _quantize_tile(parts, eps):
@@ -317,7 +348,7 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
     dqk = sum(widths)
     vdt = v.dtype
     d, dv = padded_dims(dqk, v.shape[2])
-    why = unsupported(dqk, v.shape[2], vdt)
+    why = unsupported(dqk, v.shape[2], vdt) or too_big(dqk, v.shape[2], bs)
     if why:
         raise ValueError(f"sage_attention backend='mosaic': {why}; use backend='triton'")
     nqb = blk_req.shape[0]

@@ -15,15 +15,16 @@ from pallas_kernels.lowering import export_for_h100
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("slots,positions", [
-    ([0], [0]),  # one row
-    ([0, 0, 2, 2, 2, 1, 0], [0, 1, 5, 6, 39, 40, -1]),  # history offsets, last position, padding past the end
-    ([1] * 7, list(range(11, 18))),  # odd count, one request
+@pytest.mark.parametrize("slots,positions,width", [
+    ([0], [0], 64),  # one row
+    ([0, 0, 2, 2, 2, 1, 0], [0, 1, 5, 6, 39, 40, -1], 64),  # history offsets, last position, padding past the end
+    ([1] * 7, list(range(11, 18)), 64),  # odd count, one request
+    ([0, 0, 2, 2, 2, 1, 0], [0, 1, 5, 6, 39, 40, -1], 72),  # a row width that is no power of two (64 + 8)
 ])
-def test_matches_reference(dtype, slots, positions):
+def test_matches_reference(dtype, slots, positions, width):
     rng = np.random.default_rng(len(slots))
-    cache = jnp.asarray(rng.standard_normal((3, 40, 64)), dtype)  # fresh random contents: untouched rows must stay
-    rows = jnp.asarray(rng.standard_normal((len(slots), 64)), dtype)
+    cache = jnp.asarray(rng.standard_normal((3, 40, width)), dtype)  # fresh random contents: untouched rows stay
+    rows = jnp.asarray(rng.standard_normal((len(slots), width)), dtype)
     slots, positions = jnp.asarray(slots, jnp.int32), jnp.asarray(positions, jnp.int32)
     want = np.asarray(update_cache_reference(cache, rows, slots, positions), np.float32)
     got = np.asarray(update_cache(jnp.array(cache), rows, slots, positions, interpret=True), np.float32)
@@ -36,24 +37,28 @@ def test_empty_and_shape_errors():
                                                           jnp.zeros(0, jnp.int32))), np.asarray(cache))
     with pytest.raises(ValueError, match="update_cache needs cache"):
         update_cache(cache, jnp.zeros((1, 8)), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))
+    with pytest.raises(ValueError, match="update_cache needs cache"):  # rows with heads not folded into D
+        update_cache(cache, jnp.zeros((1, 2, 8)), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))
 
 
-def test_lowers_for_h100():
+@pytest.mark.parametrize("width", [512, 640])  # 640: five 128-wide KV heads folded into a row, no power of two
+def test_lowers_for_h100(width):
     S = jax.ShapeDtypeStruct
     fn = functools.partial(update_cache, interpret=False)
-    text = export_for_h100(fn, S((16, 512, 512), jnp.bfloat16), S((16, 512), jnp.bfloat16), S((16,), jnp.int32),
+    text = export_for_h100(fn, S((16, 512, width), jnp.bfloat16), S((16, width), jnp.bfloat16), S((16,), jnp.int32),
                            S((16,), jnp.int32))
     assert "update_cache" in text
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_int8_rows_with_scales(dtype):
+@pytest.mark.parametrize("width", [64, 40])  # 40: quantised in power-of-two pieces (32 + 8) with one row scale
+def test_int8_rows_with_scales(dtype, width):
     """An int8 cache: rows quantised per row in the kernel (absmax / 127), the scales written beside them; the
     dequantised rows are within half a step of the input, and untouched rows keep their contents."""
     rng = np.random.default_rng(3)
-    cache = jnp.asarray(rng.integers(-127, 128, (3, 40, 64)), jnp.int8)
+    cache = jnp.asarray(rng.integers(-127, 128, (3, 40, width)), jnp.int8)
     scales = jnp.asarray(rng.random((3, 40)), jnp.float32)
-    rows = jnp.asarray(rng.standard_normal((7, 64)) * rng.random((7, 1)) * 10, dtype)
+    rows = jnp.asarray(rng.standard_normal((7, width)) * rng.random((7, 1)) * 10, dtype)
     slots = jnp.asarray([0, 0, 2, 2, 2, 1, 0], jnp.int32)
     positions = jnp.asarray([0, 1, 5, 6, 39, 40, -1], jnp.int32)
     want = update_cache_reference(cache, rows, slots, positions, scales=scales)
@@ -68,7 +73,7 @@ def test_int8_rows_with_scales(dtype):
     with pytest.raises(ValueError, match="needs its per-row `scales`"):
         update_cache(cache, rows, slots, positions)
     with pytest.raises(ValueError, match="needs an int8 cache and scales of shape"):
-        update_cache(jnp.zeros((3, 40, 64)), rows, slots, positions, scales=scales)
+        update_cache(jnp.zeros((3, 40, width)), rows, slots, positions, scales=scales)
 
 
 def test_paged_cache():
@@ -260,6 +265,10 @@ def test_mla_cache_lowers_for_h100():
                            S((8, 16, 576), jnp.float32), S((16,), jnp.int32), S((16,), jnp.int32),
                            S((512,), jnp.bfloat16), S((32,), jnp.float32))
     assert "update_mla_cache" in text
+    odd = (S((16, 512, 96), jnp.bfloat16), S((16, 512, 24), jnp.bfloat16), S((16, 120), jnp.bfloat16),
+           S((16,), jnp.int32), S((16,), jnp.int32), S((96,), jnp.bfloat16), S((12,), jnp.float32))
+    with pytest.raises(ValueError, match="power-of-two latent and half-rope widths"):  # not a raw lowering error
+        export_for_h100(fn, *odd)
 
 
 def test_mla_cache_with_q_lowers_for_h100():

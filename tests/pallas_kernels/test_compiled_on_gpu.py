@@ -71,6 +71,22 @@ def test_sage_attention_means_in_the_key_pass():
     np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=0.1)
 
 
+@pytest.mark.parametrize("d,dv", [(96, 96), (80, 64), (256, 128), (256, 256)])
+def test_sage_attention_default_route_at_other_head_dims(d, dv):
+    """The default route at head dims past MLA's and Qwen3-VL's, long requests (the Mosaic kernel where it fits:
+    K padded to whole 64-column chunks, 64-key steps at 256 / 128; 256 / 256 on the Triton kernel)."""
+    rng = np.random.default_rng(d * 7 + dv)
+    lens = [1500, 700, 1]
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    q = jnp.asarray(rng.standard_normal((cu[-1], 4, d)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((cu[-1], 2, d)) + 3 * rng.standard_normal(d), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((cu[-1], 2, dv)), jnp.bfloat16)
+    out, lse = pk.sage_attention(q, k, v, cu, cu, return_lse=True)
+    ref, ref_lse = pk.sage_attention_reference(q, k, v, cu, cu, return_lse=True)
+    close(out, ref)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=0.1)
+
+
 @pytest.mark.parametrize("cache", ["bf16", "int8", "paged", "paged-int8"])
 @pytest.mark.parametrize("qk_int8", [False, True])
 def test_mla_decode(cache, qk_int8):
@@ -115,13 +131,18 @@ def test_mla_decode(cache, qk_int8):
                   ref, cos=0.999, rel_l1=0.03)
 
 
-def test_update_cache_int8_and_paged():
+@pytest.mark.parametrize("width", [512, 640])  # 640: five 128-wide KV heads, written in power-of-two pieces
+def test_update_cache_int8_and_paged(width):
     rng = np.random.default_rng(2)
-    rows = jnp.asarray(rng.standard_normal((40, 512)), jnp.bfloat16)
+    rows = jnp.asarray(rng.standard_normal((40, width)), jnp.bfloat16)
     slots = jnp.asarray(rng.integers(0, 4, 40), jnp.int32)
     positions = jnp.asarray(rng.permutation(256)[:40], jnp.int32)
     table = jnp.asarray(rng.permutation(20)[:16].reshape(4, 4), jnp.int32)
-    for kw, shape in (({}, (4, 256, 512)), ({"block_table": table}, (20, 64, 512))):
+    cache = jnp.asarray(rng.standard_normal((4, 256, width)), jnp.bfloat16)
+    want = pk.update_cache_reference(cache, rows, slots, positions)
+    np.testing.assert_array_equal(np.asarray(pk.update_cache(jnp.array(cache), rows, slots, positions), np.float32),
+                                  np.asarray(want, np.float32))
+    for kw, shape in (({}, (4, 256, width)), ({"block_table": table}, (20, 64, width))):
         cache = jnp.zeros(shape, jnp.int8)
         scales = jnp.zeros(shape[:2], jnp.float32)
         got = pk.update_cache(cache, rows, slots, positions, scales=scales, **kw)

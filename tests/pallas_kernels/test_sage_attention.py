@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -225,6 +226,9 @@ def test_default_block_sizes_follow_the_mean_request_length():
     assert default_block_sizes("mosaic", MOSAIC_SHORT_KEYS * 4, 4) == MosaicBlockSizes()
     assert default_block_sizes("mosaic", 16384, 1).block_k == 128
     assert default_block_sizes("triton", 1536, 4) == BlockSizes()
+    # head dims whose tiles would not fit shared memory step down to 64-key steps in 2 stages
+    assert default_block_sizes("mosaic", 1536, 4, 256, 128) == MosaicBlockSizes(block_k=64)
+    assert default_block_sizes("mosaic", 16384, 1, 256, 128) == MosaicBlockSizes(block_k=64)
 
 
 @pytest.mark.parametrize("d,dv", [(128, 128), (192, 128), (64, 64), (64, 48)])  # 48: V padded to 64 columns
@@ -247,6 +251,68 @@ def test_mosaic_lowers_for_h100(d, dv):
             text = export_for_h100(fn, parts(704, 16), k_parts, S((1472, 8, dv), bf), S((5,), jnp.int32),
                                    S((5,), jnp.int32))
             assert "mosaic_gpu" in text
+
+
+def test_mosaic_head_dims_padded_to_whole_chunks():
+    """A head dim past 64 that is not whole 64-column chunks (80: K's int8 rows padded to 128 for TMA) and a V
+    padded to a power of two (48 -> 64), in the Mosaic GPU interpreter against the reference."""
+    rng = np.random.default_rng(8)
+    q, k, v, cq, ck = make(rng, [5, 70], [9, 70], 2, 1, 80, 48, jnp.bfloat16, k_offset=3.0)
+    out = sage_attention(q, k, v, cq, ck, backend="mosaic", block_sizes=MOSAIC, interpret=True)
+    cos, rel_l1 = metrics(out, sage_attention_reference(q, k, v, cq, ck))
+    assert out.shape == (75, 2, 48) and cos >= 0.999 and rel_l1 <= 0.02, (cos, rel_l1)
+
+
+@pytest.mark.parametrize("d,dv", [(96, 96), (80, 64), (160, 128), (256, 128)])
+def test_default_route_lowers_at_other_head_dims(d, dv):
+    """The default route (backend "auto": Mosaic for long requests) at head dims besides MLA's and Qwen3-VL's: 96
+    and 160 failed to lower (K's rows not whole 64-column chunks) and 256 / 128 took more shared memory than an
+    H100 has (now 64-key steps)."""
+    pytest.importorskip("jax_cuda13_plugin", reason="Mosaic GPU lowering needs jax_cuda13_plugin (.ci/env.sh test)")
+    S = jax.ShapeDtypeStruct
+    bf = jnp.bfloat16
+    fn = functools.partial(sage_attention, interpret=False)
+    text = export_for_h100(fn, S((2048, 8, d), bf), S((2048, 2, d), bf), S((2048, 2, dv), bf),
+                           S((3,), jnp.int32), S((3,), jnp.int32))
+    assert "mosaic_gpu" in text
+
+
+def test_head_dims_past_shared_memory():
+    """256 / 256 does not fit an H100 program's shared memory at any block sizes: the default route takes the
+    Triton kernel, and the Mosaic backend asked for by name says why."""
+    from pallas_kernels import sage_attention_mgpu
+
+    assert "shared memory" in sage_attention_mgpu.unsupported(256, 256, jnp.bfloat16)
+    assert sage_attention_mgpu.unsupported(256, 128, jnp.bfloat16) is None
+    x = jnp.zeros((2048, 2, 256), jnp.bfloat16)
+    cu = jnp.asarray([0, 1024, 2048], jnp.int32)
+    with pytest.raises(ValueError, match="shared memory even with 64-key steps"):
+        sage_attention(x, x, x, cu, cu, backend="mosaic", interpret=True)
+    with pytest.raises(ValueError, match="take fewer stages or keys per step"):
+        sage_attention(x[..., :128], x[..., :128], x[..., :128], cu, cu, backend="mosaic", interpret=True,
+                       block_sizes=MosaicBlockSizes(stages=8))
+
+
+@pytest.mark.parametrize("d,dv,bs", [(256, 256, MosaicBlockSizes()), (192, 128, MosaicBlockSizes(stages=3)),
+                                     (128, 128, MosaicBlockSizes(stages=6)), (64, 64, MosaicBlockSizes(stages=12))])
+def test_shared_memory_estimate_bounds_mosaics(monkeypatch, d, dv, bs):
+    """`smem_bytes` (which picks the default block sizes and refuses what cannot fit) is at least what Mosaic GPU
+    allocates, and not more than SMEM_OVERHEAD above it: lowered for an H100 with our check off, at sizes past the
+    limit, where Mosaic reports its own figure."""
+    pytest.importorskip("jax_cuda13_plugin", reason="Mosaic GPU lowering needs jax_cuda13_plugin (.ci/env.sh test)")
+    from pallas_kernels import sage_attention_mgpu
+
+    for check in ("unsupported", "too_big"):
+        monkeypatch.setattr(sage_attention_mgpu, check, lambda *_: None)
+    S = jax.ShapeDtypeStruct
+    bf = jnp.bfloat16
+    fn = functools.partial(sage_attention, backend="mosaic", block_sizes=bs, interpret=False)
+    with pytest.raises(ValueError, match="exceeds available shared memory") as err:
+        export_for_h100(fn, S((1024, 8, d), bf), S((1024, 2, d), bf), S((1024, 2, dv), bf),
+                        S((3,), jnp.int32), S((3,), jnp.int32))
+    mosaic = int(re.search(r"smem_bytes=(\d+)", str(err.value)).group(1))
+    estimate = sage_attention_mgpu.smem_bytes(d, dv, bs)
+    assert mosaic <= estimate <= mosaic + sage_attention_mgpu.SMEM_OVERHEAD, (mosaic, estimate)
 
 
 def test_rows_past_the_last_request():
