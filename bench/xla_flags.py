@@ -28,6 +28,8 @@ VARIANTS = {  # name -> XLA_FLAGS added to the environment's
     # the graphs' buffer addresses kept stable by virtual-address remapping, so that a call need not update them
     "skip_temp": "--xla_gpu_command_buffer_update_mode=SKIP_TEMP",  # temporaries
     "skip_profiled": "--xla_gpu_command_buffer_update_mode=SKIP_PROFILED",  # + arguments seen stable at first calls
+    # no GEMM autotuning: the same algorithms in every process, so outputs repeat bit for bit across processes
+    "no_autotune": "--xla_gpu_autotune_level=0",
 }
 STEPS = 20
 PER_CALL = ("wall_ms", "busy_ms", "span_ms", "kernels", "idle_in_call_ms")  # divided by STEPS for decode
