@@ -131,6 +131,29 @@ def test_mla_decode(cache, qk_int8):
                   ref, cos=0.999, rel_l1=0.03)
 
 
+@pytest.mark.parametrize("b,h,s", [(7, 16, 100), (3, 24, 320)])  # R1's heads over tp 8; heads and lengths unaligned
+def test_mla_decode_odd_sizes(b, h, s):
+    """The default (Mosaic) kernel where heads are no multiple of its 64-head blocks, the cache no multiple of its
+    64-row tiles and requests of length 0, 1 and the whole cache sit beside others."""
+    rng = np.random.default_rng(b * h)
+    bf = jnp.bfloat16
+    q, qp = (jnp.asarray(rng.standard_normal((b, h, w)), bf) for w in (512, 64))
+    kv, pe = (jnp.asarray(rng.standard_normal((b, s, w)), bf) for w in (512, 64))
+    lengths = jnp.asarray(rng.integers(0, s + 1, b), jnp.int32).at[0].set(0).at[1].set(1).at[2].set(s)
+    close(pk.mla_decode(q, qp, kv, pe, lengths, sm_scale=0.135),
+          pk.mla_decode_reference(q, qp, kv, pe, lengths, sm_scale=0.135), cos=0.999, rel_l1=0.03)
+
+
+@pytest.mark.parametrize("m", [7, 129, 300])
+def test_fp8_matmul_unaligned(m):
+    """N and K no multiples of the 128-blocks (partial scale blocks at both ends), on each route a token count takes:
+    the Triton kernel below 128 tokens, the Mosaic FP8 x FP8 kernel (padded to its tiles) from 128."""
+    rng = np.random.default_rng(m + 1)
+    w, s = quantize(rng.standard_normal((200, 1000)).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((m, 1000)), jnp.bfloat16)
+    close(pk.fp8_matmul(x, w, s), pk.fp8_matmul_reference(x, w, s), cos=0.9995, rel_l1=0.03)
+
+
 @pytest.mark.parametrize("width", [512, 640])  # 640: five 128-wide KV heads, written in power-of-two pieces
 def test_update_cache_int8_and_paged(width):
     rng = np.random.default_rng(2)
