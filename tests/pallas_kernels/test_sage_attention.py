@@ -160,14 +160,18 @@ def test_nothing_to_attend(backend, rows, cu):
     assert np.all(np.asarray(o, np.float32) == 0) and np.all(np.isneginf(np.asarray(lse)))
 
 
-@pytest.mark.parametrize("d,dv", [(128, 128), (192, 128), (64, 64)])
-def test_lowers_for_h100(d, dv):
+def lowered(fn, tq: int, tk: int, hq: int, hk: int, d: int, dv: int, cu: int) -> str:
+    """fn(q, k, v, cu_q, cu_k) lowered for an H100 (StableHLO text) at bf16 q [tq, hq, d], k [tk, hk, d],
+    v [tk, hk, dv] and [cu] cumulative lengths, all abstract."""
     S = jax.ShapeDtypeStruct
     bf = jnp.bfloat16
-    fn = functools.partial(sage_attention, interpret=False)
-    text = export_for_h100(fn, S((704, 16, d), bf), S((1472, 8, d), bf), S((1472, 8, dv), bf),
-                           S((5,), jnp.int32), S((5,), jnp.int32))
-    assert "sage_attention" in text
+    return export_for_h100(fn, S((tq, hq, d), bf), S((tk, hk, d), bf), S((tk, hk, dv), bf), S((cu,), jnp.int32),
+                           S((cu,), jnp.int32))
+
+
+@pytest.mark.parametrize("d,dv", [(128, 128), (192, 128), (64, 64)])
+def test_lowers_for_h100(d, dv):
+    assert "sage_attention" in lowered(functools.partial(sage_attention, interpret=False), 704, 1472, 16, 8, d, dv, 5)
 
 
 # ------------------------------------------------------------------ the Mosaic GPU kernel (Hopper wgmma, TMA)
@@ -241,9 +245,7 @@ def test_mosaic_lowers_for_h100(d, dv):
     # programs for the K pass that computes the means itself), and an odd number of keys (TMA's 16-byte row rule on
     # the K scales)
     for cu, tk in ((5, 1472), (2, 1472), (18, 1472), (5, 1473)):
-        text = export_for_h100(fn, S((704, 16, d), bf), S((tk, 8, d), bf), S((tk, 8, dv), bf),
-                               S((cu,), jnp.int32), S((cu,), jnp.int32))
-        assert "mosaic_gpu" in text
+        assert "mosaic_gpu" in lowered(fn, 704, tk, 16, 8, d, dv, cu)
     if d == 192:  # MLA's parts, each 64-column chunk TMA-read from its own part
         parts = lambda t, h: (S((t, h, 128), bf), S((t, h, 64), bf))  # noqa: E731
         fn = lambda q, k, v, cq, ck: sage_attention(q, k, v, cq, ck, backend="mosaic", interpret=False)  # noqa: E731
@@ -269,12 +271,7 @@ def test_default_route_lowers_at_other_head_dims(d, dv):
     and 160 failed to lower (K's rows not whole 64-column chunks) and 256 / 128 took more shared memory than an
     H100 has (now 64-key steps)."""
     pytest.importorskip("jax_cuda13_plugin", reason="Mosaic GPU lowering needs jax_cuda13_plugin (.ci/env.sh test)")
-    S = jax.ShapeDtypeStruct
-    bf = jnp.bfloat16
-    fn = functools.partial(sage_attention, interpret=False)
-    text = export_for_h100(fn, S((2048, 8, d), bf), S((2048, 2, d), bf), S((2048, 2, dv), bf),
-                           S((3,), jnp.int32), S((3,), jnp.int32))
-    assert "mosaic_gpu" in text
+    assert "mosaic_gpu" in lowered(functools.partial(sage_attention, interpret=False), 2048, 2048, 8, 2, d, dv, 3)
 
 
 def test_head_dims_past_shared_memory():
@@ -304,12 +301,9 @@ def test_shared_memory_estimate_bounds_mosaics(monkeypatch, d, dv, bs):
 
     for check in ("unsupported", "too_big"):
         monkeypatch.setattr(sage_attention_mgpu, check, lambda *_: None)
-    S = jax.ShapeDtypeStruct
-    bf = jnp.bfloat16
     fn = functools.partial(sage_attention, backend="mosaic", block_sizes=bs, interpret=False)
     with pytest.raises(ValueError, match="exceeds available shared memory") as err:
-        export_for_h100(fn, S((1024, 8, d), bf), S((1024, 2, d), bf), S((1024, 2, dv), bf),
-                        S((3,), jnp.int32), S((3,), jnp.int32))
+        lowered(fn, 1024, 1024, 8, 2, d, dv, 3)
     mosaic = int(re.search(r"smem_bytes=(\d+)", str(err.value)).group(1))
     estimate = sage_attention_mgpu.smem_bytes(d, dv, bs)
     assert mosaic <= estimate <= mosaic + sage_attention_mgpu.SMEM_OVERHEAD, (mosaic, estimate)
