@@ -130,8 +130,9 @@ def _check_q_pe(q_latent, q_pe, rope: int, q_pe_rope):
 @functools.partial(jax.jit, static_argnames=("sm_scale", "qk_int8", "block_sizes", "backend", "interpret",
                                              "return_lse"))
 def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, qk_int8: bool = False,
-               kv_scale=None, block_table=None, q_pe_rope=None, block_sizes: BlockSizes | MosaicBlockSizes | None = None,
-               backend: str | None = None, interpret: bool | None = None, return_lse: bool = False):
+               kv_scale=None, block_table=None, q_pe_rope=None,
+               block_sizes: BlockSizes | MosaicBlockSizes | None = None, backend: str | None = None,
+               interpret: bool | None = None, return_lse: bool = False):
     """Absorbed MLA decode attention.
 
     q_latent [B, H, L] (q_nope . W_UK), q_pe [B, H, R], kv_cache [B, S, L], pe_cache [B, S, R], lengths [B] int32
