@@ -87,16 +87,14 @@ def smem_bytes(dqk: int, dv: int, bs: MosaicBlockSizes) -> int:
 SMALLEST = MosaicBlockSizes(block_k=64, stages=2)
 
 
-def unsupported(dqk: int, dv: int, v_dtype) -> str | None:
-    """Why this kernel cannot take these head dims and V dtype (None when it can)."""
+def unsupported(dqk: int, dv: int, v_dtype, bs: MosaicBlockSizes = SMALLEST) -> str | None:
+    """Why this kernel cannot take these head dims and V dtype at block sizes `bs` (None when it can); the default,
+    the smallest block sizes it runs, asks whether any fit."""
     if jnp.dtype(v_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"V must be bfloat16 or float16 for the 16-bit P.V MMA, got {jnp.dtype(v_dtype)}"
     if padded_dims(dqk, dv)[1] > 256:
         return f"the V head dim must be at most 256, got {dv}"
-    if smem_bytes(dqk, dv, SMALLEST) > H100_SMEM_BYTES:
-        return (f"head dims {dqk} / {dv} need {smem_bytes(dqk, dv, SMALLEST)} bytes of shared memory even with "
-                f"{SMALLEST.block_k}-key steps and {SMALLEST.stages} stages (an H100 program has {H100_SMEM_BYTES})")
-    return None
+    return too_big(dqk, dv, bs)
 
 
 def too_big(dqk: int, dv: int, bs: MosaicBlockSizes) -> str | None:
@@ -104,8 +102,7 @@ def too_big(dqk: int, dv: int, bs: MosaicBlockSizes) -> str | None:
     need = smem_bytes(dqk, dv, bs)
     if need <= H100_SMEM_BYTES:
         return None
-    return (f"{bs} at head dims {dqk} / {dv} need {need} bytes of shared memory, an H100 program has "
-            f"{H100_SMEM_BYTES}: take fewer stages or keys per step")
+    return f"{bs} at head dims {dqk} / {dv} needs {need} bytes of shared memory, an H100 program has {H100_SMEM_BYTES}"
 
 
 def _quantize_tile(parts, eps):
@@ -348,9 +345,9 @@ def attention(q, k, v, k_mean, cu_q, cu_k, blk_req, blk_idx, cu_qb, *, q_mult: f
     dqk = sum(widths)
     vdt = v.dtype
     d, dv = padded_dims(dqk, v.shape[2])
-    why = unsupported(dqk, v.shape[2], vdt) or too_big(dqk, v.shape[2], bs)
+    why = unsupported(dqk, v.shape[2], vdt, bs)
     if why:
-        raise ValueError(f"sage_attention backend='mosaic': {why}; use backend='triton'")
+        raise ValueError(f"sage_attention backend='mosaic': {why}; use other block sizes or backend='triton'")
     nqb = blk_req.shape[0]
     # 64-column chunks of the head dim (the last one 32 wide when d is an odd multiple of 32): Q's 16-bit rows come
     # in as 128-byte rows that the 128-byte swizzle spreads over the banks
