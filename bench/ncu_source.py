@@ -30,7 +30,8 @@ SAMPLES = "Warp Stall Sampling (All Samples)"
 
 def read_source_csv(path: str) -> list[dict]:
     """Rows of an `ncu --page source --csv --print-source sass` export: {offset, sass, samples, stalls{reason: n}}."""
-    rows = list(csv.reader(open(path)))
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
     head = next(i for i, r in enumerate(rows) if r and r[0] == "Address")
     names = rows[head]
     col = {n: i for i, n in enumerate(names)}
