@@ -333,7 +333,12 @@ def _advanced(lengths):
 
 
 def _cache_shape(cache: MLACache) -> tuple[int, int]:
-    """(slots, max_len) of a cache, or a clear error for a length `init_cache` would not allocate."""
+    """(slots, max_len) of a cache, or a clear error for a cache whose buffers an earlier step took (donated) or
+    for a length `init_cache` would not allocate."""
+    kv = cache.kv_cache  # the steps donate every array of the cache together: one tells (a tracer in a user's jit)
+    if isinstance(kv, jax.Array) and not isinstance(kv, jax.core.Tracer) and kv.is_deleted():
+        raise ValueError("this cache was donated to an earlier forward() / decode_steps() call and its buffers are "
+                         "gone: pass the cache that call returned")
     slots, max_len = cache.kv_cache.shape[:2]
     if max_len % CACHE_ALIGN:
         raise ValueError(f"cache length {max_len} is not a multiple of {CACHE_ALIGN} (the kernels read whole "
@@ -438,7 +443,12 @@ def decode_steps(params: Params, cfg: MLAConfig, xs: jax.Array, cache: MLACache,
     """
     impl = _check_options(mode, attention_impl)
     xs = jnp.asarray(xs)
+    if xs.ndim != 3 or xs.shape[2] != cfg.hidden_size:
+        raise ValueError(f"xs must be [steps, requests, {cfg.hidden_size}], got {tuple(xs.shape)}")
     steps, num_req = xs.shape[:2]
+    if np.ndim(past_lens) != 1 or np.size(past_lens) != num_req:
+        raise ValueError(f"xs holds {num_req} requests per step but past_lens is {np.asarray(past_lens).tolist()}: "
+                         "one entry per request")
     slots, max_len = _cache_shape(cache)
     lengths, _ = batching.plan([steps] * num_req, past_lens, num_tokens=steps * num_req, num_slots=slots,
                                max_len=max_len)

@@ -325,6 +325,33 @@ def test_cache_not_from_init_cache_raises(layer):
         mla.decode_steps(params, cfg, np.ones((2, 2, cfg.hidden_size), np.float32), odd, [0, 0])
 
 
+def test_decode_steps_checks_its_inputs(layer):
+    """decode_steps' xs must be [steps, requests, hidden] with one past length per request."""
+    cfg, params = layer
+    cache = mla.init_cache(cfg, 2, 64, jnp.float32)
+    for shape in ((2, cfg.hidden_size), (3, 2, cfg.hidden_size + 1)):
+        with pytest.raises(ValueError, match=f"xs must be \\[steps, requests, {cfg.hidden_size}\\]"):
+            mla.decode_steps(params, cfg, np.ones(shape, np.float32), cache, [0, 0])
+    with pytest.raises(ValueError, match="3 requests per step but past_lens is \\[0, 0\\]"):
+        mla.decode_steps(params, cfg, np.ones((4, 3, cfg.hidden_size), np.float32), cache, [0, 0])
+
+
+def test_a_donated_cache_gets_a_clear_error(layer):
+    """forward() and decode_steps() donate the cache: passing the old one again names the problem instead of
+    JAX's "Array has been deleted"."""
+    cfg, params = layer
+    cache = mla.init_cache(cfg, 2, 64, jnp.float32)
+    x = np.ones((2, cfg.hidden_size), np.float32)
+    _, new = mla.forward(params, cfg, x, cache, [1, 1], [0, 0])
+    with pytest.raises(ValueError, match="donated to an earlier .*pass the cache that call returned"):
+        mla.forward(params, cfg, x, cache, [1, 1], [1, 1])
+    _, newer = mla.decode_steps(params, cfg, x[None], new, [1, 1])
+    with pytest.raises(ValueError, match="donated"):
+        mla.decode_steps(params, cfg, x[None], new, [2, 2])
+    y, _ = mla.forward(params, cfg, x, newer, [1, 1], [2, 2])  # the returned cache goes on
+    assert y.shape == x.shape and np.isfinite(np.asarray(y)).all()
+
+
 def test_token_count_and_hidden_size_mismatch(layer):
     cfg, params = layer
     cache = mla.init_cache(cfg, 2, 16, jnp.float32)
