@@ -118,8 +118,19 @@ def _q_pe_of(q_pe, rope: int, q_pe_rope):
     return rotate_half_split(q, q_pe_rope[:, None, :half], q_pe_rope[:, None, half:])
 
 
-def _check_q_pe(q_latent, q_pe, rope: int, q_pe_rope):
-    b, h, _ = q_latent.shape
+def _check_shapes(q_latent, q_pe, kv_cache, pe_cache, lengths, q_pe_rope, paged: bool):
+    """Clear errors for operands that do not fit together (all checked on shapes: the call is traced)."""
+    if q_latent.ndim != 3 or kv_cache.ndim != 3 or pe_cache.ndim != 3:
+        raise ValueError(f"mla_decode: q_latent [B, H, L], kv_cache and pe_cache [B (or pages), S, width] must be 3-D, "
+                         f"got {q_latent.shape}, {kv_cache.shape}, {pe_cache.shape}")
+    b, h, lat = q_latent.shape
+    if kv_cache.shape[2] != lat or kv_cache.shape[:2] != pe_cache.shape[:2] or (not paged and kv_cache.shape[0] != b):
+        raise ValueError(f"mla_decode: kv_cache {kv_cache.shape} and pe_cache {pe_cache.shape} do not fit q_latent "
+                         f"{q_latent.shape}: both [{'pages' if paged else b}, S, ...], the latent {lat} wide")
+    if jnp.shape(lengths) != (b,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
+        raise ValueError(f"mla_decode: lengths must be [B] = [{b}] integers, got {jnp.shape(lengths)} "
+                         f"{jnp.result_type(lengths)}")
+    rope = pe_cache.shape[2]
     if q_pe.ndim != 3 or q_pe.shape[:2] != (b, h) or q_pe.shape[2] < rope:
         raise ValueError(f"mla_decode: q_pe must be [B, H, >= R] = [{b}, {h}, >= {rope}], got {q_pe.shape}")
     if q_pe_rope is not None and (q_pe_rope.shape != (b, rope) or rope % 2):
@@ -152,9 +163,9 @@ def mla_decode(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scale: float, 
     backend block_sizes belong to, else common.DEFAULT_BACKEND.
     block_sizes: that backend's BlockSizes / MosaicBlockSizes.
     """
+    _check_shapes(q_latent, q_pe, kv_cache, pe_cache, lengths, q_pe_rope, block_table is not None)
     b, h, lat = q_latent.shape
     rope = pe_cache.shape[2]
-    _check_q_pe(q_latent, q_pe, rope, q_pe_rope)
     if q_pe_rope is not None:
         q_pe_rope = jnp.asarray(q_pe_rope, jnp.float32)
     if b == 0:  # no requests: nothing to launch
@@ -363,7 +374,7 @@ def mla_decode_reference(q_latent, q_pe, kv_cache, pe_cache, lengths, *, sm_scal
     """Plain jnp, float32: softmax(scale * (q_latent kv^T + q_pe pe^T)) kv over the first lengths[b] rows (int8 and
     paged caches dequantised / gathered first; q_pe's trailing R columns, rotated by q_pe_rope first when given)."""
     f32 = jnp.float32
-    _check_q_pe(q_latent, q_pe, pe_cache.shape[2], q_pe_rope)
+    _check_shapes(q_latent, q_pe, kv_cache, pe_cache, lengths, q_pe_rope, block_table is not None)
     q_pe = _q_pe_of(q_pe, pe_cache.shape[2], None if q_pe_rope is None else jnp.asarray(q_pe_rope, f32))
     kv_cache = kv_cache.astype(f32) if kv_scale is None else dequantize_rows(kv_cache, kv_scale)
     if block_table is not None:

@@ -166,6 +166,19 @@ def _kernel(blk_req_ref, blk_idx_ref, cu_q_ref, cu_k_ref, qs_ref, ks_ref, *refs,
     pltriton.store(lse_ref.at[pl.ds(q0, block_q), head], lse, mask=row_ok)
 
 
+def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k):
+    """The cumulative lengths as int32 arrays, or a clear error: 1-D integers, one entry per request plus one, both
+    (checked on shapes: the call is traced, so their values cannot be read)."""
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if jnp.ndim(cu) != 1 or jnp.shape(cu)[0] < 1 or not jnp.issubdtype(jnp.result_type(cu), jnp.integer):
+            raise ValueError(f"sage_attention: {name} must be [B + 1] integers, got {jnp.shape(cu)} "
+                             f"{jnp.result_type(cu)}")
+    if jnp.shape(cu_seqlens_q) != jnp.shape(cu_seqlens_k):
+        raise ValueError(f"sage_attention: cu_seqlens_q {jnp.shape(cu_seqlens_q)} and cu_seqlens_k "
+                         f"{jnp.shape(cu_seqlens_k)} must both have one entry per request plus one")
+    return jnp.asarray(cu_seqlens_q, jnp.int32), jnp.asarray(cu_seqlens_k, jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "smooth_k", "return_lse", "block_sizes",
                                              "backend", "interpret"))
 def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, sm_scale: float | None = None,
@@ -192,6 +205,10 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
     compiled calls and "triton" in interpret mode;
     block_sizes: BlockSizes for the first, MosaicBlockSizes for the second (None: `default_block_sizes`)."""
     qp, kp = as_parts(q), as_parts(k)
+    if any(jnp.ndim(x) != 3 for x in (*qp, *kp, v)):
+        raise ValueError(f"sage_attention: q, k (or their parts) and v must be [tokens, heads, head dim], got q "
+                         f"{[jnp.shape(x) for x in qp]}, k {[jnp.shape(x) for x in kp]}, v {jnp.shape(v)}")
+    cu_q, cu_k = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k)
     tq, hq = qp[0].shape[:2]
     tk, hk = kp[0].shape[0], max(x.shape[1] for x in kp)
     widths = [x.shape[2] for x in kp]
@@ -203,8 +220,6 @@ def sage_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, 
                          "length and heads, a k part of one head shared by all, Hq % Hk == 0)")
     dqk = sum(widths)
     interp = resolve_interpret(interpret)
-    cu_q = jnp.asarray(cu_seqlens_q, jnp.int32)
-    cu_k = jnp.asarray(cu_seqlens_k, jnp.int32)
     nb = cu_q.shape[0] - 1
     backend = resolve_backend("sage_attention", backend, block_sizes, MosaicBlockSizes, interp)
     if backend == "auto":

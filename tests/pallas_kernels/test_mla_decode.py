@@ -283,6 +283,16 @@ def test_q_pe_rotated_as_loaded(backend, splits):
         mla_decode(q, q_wide, kv, pe, lengths, sm_scale=0.1, q_pe_rope=table[:, :32], interpret=True)
     with pytest.raises(ValueError, match="q_pe must be"):
         mla_decode(q, q_wide[..., :32], kv, pe, lengths, sm_scale=0.1, interpret=True)
+    # caches and lengths that do not fit the queries: named, for the kernel and its reference alike
+    for fn in (functools.partial(mla_decode, interpret=True), mla_decode_reference):
+        with pytest.raises(ValueError, match=r"do not fit q_latent \(3, 20, 128\): both \[3, S, \.\.\.\]"):
+            fn(q, q_wide, kv[:2], pe[:2], lengths[:2], sm_scale=0.1)
+        with pytest.raises(ValueError, match="the latent 64 wide"):
+            fn(q[..., :64], q_wide, kv, pe, lengths, sm_scale=0.1)
+        with pytest.raises(ValueError, match=r"lengths must be \[B\] = \[3\] integers, got \(3,\) float32"):
+            fn(q, q_wide, kv, pe, lengths.astype(jnp.float32), sm_scale=0.1)
+        with pytest.raises(ValueError, match="must be 3-D"):
+            fn(q, q_wide, kv[0], pe, lengths, sm_scale=0.1)
 
 
 def test_mosaic_lowers_for_h100_at_r1_sizes():

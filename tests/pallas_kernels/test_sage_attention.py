@@ -120,6 +120,21 @@ def test_parts_equal_their_concatenation(backend, bs):
         sage_attention((q[..., :128], q[..., 128:]), (k[..., :64], k[..., 64:]), v, cq, ck, interpret=True)
 
 
+def test_operands_of_the_wrong_rank_or_lengths_raise_clear_errors():
+    """Shape-level mistakes get a ValueError naming them (the call is traced: the lengths' values cannot be read)."""
+    rng = np.random.default_rng(7)
+    q, k, v = (jnp.asarray(rng.standard_normal((10, 2, 32)), jnp.bfloat16) for _ in range(3))
+    cu = jnp.asarray([0, 4, 10], jnp.int32)
+    with pytest.raises(ValueError, match=r"must be \[tokens, heads, head dim\], got q \[\(10, 32\)\]"):
+        sage_attention(q[:, 0], k, v, cu, cu, interpret=True)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k must be \[B \+ 1\] integers, got \(3,\) float32"):
+        sage_attention(q, k, v, cu, cu.astype(jnp.float32), interpret=True)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q must be \[B \+ 1\] integers, got \(1, 3\)"):
+        sage_attention(q, k, v, cu[None], cu, interpret=True)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q \(3,\) and cu_seqlens_k \(2,\) must both"):
+        sage_attention(q, k, v, cu, jnp.asarray([0, 10], jnp.int32), interpret=True)
+
+
 @pytest.mark.parametrize("backend,bs", [("triton", SMALL), ("mosaic", MosaicBlockSizes())])
 def test_given_key_means(backend, bs):
     """k_mean given (MLA computes it from the latent): K's own means give the default call's output and LSE; any
