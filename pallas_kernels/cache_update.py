@@ -54,6 +54,14 @@ def _kernel(rows_ref, slot_ref, pos_ref, *refs, quantize: bool):
             cache_ref[slot, pl.ds(pos, 1), pl.ds(c0, w)] = x.astype(cache_ref.dtype)
 
 
+def _check_targets(name: str, slots, positions, tokens: int):
+    """slots and positions must be [T] integers, one per row written (a shorter one would be read past its end)."""
+    for what, x in (("slots", slots), ("positions", positions)):
+        if jnp.shape(x) != (tokens,) or not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+            raise ValueError(f"{name}: {what} must be [T] = [{tokens}] integers (one per row), got {jnp.shape(x)} "
+                             f"{jnp.result_type(x)}")
+
+
 def _whole(x):
     return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
@@ -101,6 +109,7 @@ def update_cache(cache, rows, slots, positions, *, scales=None, block_table=None
         raise ValueError(f"update_cache needs cache [B, S, D] and rows [T, D] (heads folded into D), got cache "
                          f"{cache.shape} and rows {rows.shape}")
     t, d = rows.shape
+    _check_targets("update_cache", slots, positions, t)
     quantize = scales is not None
     if quantize and (cache.dtype != jnp.int8 or scales.shape != cache.shape[:2]):
         raise ValueError(f"update_cache with scales needs an int8 cache and scales of shape {cache.shape[:2]}, got "
@@ -239,6 +248,7 @@ def update_mla_cache(kv_cache, pe_cache, ckv, slots, positions, norm_weight, inv
 
     Returns (kv_cache, pe_cache[, kv_scale][, q][, rope table])."""
     parts, q_parts = _mla_parts(ckv, kv_cache, pe_cache, norm_weight, inv_freq, kv_scale, q, q_norm_weight)
+    _check_targets("update_mla_cache", slots, positions, parts.shape[1])
     lat, half = kv_cache.shape[-1], pe_cache.shape[-1] // 2
     if not resolve_interpret(interpret) and (lat & (lat - 1) or half & (half - 1)):
         raise ValueError(f"update_mla_cache on GPU needs power-of-two latent and half-rope widths (Triton's loads, as "

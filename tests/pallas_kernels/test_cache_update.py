@@ -39,6 +39,12 @@ def test_empty_and_shape_errors():
         update_cache(cache, jnp.zeros((1, 8)), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))
     with pytest.raises(ValueError, match="update_cache needs cache"):  # rows with heads not folded into D
         update_cache(cache, jnp.zeros((1, 2, 8)), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))
+    # one slot and one position per row, integers: a shorter array would be read past its end
+    rows = jnp.zeros((3, 16))
+    with pytest.raises(ValueError, match=r"slots must be \[T\] = \[3\] integers \(one per row\), got \(2,\)"):
+        update_cache(cache, rows, jnp.zeros(2, jnp.int32), jnp.zeros(3, jnp.int32))
+    with pytest.raises(ValueError, match=r"positions must be \[T\] = \[3\] integers .*float32"):
+        update_cache(cache, rows, jnp.zeros(3, jnp.int32), jnp.zeros(3, jnp.float32))
 
 
 @pytest.mark.parametrize("width", [512, 640])  # 640: five 128-wide KV heads folded into a row, no power of two
@@ -171,6 +177,8 @@ def test_mla_cache_int8_latent_and_errors():
         update_mla_cache(*args, **opts)
     with pytest.raises(ValueError, match="update_mla_cache needs ckv"):
         update_mla_cache(args[0], args[1], args[2][..., :-1], *args[3:], **opts, kv_scale=scales)
+    with pytest.raises(ValueError, match=r"update_mla_cache: positions must be \[T\]"):
+        update_mla_cache(*args[:4], args[4][:-1], *args[5:], **opts, kv_scale=scales)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
