@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import (pow2_chunks, quantize_parts_int8, quantize_rows_int8, resolve_interpret,
-                                   rotate_half_split)
+from pallas_kernels.common import (int_vector, pow2_chunks, quantize_parts_int8, quantize_rows_int8,
+                                   resolve_interpret, rotate_half_split)
 
 _F32 = jnp.float32
 MLA_WARPS = 4  # update_mla_cache's warps per program
@@ -57,7 +57,7 @@ def _kernel(rows_ref, slot_ref, pos_ref, *refs, quantize: bool):
 def _check_targets(name: str, slots, positions, tokens: int):
     """slots and positions must be [T] integers, one per row written (a shorter one would be read past its end)."""
     for what, x in (("slots", slots), ("positions", positions)):
-        if jnp.shape(x) != (tokens,) or not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+        if not int_vector(x, tokens):
             raise ValueError(f"{name}: {what} must be [T] = [{tokens}] integers (one per row), got {jnp.shape(x)} "
                              f"{jnp.result_type(x)}")
 

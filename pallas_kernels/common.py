@@ -211,6 +211,12 @@ def pow2_chunks(d: int) -> tuple[tuple[int, int], ...]:
     return tuple(chunks)
 
 
+def int_vector(x, n: int | None = None) -> bool:
+    """Whether x is a 1-D integer array (of length n when given): the lengths and row indices the kernels take,
+    checked on shapes and dtypes (a traced call cannot read their values)."""
+    return jnp.ndim(x) == 1 and (n is None or jnp.shape(x)[0] == n) and jnp.issubdtype(jnp.result_type(x), jnp.integer)
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -21,8 +21,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import mla_decode_mgpu
-from pallas_kernels.common import (H100_SMS, cdiv, next_pow2, pad_to, quantize_rows_int8, resolve_backend,
-                                   resolve_interpret, rotate_half_split)
+from pallas_kernels.common import (H100_SMS, cdiv, int_vector, next_pow2, pad_to, quantize_rows_int8,
+                                   resolve_backend, resolve_interpret, rotate_half_split)
 from pallas_kernels.mla_decode_mgpu import MosaicBlockSizes
 
 LOG2E = math.log2(math.e)
@@ -127,7 +127,7 @@ def _check_shapes(q_latent, q_pe, kv_cache, pe_cache, lengths, q_pe_rope, paged:
     if kv_cache.shape[2] != lat or kv_cache.shape[:2] != pe_cache.shape[:2] or (not paged and kv_cache.shape[0] != b):
         raise ValueError(f"mla_decode: kv_cache {kv_cache.shape} and pe_cache {pe_cache.shape} do not fit q_latent "
                          f"{q_latent.shape}: both [{'pages' if paged else b}, S, ...], the latent {lat} wide")
-    if jnp.shape(lengths) != (b,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
+    if not int_vector(lengths, b):
         raise ValueError(f"mla_decode: lengths must be [B] = [{b}] integers, got {jnp.shape(lengths)} "
                          f"{jnp.result_type(lengths)}")
     rope = pe_cache.shape[2]

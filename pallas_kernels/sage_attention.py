@@ -29,9 +29,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import sage_attention_mgpu
-from pallas_kernels.common import (as_parts, broadcast_heads, cdiv, concat_parts, leading_columns, next_pow2, pad_to,
-                                   pow2_chunks, quantize_parts_int8, resolve_backend, resolve_interpret, segment_of,
-                                   segments)
+from pallas_kernels.common import (as_parts, broadcast_heads, cdiv, concat_parts, int_vector, leading_columns,
+                                   next_pow2, pad_to, pow2_chunks, quantize_parts_int8, resolve_backend,
+                                   resolve_interpret, segment_of, segments)
 from pallas_kernels.sage_attention_mgpu import MosaicBlockSizes
 
 LOG2E = math.log2(math.e)
@@ -170,7 +170,7 @@ def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k):
     """The cumulative lengths as int32 arrays, or a clear error: 1-D integers, one entry per request plus one, both
     (checked on shapes: the call is traced, so their values cannot be read)."""
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if jnp.ndim(cu) != 1 or jnp.shape(cu)[0] < 1 or not jnp.issubdtype(jnp.result_type(cu), jnp.integer):
+        if not int_vector(cu) or jnp.shape(cu)[0] < 1:
             raise ValueError(f"sage_attention: {name} must be [B + 1] integers, got {jnp.shape(cu)} "
                              f"{jnp.result_type(cu)}")
     if jnp.shape(cu_seqlens_q) != jnp.shape(cu_seqlens_k):
